@@ -1,0 +1,161 @@
+"""The ``e3rl`` command line. Argument parsing lives here only; the library returns values.
+
+    e3rl generate --model PATH --prompt TEXT [options]     erasable generation, prints completions
+    e3rl bench generate [--model PATH]                     speed/memory table of the engine
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from .config import GenerationConfig, apply_overrides
+from .errors import E3RLError
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (each flag is a shortcut for a --set field)")
+    g.add_argument("--max-new-tokens", type=int, help="longest final completion (max_new_tokens)")
+    g.add_argument("--temperature", type=float, help="0 = greedy (sampling.temperature)")
+    g.add_argument("--top-p", type=float, help="sampling.top_p")
+    g.add_argument("--top-k", type=int, help="sampling.top_k")
+    g.add_argument("--policy", help="threshold policy: e3rl, fixed, zscore, quantile, none")
+    g.add_argument("--threshold", type=float, help="the value of the fixed policy (threshold.value)")
+    g.add_argument("--signal", help="decision signal: surprisal or entropy (score.signal)")
+    g.add_argument("--erase-budget", type=int, help="erasures per segment, K (erase.budget)")
+    g.add_argument("--no-erase", action="store_true", help="score segments but never erase")
+    g.add_argument("--segment-mode", help="segmenter: fixed or delimiter (segment.mode)")
+    g.add_argument("--segment-tokens", type=int, help="segment length (segment.segment_tokens)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any other config field, e.g. --set threshold.kappa=1.5 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace, base: GenerationConfig | None = None) -> GenerationConfig:
+    """The flags become ``section.field=value`` overrides, so they are validated like --set."""
+    flags = {
+        "max_new_tokens": args.max_new_tokens, "sampling.temperature": args.temperature,
+        "sampling.top_p": args.top_p, "sampling.top_k": args.top_k, "threshold.policy": args.policy,
+        "threshold.value": args.threshold, "score.signal": args.signal, "erase.budget": args.erase_budget,
+        "segment.mode": args.segment_mode, "segment.segment_tokens": args.segment_tokens,
+    }
+    items = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.no_erase:
+        items.append("erase.enabled=false")
+    if args.threshold is not None and args.policy is None:
+        items.append("threshold.policy=fixed")
+    return apply_overrides(base or GenerationConfig(), items + list(args.overrides))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .events import DoneEvent, TokenEvent, TraceWriter, group_traces
+    from .generator import ErasableGenerator
+    from .model_io import load_model
+
+    from .segmenter import SEGMENTERS
+    from .thresholds import POLICIES
+
+    config = config_from_args(args)
+    SEGMENTERS.get(config.segment.mode)  # fail on unknown names before loading a model
+    POLICIES.get(config.threshold.policy)
+    if args.prompt is None and args.prompt_file is None:
+        raise E3RLError("give a prompt with --prompt TEXT or --prompt-file PATH")
+    prompt = args.prompt
+    if args.prompt_file:
+        try:
+            prompt = open(args.prompt_file, encoding="utf-8").read()
+        except OSError as err:
+            raise E3RLError(f"cannot read --prompt-file {args.prompt_file}: {err.strerror}") from None
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    gen = ErasableGenerator(model, tokenizer, config, model_name=args.model)
+    writer = TraceWriter(args.trace_out) if args.trace_out else None
+    events = []
+    t0 = time.perf_counter()
+    live = args.stream and args.group_size == 1
+    try:
+        for ev in gen.stream(prompt, group_size=args.group_size, seed=args.seed):
+            events.append(ev)
+            if writer:
+                writer.write(ev)
+            if live and isinstance(ev, TokenEvent):
+                print(ev.text, end="", flush=True)
+    finally:
+        if writer:
+            writer.close()
+    elapsed = time.perf_counter() - t0
+    traces = group_traces(events)
+    if live:
+        print()
+    dones = [t.done for t in traces if isinstance(t.done, DoneEvent)]
+    for i, done in enumerate(dones):
+        if not live:
+            if len(dones) > 1:
+                print(f"--- rollout {i} ({done.erasures} erasures, answer: {done.answer})")
+            print(done.text)
+    generated = sum(d.tokens_generated for d in dones)
+    kept = sum(len(d.token_ids) for d in dones)
+    erasures = sum(d.erasures for d in dones)
+    print(
+        f"[e3rl] {len(dones)} rollout(s): {generated} tokens generated, {kept} kept, {erasures} erasures, "
+        f"{elapsed:.2f} s ({generated / max(elapsed, 1e-9):.1f} tok/s)"
+        + (f"; trace written to {args.trace_out}" if args.trace_out else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from .bench import format_table, run_generate_bench
+
+    def progress(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    result = run_generate_bench(
+        args.model, device=args.device, repeats=args.repeats, quick=args.quick, progress=progress
+    )
+    print(format_table(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e3rl", description="E3RL workbench: erasable generation and training")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="erasable generation on a prompt")
+    gen.add_argument("--model", required=True, help="model directory, hub id (online) or random:<preset>")
+    gen.add_argument("--prompt", help="prompt text")
+    gen.add_argument("--prompt-file", help="read the prompt from this file")
+    gen.add_argument("--group-size", type=int, default=1, help="rollouts of the prompt, decoded as one batch")
+    gen.add_argument("--seed", type=int, default=0, help="row r uses seed + r")
+    gen.add_argument("--trace-out", help="write the event stream as JSONL here")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (G = 1)")
+    gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    _add_generation_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks that print a table")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bg = bench_sub.add_parser("generate", help="engine speed and memory vs model.generate")
+    bg.add_argument("--model", default="random:small", help="model directory or random:<preset>")
+    bg.add_argument("--device", default=None)
+    bg.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median reported)")
+    bg.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    bg.set_defaults(func=cmd_bench_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except E3RLError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

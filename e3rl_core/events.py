@@ -1,0 +1,244 @@
+"""Trace events: the one stream that the UI, trainer, audit log and evaluator all consume.
+
+One JSON object per line (JSONL). Field meanings are documented in docs/trace-format.md.
+``event_from_dict(event.to_dict()) == event`` for every event, and so does a JSONL round trip.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator, TextIO, Union
+
+from .errors import TraceFormatError
+
+
+@dataclass
+class StartEvent:
+    kind: ClassVar[str] = "start"
+    trace_id: str
+    model: str
+    prompt: str
+    prompt_ids: list[int]
+    config: dict[str, Any]
+    seed: int
+    group_index: int
+    """Position of this rollout within its group (0..G-1)."""
+    group_id: int = 0
+    """Which group (prompt) of the batch this rollout belongs to."""
+    gold: str | None = None
+
+
+@dataclass
+class TokenEvent:
+    kind: ClassVar[str] = "token"
+    trace_id: str
+    step: int
+    """Order of generation within the trace, erased tokens included."""
+    token_id: int
+    text: str
+    entropy: float
+    surprisal: float
+    segment: int
+    attempt: int
+    index: int = 0
+    """Position in the completion the token was generated at (kept prefix length + offset)."""
+
+
+@dataclass
+class SegmentEvent:
+    kind: ClassVar[str] = "segment"
+    trace_id: str
+    segment: int
+    attempt: int
+    start: int
+    end: int
+    """Completion token span [start, end) of this attempt."""
+    score: float
+    features: dict[str, float]
+    baseline: float | None
+    penalty: float
+    history: float
+    threshold: float | None
+    decision: str
+    """accept | erase | forced_accept"""
+    reason: str = ""
+    """Why: below_threshold, above_threshold, warmup, no_threshold, disabled, budget, trace_cap,
+    fallback (this attempt discarded for a better earlier one) or restored."""
+    restored_from: int | None = None
+
+
+@dataclass
+class EraseEvent:
+    kind: ClassVar[str] = "erase"
+    trace_id: str
+    segment: int
+    attempt: int
+    start: int
+    end: int
+    text: str
+    cache_len_before: int
+    """KV entries of this rollout (prompt + kept + attempt so far) before the rollback..."""
+    cache_len_after: int
+    """...and after it: the rollback point, the segment start."""
+
+
+@dataclass
+class DoneEvent:
+    kind: ClassVar[str] = "done"
+    trace_id: str
+    text: str
+    token_ids: list[int]
+    tokens_generated: int
+    erasures: int
+    answer: str | None
+    correct: bool | None
+    finish_reason: str = "eos"
+    """eos | length"""
+
+
+@dataclass
+class ErrorEvent:
+    kind: ClassVar[str] = "error"
+    trace_id: str
+    message: str
+    step: int = -1
+
+
+Event = Union[StartEvent, TokenEvent, SegmentEvent, EraseEvent, DoneEvent, ErrorEvent]
+EVENT_TYPES: dict[str, type] = {
+    c.kind: c for c in (StartEvent, TokenEvent, SegmentEvent, EraseEvent, DoneEvent, ErrorEvent)
+}
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    return {"event": event.kind, **dataclasses.asdict(event)}
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    """Build an event from its dict, with an error that names what is missing or unknown."""
+    if not isinstance(data, dict) or "event" not in data:
+        raise TraceFormatError("not an event: expected a JSON object with an 'event' field")
+    kind = data["event"]
+    cls = EVENT_TYPES.get(kind)
+    if cls is None:
+        raise TraceFormatError(f"unknown event {kind!r}; expected one of {sorted(EVENT_TYPES)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    payload = {k: v for k, v in data.items() if k != "event"}
+    missing = [
+        n for n, f in fields.items()
+        if n not in payload and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise TraceFormatError(f"{kind} event lacks field(s) {missing}")
+    unknown = sorted(set(payload) - set(fields))
+    if unknown:
+        raise TraceFormatError(f"{kind} event has unknown field(s) {unknown}")
+    return cls(**payload)
+
+
+def dumps(event: Event) -> str:
+    # allow_nan stays on: a non-finite score is data worth keeping, and Python reads it back.
+    return json.dumps(event_to_dict(event), ensure_ascii=False)
+
+
+class TraceWriter:
+    """Appends events to a JSONL file, one flushed line each, so a killed run keeps what it wrote."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: TextIO = open(self.path, "w", encoding="utf-8")
+
+    def write(self, event: Event) -> None:
+        self._fh.write(dumps(event) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_events(events: Iterable[Event], path: str | os.PathLike[str]) -> None:
+    with TraceWriter(path) as w:
+        for e in events:
+            w.write(e)
+
+
+def read_events(path: str | os.PathLike[str], *, allow_truncated: bool = False) -> list[Event]:
+    """Read a JSONL trace file. A malformed line raises TraceFormatError naming the line; a last
+    line cut off mid-write is dropped when ``allow_truncated`` (a run killed while writing)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TraceFormatError(f"trace file not found: {p}")
+    events: list[Event] = []
+    with open(p, encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            events.append(event_from_dict(json.loads(line)))
+        except (json.JSONDecodeError, TraceFormatError, TypeError) as err:
+            last = no == len(lines)  # no trailing newline: the writer was cut off
+            if last and allow_truncated:
+                break
+            hint = " (the file ends mid-line; pass allow_truncated=True to drop it)" if last else ""
+            raise TraceFormatError(f"{p}:{no}: {err}{hint}") from None
+    return events
+
+
+@dataclass
+class Trace:
+    """The events of one rollout, with the views every consumer needs."""
+
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def trace_id(self) -> str:
+        return self.events[0].trace_id if self.events else ""
+
+    @property
+    def start(self) -> StartEvent:
+        return next(e for e in self.events if isinstance(e, StartEvent))
+
+    @property
+    def done(self) -> DoneEvent | None:
+        return next((e for e in self.events if isinstance(e, DoneEvent)), None)
+
+    @property
+    def tokens(self) -> list[TokenEvent]:
+        return [e for e in self.events if isinstance(e, TokenEvent)]
+
+    @property
+    def segments(self) -> list[SegmentEvent]:
+        return [e for e in self.events if isinstance(e, SegmentEvent)]
+
+    @property
+    def erasures(self) -> list[EraseEvent]:
+        return [e for e in self.events if isinstance(e, EraseEvent)]
+
+    def kept_tokens(self) -> list[TokenEvent]:
+        """Token events left after removing every erased attempt: the final completion."""
+        erased = {(e.segment, e.attempt) for e in self.erasures}
+        return [t for t in self.tokens if (t.segment, t.attempt) not in erased]
+
+
+def group_traces(events: Iterable[Event]) -> list[Trace]:
+    """Split an interleaved event stream into traces, in order of first appearance."""
+    traces: dict[str, Trace] = {}
+    for e in events:
+        traces.setdefault(e.trace_id, Trace()).events.append(e)
+    return list(traces.values())
+
+
+def iter_kind(events: Iterable[Event], cls: type) -> Iterator[Any]:
+    return (e for e in events if isinstance(e, cls))

@@ -1,0 +1,124 @@
+"""A batch KV cache in which each row can roll back on its own, without recomputing anything.
+
+transformers' ``DynamicCache.crop`` cuts every row at once, so per-row rollback keeps erased
+entries as masked holes: a column of the cache is valid for a row when its 2-D attention-mask entry
+is 1. Each row also passes explicit ``position_ids`` that continue from its last kept token, so a
+hole changes nothing about the positions of what follows. Two operations keep memory linear in the
+kept tokens:
+- ``crop_tail``: when the last columns are holes in every row (always so with one row), they are
+  cut off with ``crop`` -- the plain single-sequence rollback.
+- ``compact``: when holes pile up, each row's valid columns are gathered to the right (a copy of
+  the kept entries, never a recomputation).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+
+def cache_layers(cache: Any) -> list[tuple[Any, str, str]]:
+    """(holder, key attribute, value attribute) per layer, for transformers 5.x and 4.x caches."""
+    if hasattr(cache, "layers"):
+        return [(layer, "keys", "values") for layer in cache.layers]
+    return [(cache, f"key_cache.{i}", f"value_cache.{i}") for i in range(len(cache.key_cache))]
+
+
+def _get(holder: Any, attr: str) -> torch.Tensor:
+    if "." in attr:
+        name, i = attr.split(".")
+        return getattr(holder, name)[int(i)]
+    return getattr(holder, attr)
+
+
+def _set(holder: Any, attr: str, value: torch.Tensor) -> None:
+    if "." in attr:
+        name, i = attr.split(".")
+        getattr(holder, name)[int(i)] = value
+    else:
+        setattr(holder, attr, value)
+
+
+class BatchKV:
+    """The cache plus its (B, T) column-validity mask."""
+
+    def __init__(self, batch_size: int, device: torch.device) -> None:
+        self.cache = DynamicCache()
+        self.batch_size = batch_size
+        self.device = device
+        self._mask = torch.zeros(batch_size, 256, dtype=torch.long, device=device)
+        self.length = 0  # columns in the cache
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, T) 1 where the column holds a valid entry for the row."""
+        return self._mask[:, : self.length]
+
+    def reserve(self, columns: int) -> None:
+        need = self.length + columns
+        if need > self._mask.shape[1]:
+            grown = torch.zeros(self.batch_size, max(need, 2 * self._mask.shape[1]), dtype=torch.long, device=self.device)
+            grown[:, : self.length] = self.mask
+            self._mask = grown
+
+    def attention_mask(self, new_valid: torch.Tensor) -> torch.Tensor:
+        """Mask for a forward that appends ``new_valid.shape[1]`` columns: (B, T + n)."""
+        n = new_valid.shape[1]
+        self.reserve(n)
+        self._mask[:, self.length : self.length + n] = new_valid
+        return self._mask[:, : self.length + n]
+
+    def advance(self, n: int) -> None:
+        """Record that the forward appended ``n`` columns."""
+        self.length += n
+
+    def nbytes(self) -> int:
+        """Bytes held by the key and value tensors of every layer."""
+        return sum(
+            _get(holder, attr).nbytes for holder, k, v in cache_layers(self.cache) for attr in (k, v)
+        )
+
+    def invalidate(self, row: int, columns: list[int]) -> None:
+        if columns:
+            self._mask[row, columns] = 0
+
+    def valid_count(self, row: int) -> int:
+        return int(self.mask[row].sum())
+
+    def holes(self) -> int:
+        return int(self.batch_size * self.length - self.mask.sum())
+
+    def crop_tail(self) -> int:
+        """Cut trailing columns that are holes in every row; returns how many were cut."""
+        any_valid = self.mask.any(0).nonzero()
+        keep = int(any_valid[-1]) + 1 if len(any_valid) else 0
+        cut = self.length - keep
+        if cut > 0:
+            # A negative count means "drop that many" on transformers 4.x and 5.x alike.
+            self.cache.crop(keep - self.cache.get_seq_length())
+            self._mask[:, keep : self.length] = 0
+            self.length = keep
+        return cut
+
+    def compact(self) -> torch.Tensor:
+        """Gather each row's valid columns to the right end; returns (B, T_old) old->new column map
+        (-1 for dropped columns)."""
+        valid = self.mask.bool()  # (B, T)
+        counts = valid.sum(1)
+        new_len = int(counts.max())
+        # A stable sort on validity puts each row's holes first and its valid columns after, in order.
+        order = torch.sort(valid.long(), dim=1, stable=True).indices[:, self.length - new_len :]  # (B, T')
+        new_mask = torch.gather(valid.long(), 1, order)
+        for holder, k_attr, v_attr in cache_layers(self.cache):
+            for attr in (k_attr, v_attr):
+                t = _get(holder, attr)  # (B, H, T, D)
+                idx = order[:, None, :, None].expand(t.shape[0], t.shape[1], new_len, t.shape[3])
+                _set(holder, attr, torch.gather(t, 2, idx))
+        remap = torch.full((self.batch_size, self.length), -1, dtype=torch.long, device=self.device)
+        positions = torch.arange(new_len, device=self.device).expand(self.batch_size, -1)
+        remap.scatter_(1, order, torch.where(new_mask.bool(), positions, torch.full_like(positions, -1)))
+        self._mask.zero_()
+        self._mask[:, :new_len] = new_mask
+        self.length = new_len
+        return remap

@@ -1,0 +1,112 @@
+"""Bad input gets an error that says what to do, and loses nothing."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from e3rl_core.cli import main
+from e3rl_core.errors import ModelLoadError, NonFiniteLogitsError, PromptError
+from e3rl_core.events import ErrorEvent, TokenEvent, read_events
+from e3rl_core.generator import ErasableGenerator
+from e3rl_core.model_io import load_model
+from e3rl_core.tiny import random_model
+
+from conftest import make_config
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(ModelLoadError, match="model directory not found"):
+        load_model(str(tmp_path / "nope" / "model"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_dir_without_tokenizer(model_dir, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    for f in bare.iterdir():
+        if "token" in f.name:
+            f.unlink()
+    with pytest.raises(ModelLoadError, match=r"no usable tokenizer.*tokenizer.save_pretrained"):
+        load_model(str(bare))
+
+
+def test_non_causal_model(tmp_path):
+    from transformers import CLIPVisionConfig, T5Config
+
+    CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "vit")
+    with pytest.raises(ModelLoadError, match="not a causal language model"):
+        load_model(str(tmp_path / "vit"))
+    T5Config(d_model=32, d_ff=37, num_layers=1, num_heads=2).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ModelLoadError, match="encoder-decoder"):
+        load_model(str(tmp_path / "t5"))
+
+
+def test_empty_and_too_long_prompts(tiny_llama):
+    model, tok = tiny_llama
+    gen = ErasableGenerator(model, tok, make_config())
+    for bad in ("", "   \n"):
+        with pytest.raises(PromptError, match="empty"):
+            list(gen.stream(bad))
+    with pytest.raises(PromptError, match="context is 2048; shorten it to at most 2047 tokens"):
+        list(gen.stream("x" * 3000))
+    with pytest.raises(PromptError, match="no prompts"):
+        list(gen.stream([]))
+
+
+def test_context_bounds_the_completion():
+    model, tok = random_model("tiny-llama", max_positions=40, init_std=0.3)
+    gen = ErasableGenerator(model, tok, make_config("max_new_tokens=100", "threshold.policy=none"))
+    gen.eos_ids = set()
+    trace = gen.generate("x" * 30, seed=0)[0]
+    assert len(trace.start.prompt_ids) + len(trace.done.token_ids) == 40
+    assert trace.done.finish_reason == "length"
+
+
+def _poisoned(tmp_path=None):
+    """A model whose embedding of its first greedy token is NaN: logits go non-finite at step 1."""
+    model, tok = random_model("tiny-llama", init_std=0.3, seed=1)
+    gen = ErasableGenerator(model, tok, make_config("sampling.temperature=0", "threshold.policy=none"))
+    first = gen.generate("ab", seed=0)[0].tokens[0].token_id
+    with torch.no_grad():
+        model.get_input_embeddings().weight[first] = float("nan")
+    return model, tok, first
+
+
+def test_non_finite_logits_name_the_position():
+    model, tok, _ = _poisoned()
+    gen = ErasableGenerator(model, tok, make_config("sampling.temperature=0", "threshold.policy=none"))
+    seen = []
+    with pytest.raises(NonFiniteLogitsError, match=r"at step 1 \(sequence position 4\)") as info:
+        for ev in gen.stream("ab", seed=0):
+            seen.append(ev)
+    assert info.value.position == 4  # <bos> a b + one generated token
+    assert isinstance(seen[-1], ErrorEvent) and any(isinstance(e, TokenEvent) for e in seen)
+
+
+def test_cli_writes_the_trace_so_far_on_non_finite_logits(tmp_path, capsys):
+    model, tok, _ = _poisoned()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = tmp_path / "t.jsonl"
+    code = main(["generate", "--model", str(tmp_path / "m"), "--prompt", "ab", "--temperature", "0",
+                 "--policy", "none", "--trace-out", str(out), "--dtype", "float32"])
+    assert code == 2
+    assert "non-finite logits" in capsys.readouterr().err
+    events = read_events(out)
+    assert [type(e).__name__ for e in events] == ["StartEvent", "TokenEvent", "ErrorEvent"]
+
+
+def test_cli_errors_are_one_line_with_advice(tmp_path, capsys, model_dir):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--policy", "magic"]) == 2
+    assert "choose one of: e3rl, fixed, none, quantile, zscore" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--segment-mode", "words"]) == 2
+    assert "choose one of: delimiter, fixed" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", ""]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt-file", str(tmp_path / "none.txt")]) == 2
+    assert "cannot read --prompt-file" in capsys.readouterr().err
