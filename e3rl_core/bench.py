@@ -58,6 +58,27 @@ def _median_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> t
     return statistics.median(times), out
 
 
+def _paired(fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, float, float, Any, Any]:
+    """Time two workloads alternately (a, b, a, b, ...) so that drifting machine load hits both
+    alike. Returns the median time of each, the median of the per-pair ratios t_b / t_a, and the
+    last outputs."""
+    fn_a(), fn_b()  # warm-up
+    ta, tb, out_a, out_b = [], [], None, None
+    for _ in range(repeats):
+        for fn, times in ((fn_a, ta), (fn_b, tb)):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            if fn is fn_a:
+                out_a = out
+            else:
+                out_b = out
+    ratio = statistics.median(b / a for a, b in zip(ta, tb))
+    return statistics.median(ta), statistics.median(tb), ratio, out_a, out_b
+
+
 def _config(*overrides: str) -> GenerationConfig:
     return apply_overrides(GenerationConfig(), list(overrides))
 
@@ -118,7 +139,6 @@ def run_generate_bench(
     p32 = prompt(32)
     for batch in (1, 8):
         progress(f"(a) throughput, batch {batch}")
-        t_e3rl, _ = _median_time(lambda: _run(plain, p32, batch), repeats, dev)
         ids = torch.tensor([p32] * batch, device=dev)
 
         def hf() -> Any:
@@ -129,12 +149,12 @@ def run_generate_bench(
                     pad_token_id=tok.pad_token_id or 0,
                 )
 
-        t_hf, _ = _median_time(hf, repeats, dev)
+        t_e3rl, t_hf, ratio, _, _ = _paired(lambda: _run(plain, p32, batch), hf, repeats, dev)
         n = batch * gen_tokens
         result.rows.append(BenchRow(
             "(a) throughput", f"batch {batch}, {gen_tokens} new tokens, T=1",
             f"{n / t_e3rl:,.0f} tok/s", f"{n / t_hf:,.0f} tok/s (model.generate)",
-            f"{t_hf / t_e3rl:.2f}x", ">= 0.9x",
+            f"{ratio:.2f}x", ">= 0.9x",
         ))
 
     # (b) cost of one erase + regenerate of an L-token segment at prefix P, timed inside one run
@@ -210,14 +230,13 @@ def run_generate_bench(
     cfg = _config(f"max_new_tokens={gen_tokens}", "segment.mode=fixed", "segment.segment_tokens=32",
                   "threshold.policy=e3rl", "threshold.kappa=0.5", "sampling.temperature=1.0")
     group = engine(cfg)
-    t_group, dones = _median_time(lambda: _run(group, p32, 8, seed=0), repeats, dev)
-    n_group = sum(d.tokens_generated for d in dones)
-    e_group = sum(d.erasures for d in dones)
 
     def sequential() -> list[DoneEvent]:
         return [d for s in range(8) for d in _run(group, p32, 1, seed=s)]
 
-    t_seq, dones_seq = _median_time(sequential, repeats, dev)
+    t_group, t_seq, _, dones, dones_seq = _paired(lambda: _run(group, p32, 8, seed=0), sequential, repeats, dev)
+    n_group = sum(d.tokens_generated for d in dones)
+    e_group = sum(d.erasures for d in dones)
     n_seq = sum(d.tokens_generated for d in dones_seq)
     e_seq = sum(d.erasures for d in dones_seq)
     result.rows.append(BenchRow(

@@ -105,8 +105,12 @@ class ThresholdConfig:
     """[R] e3rl: beta_n = mu_n + kappa * sigma_n over the group's first-attempt scores."""
     min_group: int = 4
     """[R] e3rl: with fewer live rollouts than this, use the moving average instead of the group."""
+    fallback: str = "baseline_ema"
+    """[R] e3rl with fewer than ``min_group`` live rollouts: ``baseline_ema`` = moving average of past
+    baselines (a lone rollout's baseline is its score); ``score_stats`` = moving mean + kappa * moving
+    std of past first-attempt scores."""
     ema_momentum: float = 0.9
-    """[R] e3rl: momentum of the moving averages of the score mean and variance."""
+    """[R] e3rl: momentum of the fallback's moving averages."""
     warmup_segments: int = 2
     """[R] Segments scored before adaptive policies may erase (no statistics yet)."""
     penalty_lambda: float = 0.3
@@ -129,6 +133,8 @@ class ThresholdConfig:
             raise ConfigError("threshold.history_clip must satisfy 0 < low <= 1 <= high")
         if not 0 <= self.ema_momentum < 1:
             raise ConfigError("threshold.ema_momentum must be in [0, 1)")
+        if self.fallback not in ("baseline_ema", "score_stats"):
+            raise ConfigError("threshold.fallback must be 'baseline_ema' or 'score_stats'")
         if self.min_group < 2:
             raise ConfigError("threshold.min_group must be >= 2 (a std needs two scores)")
         if self.warmup_segments < 0:

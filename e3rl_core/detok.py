@@ -24,11 +24,30 @@ def start_state(context_ids: list[int], context: int = 6) -> DetokState:
     return DetokState(ids=ids, prefix_offset=0, read_offset=len(ids))
 
 
-def push(tokenizer: Any, state: DetokState, token_id: int) -> str:
+class Decoder:
+    """``tokenizer.decode`` of short id windows, memoized: the same few-token windows recur
+    constantly, and a dict hit costs far less than a call into the tokenizer."""
+
+    def __init__(self, tokenizer: Any, max_entries: int = 1 << 16) -> None:
+        self.tokenizer = tokenizer
+        self.max_entries = max_entries
+        self.memo: dict[tuple[int, ...], str] = {}
+
+    def __call__(self, ids: list[int]) -> str:
+        key = tuple(ids)
+        text = self.memo.get(key)
+        if text is None:
+            if len(self.memo) >= self.max_entries:
+                self.memo.clear()
+            text = self.memo[key] = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return text
+
+
+def push(decode: Decoder, state: DetokState, token_id: int) -> str:
     """Append a token; return the text it completes ("" while a character is still partial)."""
     state.ids.append(token_id)
-    prefix = tokenizer.decode(state.ids[state.prefix_offset:state.read_offset], skip_special_tokens=False)
-    full = tokenizer.decode(state.ids[state.prefix_offset:], skip_special_tokens=False)
+    prefix = decode(state.ids[state.prefix_offset:state.read_offset])
+    full = decode(state.ids[state.prefix_offset:])
     if len(full) > len(prefix) and not full.endswith("\ufffd"):
         state.prefix_offset = state.read_offset
         state.read_offset = len(state.ids)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import random
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -39,7 +40,7 @@ from .rewards import extract_answer
 from .sampling import choose_tokens
 from .scoring import SegmentFeatures, segment_features, segment_score
 from .segmenter import SEGMENTERS, make_segmenter
-from .signals import token_signals
+from .signals import entropy_from_logp, log_probs, token_signals
 from .thresholds import POLICIES, ThresholdPolicy, make_policy
 
 Checker = Callable[[str, str], "bool | None"]
@@ -55,7 +56,7 @@ class _Row:
     policy: ThresholdPolicy
     prompt_ids: list[int]
     max_kept: int
-    rng: torch.Generator
+    rng: random.Random
     gold: str | None
     detok: detok.DetokState
     prev_base: float = 0.0
@@ -134,6 +135,7 @@ class ErasableGenerator:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
         self.last_stats = RunStats()
+        self.decoder = detok.Decoder(tokenizer)
 
     # ----------------------------------------------------------------- prompts
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -193,7 +195,7 @@ class ErasableGenerator:
             policy = make_policy(cfg.threshold)
             for k in range(group_size):
                 r = len(rows)
-                rng = torch.Generator().manual_seed(seeds[r])
+                rng = random.Random(seeds[r])
                 room = cfg.max_new_tokens if self.context is None else min(cfg.max_new_tokens, self.context - len(ids))
                 rows.append(
                     _Row(
@@ -263,18 +265,20 @@ class _Run:
             # B_0: mean signal of the prompt's last tokens (those the kept logits can score).
             ent, sur = token_signals(logits[:, :-1], ids[:, longest - keep + 1 :].to(dev))  # (B, keep-1)
             sig = (sur if self.signal_name == "surprisal" else ent).cpu()
-            mask = valid[:, longest - keep + 1 :].bool()
+            # Both the scored token and the position that predicts it must be real (not padding),
+            # or a short prompt's B_0 would depend on what else is in the batch.
+            mask = valid[:, longest - keep + 1 :].bool() & valid[:, longest - keep : -1].bool()
             for r in self.rows:
                 vals = sig[r.index][mask[r.index]]
                 r.prev_base = float(vals.mean()) if len(vals) else 0.0
-        self._check_finite([r for r in self.rows])
+        self._check_finite(self.rows, entropy_from_logp(log_probs(self.cur)))
         for r in self.rows:
             r.seg_detok = r.detok.copy()
 
-    def _check_finite(self, ready: list[_Row]) -> None:
-        idx = torch.tensor([r.index for r in ready], device=self.gen.device)
-        logits = self.cur[idx]
-        bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    def _check_finite(self, ready: list[_Row], entropy: torch.Tensor) -> None:
+        # The entropy is NaN exactly when the logits hold a NaN, a +inf, or only -inf (nothing
+        # can be drawn), so checking n values covers the whole (n, V) block.
+        bad = ~torch.isfinite(entropy)
         if bool(bad.any()):
             r = ready[int(bad.nonzero()[0])]
             position = len(r.prompt_ids) + len(r.kept_ids) + len(r.seg_ids)
@@ -318,9 +322,13 @@ class _Run:
             if not ready:
                 return
             with torch.no_grad():
-                self._check_finite(ready)
-                idx = torch.tensor([r.index for r in ready], device=self.gen.device)
-                logits = self.cur[idx]  # (n, V)
+                if len(ready) == len(self.rows):
+                    logits = self.cur  # the common case: every row draws (rows are in index order)
+                else:
+                    logits = self.cur[torch.tensor([r.index for r in ready], device=self.gen.device)]  # (n, V)
+                logp = log_probs(logits)  # (n, V)
+                ent = entropy_from_logp(logp)  # (n,)
+                self._check_finite(ready, ent)
                 temps, bans = [], []
                 for r in ready:
                     t = sampling.temperature
@@ -333,7 +341,7 @@ class _Run:
                 for i, r in enumerate(ready):
                     if r.replay is not None:
                         toks[i] = r.replay[len(r.seg_ids)]
-                ent, sur = token_signals(logits, toks)
+                sur = -logp.gather(-1, toks.unsqueeze(-1)).squeeze(-1)  # (n,)
             for r, t, h, s in zip(ready, toks.tolist(), ent.tolist(), sur.tolist()):
                 yield from self._take_token(r, t, h, s)
 
@@ -343,7 +351,7 @@ class _Run:
         return [tok for pre, tok in r.bans.get(k, []) if pre == prefix]
 
     def _take_token(self, r: _Row, tok: int, ent: float, sur: float) -> Iterator[Event]:
-        delta = detok.push(self.gen.tokenizer, r.detok, tok)
+        delta = detok.push(self.gen.decoder, r.detok, tok)
         yield TokenEvent(
             trace_id=r.trace_id, step=r.step, token_id=tok, text=delta, entropy=ent, surprisal=sur,
             segment=r.seg, attempt=r.attempt, index=len(r.kept_ids) + len(r.seg_ids),
@@ -412,10 +420,11 @@ class _Run:
         else:
             decision, reason = "erase", "above_threshold"
         best = None
-        if decision == "forced_accept" and not restored and self.cfg.erase.fallback == "best":
-            # Lowest score wins; on a tie the latest attempt, which needs no replay.
+        if reason == "budget" and self.cfg.erase.fallback == "best" and r.total_erasures < self.cap:
+            # Lowest score wins. Scores within 1e-6 are a tie (float noise between equal
+            # attempts), and a tie keeps the current attempt, which needs no replay.
             best = min(r.attempts, key=lambda a: (a[0], -a[1]))
-            if best[1] == r.attempt:
+            if best[0] >= score - 1e-6:
                 best = None
             else:
                 decision, reason = "erase", "fallback"
@@ -476,6 +485,7 @@ class _Run:
         self._reset_segment(r)
         if finished:
             r.status = "done"
+            self.kv.release(r.index)
             yield self._done(r, "eos" if last in self.gen.eos_ids else "length")
         else:
             r.to_feed, r.status, r.new_segment = last, "feed", True
@@ -500,7 +510,7 @@ class _Run:
     def _feed(self, feeding: list[_Row]) -> None:
         B = len(self.rows)
         kv = self.kv
-        if kv.length >= 64 and kv.holes() > self.cfg.erase.compact_ratio * B * kv.length:
+        if kv.length >= 64 and kv.reclaimable() > self.cfg.erase.compact_ratio * kv.length:
             remap = kv.compact().tolist()
             self.stats.compactions += 1
             for r in self.rows:

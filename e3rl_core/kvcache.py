@@ -86,8 +86,16 @@ class BatchKV:
     def valid_count(self, row: int) -> int:
         return int(self.mask[row].sum())
 
-    def holes(self) -> int:
-        return int(self.batch_size * self.length - self.mask.sum())
+    def reclaimable(self) -> int:
+        """Columns that ``compact`` would free: the length minus the most valid entries of a row."""
+        return self.length - int(self.mask.sum(1).max()) if self.length else 0
+
+    def release(self, row: int) -> None:
+        """A finished row keeps one valid column (a fully masked query row would give NaN in
+        some attention kernels) and gives the rest back to compaction."""
+        valid = self.mask[row].nonzero()
+        if len(valid) > 1:
+            self._mask[row, valid[:-1, 0]] = 0
 
     def crop_tail(self) -> int:
         """Cut trailing columns that are holes in every row; returns how many were cut."""

@@ -1,11 +1,13 @@
 """Token selection for a batch of rows, each with its own temperature, bans and random stream.
 
-Every row owns a ``torch.Generator`` and draws exactly one uniform per sampled token, so a row's
-tokens do not depend on which other rows share its batch: a batched group reproduces the rows
-generated one at a time with the same seeds.
+Every row owns a ``random.Random`` stream and draws exactly one uniform per sampled token, so a
+row's tokens do not depend on which other rows share its batch: a batched group reproduces the rows
+generated one at a time with the same seeds. (A Python stream per row costs nanoseconds per draw,
+where a ``torch.Generator`` per row costs a tensor allocation each.)
 """
 from __future__ import annotations
 
+import random
 from typing import Sequence
 
 import torch
@@ -32,7 +34,7 @@ def warp_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top
 def choose_tokens(
     logits: torch.Tensor,
     temperatures: Sequence[float],
-    generators: Sequence[torch.Generator],
+    generators: Sequence[random.Random],
     bans: Sequence[Sequence[int]],
     top_k: int = 0,
     top_p: float = 1.0,
@@ -53,7 +55,7 @@ def choose_tokens(
         return work.argmax(-1)
     probs = torch.softmax(warp_logits(work, temps, top_k, top_p), dim=-1)  # (n, V)
     cdf = probs.cumsum(-1)  # (n, V)
-    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(work.device)  # (n,)
+    u = torch.tensor([g.random() for g in generators], device=work.device)  # (n,) in [0, 1)
     # Inverse-CDF draw: the first index whose cdf exceeds u * total always has positive mass.
     picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
     picks = picks.clamp_max(work.shape[-1] - 1)

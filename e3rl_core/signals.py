@@ -17,9 +17,10 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
-    """(..., V) float32 log-probabilities -> (...,) predictive entropy. Masked (-inf) entries add 0."""
+    """(..., V) float32 log-probabilities -> (...,) predictive entropy. Masked (-inf) entries add 0;
+    NaN propagates (the generator relies on it to detect broken logits)."""
     p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    return -torch.where(logp == float("-inf"), torch.zeros_like(p), p * logp).sum(-1)
 
 
 def token_signals(logits: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,8 @@ the threshold of a segment. Every part is returned, so each decision can be audi
 Policies (select by ``ThresholdConfig.policy``):
 - ``e3rl``     group baseline mu_n + kappa*sigma_n over the group's first-attempt scores at segment
                n; with fewer than ``min_group`` live rollouts, a moving average of past baselines
-               (warm-up of ``warmup_segments`` first). Penalty exp(lambda*e), history term phi_n.
+               (warm-up of ``warmup_segments`` segments first). Penalty exp(lambda*e), history
+               term phi_n (1 for a lone rollout unless ``history_reference`` is set).
 - ``fixed``    a constant; no penalty, no history.
 - ``zscore``   per trace: mean + z*std of this trace's earlier first-attempt scores; penalty.
 - ``quantile`` the q-quantile of the group's earlier first-attempt scores; penalty.
@@ -102,10 +103,11 @@ class E3RLThreshold:
         self.cfg = config
         self.scores = _Scores()
         self.baselines: dict[int, float | None] = {}
-        # Moving averages of the score mean and variance: the fallback baseline.
-        self.ema_mean = 0.0
+        self.segments_seen = 0  # segment indices folded into the fallback (the warm-up counts these)
+        self.ema_baseline = 0.0  # fallback "baseline_ema"
+        self.ema_mean = 0.0  # fallback "score_stats"
         self.ema_var = 0.0
-        self.ema_count = 0
+        self.stats_count = 0
         self.kept_sum: dict[int, float] = defaultdict(float)
         self.kept_count: dict[int, int] = defaultdict(int)
 
@@ -116,31 +118,45 @@ class E3RLThreshold:
         self.kept_sum[row] += float(sum(signal))
         self.kept_count[row] += len(signal)
 
-    def _ema_update(self, mean: float, var: float) -> None:
+    def _fold(self, scores: list[float]) -> None:
+        """Fold one segment's first-attempt scores into the fallback's moving averages."""
         m = self.cfg.ema_momentum
-        if self.ema_count == 0:
-            self.ema_mean, self.ema_var = mean, var
-        else:
-            d = mean - self.ema_mean
-            # Exponentially weighted mean and variance; the group's own spread adds to the variance.
-            self.ema_mean += (1 - m) * d
-            self.ema_var = m * (self.ema_var + (1 - m) * d * d) + (1 - m) * var
-        self.ema_count += 1
+        mu, sigma = mean_std(scores)
+        beta = mu + self.cfg.kappa * sigma
+        self.ema_baseline = beta if self.segments_seen == 0 else m * self.ema_baseline + (1 - m) * beta
+        # score_stats: a group contributes its mean and spread, lone scores one by one.
+        items = [(mu, sigma * sigma)] if len(scores) >= self.cfg.min_group else [(s, 0.0) for s in scores]
+        for x, var in items:
+            if self.stats_count == 0:
+                self.ema_mean, self.ema_var = x, var
+            else:
+                d = x - self.ema_mean
+                self.ema_mean += (1 - m) * d
+                self.ema_var = m * (self.ema_var + (1 - m) * d * d) + (1 - m) * var
+            self.stats_count += 1
+        self.segments_seen += 1
+
+    def _fallback(self) -> float | None:
+        if self.segments_seen < max(1, self.cfg.warmup_segments):
+            return None
+        if self.cfg.fallback == "baseline_ema":
+            return self.ema_baseline
+        return self.ema_mean + self.cfg.kappa * math.sqrt(self.ema_var)
 
     def baseline(self, segment: int) -> float | None:
         """beta_n, computed once per segment index from the first attempts at that index."""
         if segment in self.baselines:
             return self.baselines[segment]
+        for earlier in sorted(k for k in self.scores.by_segment if k < segment and k not in self.baselines):
+            self.baseline(earlier)  # fold segments in order, even those nobody asked about
         scores = [s for _, s in sorted(self.scores.by_segment.get(segment, {}).items())]
         if len(scores) >= self.cfg.min_group:
             mu, sigma = mean_std(scores)
             beta: float | None = mu + self.cfg.kappa * sigma
-            self._ema_update(mu, sigma * sigma)
         else:
-            ready = self.ema_count >= max(1, self.cfg.warmup_segments)
-            beta = self.ema_mean + self.cfg.kappa * math.sqrt(self.ema_var) if ready else None
-            for s in scores:
-                self._ema_update(s, 0.0)
+            beta = self._fallback()
+        if scores:
+            self._fold(scores)
         self.baselines[segment] = beta
         return beta
 

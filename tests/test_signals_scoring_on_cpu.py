@@ -62,3 +62,13 @@ def test_segment_features_and_score_by_hand():
     assert segment_features([1.0], [], prev_base=5.0, window=4).delta == 0.0
     with pytest.raises(ValueError):
         segment_features([], [], 0.0, 2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_broken_logits_give_non_finite_entropy(bad):
+    logits = torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    logits[1, 1] = bad
+    ent, _ = token_signals(logits, torch.tensor([0, 0]))
+    assert torch.isfinite(ent[0]) and not torch.isfinite(ent[1])
+    all_masked = torch.full((1, 3), float("-inf"))
+    assert not torch.isfinite(token_signals(all_masked, torch.tensor([0]))[0]).any()

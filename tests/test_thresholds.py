@@ -37,18 +37,27 @@ def test_e3rl_history_with_reference():
     assert pol.parts(0, 0, 0).history == pytest.approx(1.5)
 
 
-def test_e3rl_single_rollout_warmup_then_moving_average():
+def test_e3rl_single_rollout_warmup_then_moving_average_of_baselines():
     cfg = ThresholdConfig(policy="e3rl", warmup_segments=2, ema_momentum=0.9, kappa=1.0)
     pol = make_policy(cfg)
     pol.observe_first(0, 0, 1.0)
-    assert pol.parts(0, 0, 0).baseline is None  # warm-up: nothing seen before segment 0
+    assert pol.parts(0, 0, 0).baseline is None  # warm-up: no segment seen before segment 0
     pol.observe_first(0, 1, 3.0)
     assert pol.parts(0, 1, 0).baseline is None  # one segment seen, two needed
     pol.observe_first(0, 2, 0.0)
-    # EMA after 1.0 then 3.0: mean = 1 + 0.1*2 = 1.2; var = 0.9*(0 + 0.1*4) = 0.36
-    assert pol.parts(0, 2, 0).baseline == pytest.approx(1.2 + 0.6)
+    # A lone rollout's baseline is its score: EMA of 1.0 then 3.0 = 0.9*1 + 0.1*3 = 1.2
+    assert pol.parts(0, 2, 0).baseline == pytest.approx(1.2)
     # The same segment keeps its baseline for every attempt.
-    assert pol.parts(0, 2, 3).baseline == pytest.approx(1.8)
+    assert pol.parts(0, 2, 3).baseline == pytest.approx(1.2)
+
+
+def test_e3rl_single_rollout_score_stats_fallback():
+    cfg = ThresholdConfig(policy="e3rl", warmup_segments=2, ema_momentum=0.9, kappa=1.0, fallback="score_stats")
+    pol = make_policy(cfg)
+    for n, s in enumerate([1.0, 3.0, 0.0]):
+        pol.observe_first(0, n, s)
+    # EW mean after 1.0, 3.0: 1 + 0.1*2 = 1.2; EW variance 0.9 * (0 + 0.1*4) = 0.36
+    assert pol.parts(0, 2, 0).baseline == pytest.approx(1.2 + 0.6)
 
 
 def test_e3rl_small_group_falls_back_to_moving_average_of_group_baselines():
@@ -57,8 +66,23 @@ def test_e3rl_small_group_falls_back_to_moving_average_of_group_baselines():
     for row, s in enumerate([1.0, 1.0, 3.0, 3.0]):
         pol.observe_first(row, 0, s)
     assert pol.parts(0, 0, 0).baseline == pytest.approx(3.0)  # mu 2, sigma 1
-    pol.observe_first(0, 1, 10.0)  # only one live rollout left: fallback
-    assert pol.parts(0, 1, 0).baseline == pytest.approx(2.0 + 1.0)  # ema mean 2, ema var 1
+    for row, s in enumerate([5.0, 5.0, 7.0, 7.0]):
+        pol.observe_first(row, 1, s)
+    assert pol.parts(0, 1, 0).baseline == pytest.approx(7.0)
+    pol.observe_first(0, 2, 10.0)  # two live rollouts left: fallback to the EMA of 3.0 and 7.0
+    pol.observe_first(1, 2, 20.0)
+    assert pol.parts(0, 2, 0).baseline == pytest.approx(0.5 * 3.0 + 0.5 * 7.0)
+
+
+def test_warmup_counts_segments_not_scores():
+    pol = make_policy(ThresholdConfig(policy="e3rl", warmup_segments=2, min_group=4))
+    for row in range(2):  # G = 2 < min_group: two scores per segment
+        pol.observe_first(row, 0, 1.0)
+        pol.observe_first(row, 1, 1.0)
+    assert pol.parts(0, 0, 0).baseline is None
+    assert pol.parts(0, 1, 0).baseline is None  # only one segment folded in so far
+    pol.observe_first(0, 2, 1.0)
+    assert pol.parts(0, 2, 0).baseline is not None
 
 
 def test_fixed_zscore_quantile_none():
