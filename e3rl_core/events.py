@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, TextIO, Union
+from typing import Any, ClassVar, Iterable, TextIO, Union
 
 from .errors import TraceFormatError
 
@@ -239,6 +239,3 @@ def group_traces(events: Iterable[Event]) -> list[Trace]:
         traces.setdefault(e.trace_id, Trace()).events.append(e)
     return list(traces.values())
 
-
-def iter_kind(events: Iterable[Event], cls: type) -> Iterator[Any]:
-    return (e for e in events if isinstance(e, cls))

@@ -17,7 +17,7 @@ import os
 import random
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import torch
 
@@ -386,7 +386,7 @@ class _Run:
         else:
             yield from self._decide(r)
 
-    def _resolve_waits(self) -> Iterator[Event]:
+    def _resolve_waits(self) -> Generator[Event, None, int]:
         """Decide the waiting rows whose group has scored every live first attempt at their
         segment; returns how many were decided."""
         decided = 0
