@@ -14,7 +14,7 @@ from .config import GenerationConfig, apply_overrides
 from .errors import E3RLError
 
 
-def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+def _add_generation_flags(p: argparse.ArgumentParser, with_erase_switch: bool = True) -> None:
     g = p.add_argument_group("generation (each flag is a shortcut for a --set field)")
     g.add_argument("--max-new-tokens", type=int, help="longest final completion (max_new_tokens)")
     g.add_argument("--temperature", type=float, help="0 = greedy (sampling.temperature)")
@@ -24,7 +24,8 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, help="the value of the fixed policy (threshold.value)")
     g.add_argument("--signal", help="decision signal: surprisal or entropy (score.signal)")
     g.add_argument("--erase-budget", type=int, help="erasures per segment, K (erase.budget)")
-    g.add_argument("--no-erase", action="store_true", help="score segments but never erase")
+    if with_erase_switch:
+        g.add_argument("--no-erase", action="store_true", help="score segments but never erase")
     g.add_argument("--segment-mode", help="segmenter: fixed or delimiter (segment.mode)")
     g.add_argument("--segment-tokens", type=int, help="segment length (segment.segment_tokens)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -50,12 +51,11 @@ def config_from_args(args: argparse.Namespace, base: GenerationConfig | None = N
 def cmd_generate(args: argparse.Namespace) -> int:
     from .events import DoneEvent, TokenEvent, TraceWriter, group_traces
     from .generator import ErasableGenerator
-    from .model_io import load_model
-
+    from .model_io import load_model, recommended_config
     from .segmenter import SEGMENTERS
     from .thresholds import POLICIES
 
-    config = config_from_args(args)
+    config = config_from_args(args, recommended_config(args.model))
     SEGMENTERS.get(config.segment.mode)  # fail on unknown names before loading a model
     POLICIES.get(config.threshold.policy)
     if args.prompt is None and args.prompt_file is None:
@@ -104,6 +104,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from .data import load_examples
+    from .evaluate import evaluate
+    from .events import TraceWriter
+    from .generator import ErasableGenerator
+    from .model_io import load_model, recommended_config
+    from .rewards import is_correct
+
+    config = config_from_args(args, recommended_config(args.model))
+    if args.erase is not None:
+        config = apply_overrides(config, [f"erase.enabled={args.erase}"])
+    ks = [int(k) for k in args.k.split(",")] if args.k else None
+    if ks and max(ks) > args.samples:
+        raise E3RLError(f"pass@k needs k <= --samples ({args.samples}); got k={max(ks)}. Sample more or lower k")
+    spec = args.data
+    if args.limit:
+        spec += ("&" if "?" in spec else "?") + f"limit={args.limit}"
+    examples = load_examples(spec)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    gen = ErasableGenerator(model, tokenizer, config, model_name=args.model, checker=is_correct)
+    writer = TraceWriter(args.traces_out) if args.traces_out else None
+    bar = tqdm(total=len(examples), desc="eval", unit="problem", disable=args.json and not sys.stderr.isatty())
+
+    def save(events: list) -> None:
+        for ev in events:
+            writer.write(ev)
+
+    try:
+        summary, rows = evaluate(gen, examples, samples=args.samples, ks=ks, seed=args.seed,
+                                 on_events=save if writer else None, on_problem_done=bar.update)
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
+    if args.out:
+        from pathlib import Path
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(out)  # a killed run leaves the previous file, never half a file
+    result = summary.to_dict()
+    result["erase"] = config.erase.enabled
+    result["temperature"] = config.sampling.temperature
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"problems {summary.n_problems}, samples {summary.samples}, erasure {'on' if config.erase.enabled else 'off'}, "
+              f"T={config.sampling.temperature}")
+        print(f"Avg@{summary.samples}: {summary.avg_at_k:.4f}   " +
+              "   ".join(f"Pass@{k}: {v:.4f}" for k, v in summary.pass_at_k.items()))
+        print(f"erase rate {summary.erase_rate:.3f} (traces with an erasure {summary.traces_with_erasure:.3f}); "
+              f"tokens/sample generated {summary.mean_tokens_generated:.1f}, kept {summary.mean_tokens_kept:.1f}; "
+              f"tokens per correct answer {summary.tokens_per_correct if summary.tokens_per_correct is None else round(summary.tokens_per_correct, 1)}")
+        if summary.accuracy_by_difficulty:
+            print("accuracy by difficulty: " + ", ".join(f"{d}: {a:.3f}" for d, a in summary.accuracy_by_difficulty.items()))
+    return 0
+
+
 def cmd_bench_generate(args: argparse.Namespace) -> int:
     from .bench import format_table, run_generate_bench
 
@@ -114,6 +178,25 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         args.model, device=args.device, repeats=args.repeats, quick=args.quick, progress=progress
     )
     print(format_table(result))
+    return 0
+
+
+def cmd_train_demo_model(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .sft import DemoModelConfig, train_demo_model
+
+    cfg = apply_overrides(DemoModelConfig(steps=args.steps, seed=args.seed), list(args.overrides))
+    bar = tqdm(total=cfg.steps, desc="train-demo-model", unit="step")
+
+    def on_step(step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    log = train_demo_model(cfg, args.out, on_step=on_step)
+    bar.close()
+    print(f"[e3rl] trained {log.params:,} parameters for {log.steps} steps on {log.tokens:,} tokens "
+          f"in {log.seconds / 60:.1f} min; saved to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -133,6 +216,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     _add_generation_flags(gen)
     gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser("train-demo-model", help="train the small demo model on the synthetic task")
+    demo.add_argument("--out", required=True, help="output directory (written atomically)")
+    demo.add_argument("--steps", type=int, default=800)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                      help="any DemoModelConfig field, e.g. --set hidden_size=192")
+    demo.set_defaults(func=cmd_train_demo_model)
+
+    ev = sub.add_parser("eval", help="Avg@K and Pass@k of a model on a dataset, with or without erasure")
+    ev.add_argument("--model", required=True, help="model directory, hub id (online) or random:<preset>")
+    ev.add_argument("--data", required=True, help="dataset SPEC, e.g. synthetic:test?difficulty=3, "
+                    "deepmath:/path/file.parquet, aime:/path/file.jsonl, jsonl:/path?question=q&answer=a")
+    ev.add_argument("--samples", type=int, default=1, help="K samples per problem")
+    ev.add_argument("--k", help="comma-separated k for Pass@k (default: 1, 2, 4, ... up to K)")
+    ev.add_argument("--erase", dest="erase", action="store_const", const="true", default=None,
+                    help="erasure on (default: the model's recommended setting)")
+    ev.add_argument("--no-erase", dest="erase", action="store_const", const="false", help="erasure off")
+    ev.add_argument("--limit", type=int, help="only the first N problems")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", help="write one JSON row per sample here (pandas.read_json(..., lines=True))")
+    ev.add_argument("--traces-out", help="also write every sample's event stream (JSONL)")
+    ev.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    ev.add_argument("--device")
+    ev.add_argument("--dtype", default="auto")
+    _add_generation_flags(ev, with_erase_switch=False)
+    ev.set_defaults(func=cmd_eval, no_erase=False)
 
     bench = sub.add_parser("bench", help="benchmarks that print a table")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

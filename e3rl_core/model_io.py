@@ -9,6 +9,8 @@ import torch
 
 from .errors import ModelLoadError
 
+RECOMMENDED_CONFIG = "e3rl_generation.json"
+
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -108,3 +110,20 @@ def load_model(
     elif torch.cuda.is_available():
         model.to("cuda")
     return model, tokenizer
+
+
+def recommended_config(spec: str) -> "GenerationConfig":
+    """The generation settings a model directory recommends (``e3rl_generation.json``, written
+    with its model card), else the defaults. Command-line flags override either."""
+    import json
+
+    from .config import GenerationConfig
+    from .errors import ConfigError
+
+    path = Path(spec).expanduser() / RECOMMENDED_CONFIG
+    if not path.is_file():
+        return GenerationConfig()
+    try:
+        return GenerationConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ConfigError) as err:
+        raise ModelLoadError(f"{path} is not a valid generation config ({err}); fix or delete it") from None
