@@ -31,9 +31,9 @@ class DemoModelConfig:
     num_attention_heads: int = 6
     num_key_value_heads: int = 3
     max_position_embeddings: int = 512
-    steps: int = 800
-    batch_size: int = 32
-    learning_rate: float = 2e-3
+    steps: int = 2400
+    batch_size: int = 16
+    learning_rate: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.1

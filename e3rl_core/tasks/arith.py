@@ -9,7 +9,7 @@
 
 Every step needs the previous result, so one arithmetic slip ruins everything after it: the
 autoregressive cascade in miniature. Difficulty d (1..5) sets the number of steps (d + 1) and the
-operand size. Problems are procedural and seeded.
+operand size (up to 9, 9, 20, 50, 99; multipliers 2..2+d//2). Problems are procedural and seeded.
 
 Train and test are disjoint by construction: a problem belongs to the test split exactly when the
 SHA-256 of its question text falls in the first fifth of the hash range, and each split's sampler
@@ -47,13 +47,13 @@ def split_of(question: str) -> str:
 
 def _operand(rng: random.Random, difficulty: int, op: str) -> int:
     if op == "*":
-        return rng.randint(2, 3 + difficulty)  # small multipliers keep values readable
-    hi = (20, 50, 99, 199, 499)[difficulty - 1]
-    return rng.randint(2, hi)
+        return rng.randint(2, 2 + difficulty // 2)  # small multipliers keep values readable
+    hi = (9, 9, 20, 50, 99)[difficulty - 1]
+    return rng.randint(1, hi)
 
 
 def make_problem(rng: random.Random, difficulty: int) -> Problem:
-    """One chain of ``difficulty + 1`` steps; values stay non-negative and below 10^4."""
+    """One chain of ``difficulty + 1`` steps; values stay non-negative and below 10^3."""
     if difficulty not in LEVELS:
         raise ValueError(f"difficulty must be one of {LEVELS}, got {difficulty}")
     steps = difficulty + 1
@@ -68,7 +68,7 @@ def make_problem(rng: random.Random, difficulty: int) -> Problem:
                 x, y = y, x
             left, shown = str(x), str(x)
         else:
-            op = rng.choice("+-*") if value < 1000 else rng.choice("+-")
+            op = rng.choice("+-*") if value < 100 else rng.choice("+-")
             y = _operand(rng, difficulty, op)
             if op == "-" and y > value:
                 op = "+"
