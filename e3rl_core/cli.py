@@ -58,8 +58,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = config_from_args(args, recommended_config(args.model))
     SEGMENTERS.get(config.segment.mode)  # fail on unknown names before loading a model
     POLICIES.get(config.threshold.policy)
-    if args.prompt is None and args.prompt_file is None:
-        raise E3RLError("give a prompt with --prompt TEXT or --prompt-file PATH")
+    if sum(x is not None for x in (args.prompt, args.prompt_file, args.question)) != 1:
+        raise E3RLError("give exactly one of --prompt TEXT, --prompt-file PATH or --question TEXT")
     prompt = args.prompt
     if args.prompt_file:
         try:
@@ -67,6 +67,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except OSError as err:
             raise E3RLError(f"cannot read --prompt-file {args.prompt_file}: {err.strerror}") from None
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.question is not None:
+        from .data import render_prompt
+
+        prompt = render_prompt(args.question, tokenizer)
     gen = ErasableGenerator(model, tokenizer, config, model_name=args.model)
     writer = TraceWriter(args.trace_out) if args.trace_out else None
     events = []
@@ -208,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="model directory, hub id (online) or random:<preset>")
     gen.add_argument("--prompt", help="prompt text")
     gen.add_argument("--prompt-file", help="read the prompt from this file")
+    gen.add_argument("--question", help="a question, rendered with the tokenizer's chat template "
+                     "(or 'Question: ...\\nAnswer:\\n' when it has none)")
     gen.add_argument("--group-size", type=int, default=1, help="rollouts of the prompt, decoded as one batch")
     gen.add_argument("--seed", type=int, default=0, help="row r uses seed + r")
     gen.add_argument("--trace-out", help="write the event stream as JSONL here")

@@ -45,3 +45,13 @@ def test_bench_prints_one_table(capsys):
     for part in ("(a) throughput", "(b) erase+regenerate", "(c) memory", "(d) group lockstep", "Machine:"):
         assert part in table
     assert table.count("| (a) throughput |") == 2 and table.count("| (b) erase+regenerate |") == 2
+
+
+def test_question_is_rendered_with_the_plain_template(model_dir, tmp_path, capsys):
+    out = tmp_path / "q.jsonl"
+    assert main(["generate", "--model", str(model_dir), "--question", "a = 1 + 2. What is a?",
+                 "--max-new-tokens", "4", "--trace-out", str(out)]) == 0
+    start = read_events(out)[0]
+    assert start.prompt == "Question: a = 1 + 2. What is a?\nAnswer:\n"
+    assert main(["generate", "--model", str(model_dir), "--question", "x", "--prompt", "y"]) == 2
+    assert "exactly one of" in capsys.readouterr().err
