@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("train-demo-model", help="train the small demo model on the synthetic task")
     demo.add_argument("--out", required=True, help="output directory (written atomically)")
-    demo.add_argument("--steps", type=int, default=2400)
+    demo.add_argument("--steps", type=int, default=3200)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                       help="any DemoModelConfig field, e.g. --set hidden_size=192")

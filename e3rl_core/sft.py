@@ -31,7 +31,7 @@ class DemoModelConfig:
     num_attention_heads: int = 6
     num_key_value_heads: int = 3
     max_position_embeddings: int = 512
-    steps: int = 2400
+    steps: int = 3200
     batch_size: int = 16
     learning_rate: float = 3e-3
     min_lr_ratio: float = 0.1
