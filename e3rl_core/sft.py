@@ -3,7 +3,8 @@
 A small Llama-family model and a character tokenizer, trained from scratch on step-by-step
 solutions (loss on the solution tokens only). The point is a model that reasons in visible steps
 and slips now and then -- the kind of mid-trace error E3RL exists to catch -- so training stops
-well before the task is mastered. Deterministic for a given seed and step count on one machine.
+well before the task is mastered. Seeded: initialisation and the data stream depend only on the
+seed (the problems come from the task's train split, never its test split).
 """
 from __future__ import annotations
 
