@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -145,8 +146,6 @@ def save_model(model: Any, tok: Any, out_dir: str | Path, log: TrainLog) -> None
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     model.eval()
     model.generation_config.eos_token_id = EOS_ID
@@ -155,8 +154,6 @@ def save_model(model: Any, tok: Any, out_dir: str | Path, log: TrainLog) -> None
     tok.save_pretrained(tmp)
     (tmp / "train_log.json").write_text(json.dumps(asdict(log), indent=1))
     if out.exists():
-        import shutil
-
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
