@@ -1,6 +1,8 @@
 """The ``e3rl`` command line. Argument parsing lives here only; the library returns values.
 
     e3rl generate --model PATH --prompt TEXT [options]     erasable generation, prints completions
+    e3rl eval --model PATH --data SPEC [options]           Avg@K / Pass@k with or without erasure
+    e3rl train --model PATH --data SPEC --algo e3rl --out DIR   RL training (see cli_train.py)
     e3rl bench generate [--model PATH]                     speed/memory table of the engine
 """
 from __future__ import annotations
@@ -249,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto")
     _add_generation_flags(ev, with_erase_switch=False)
     ev.set_defaults(func=cmd_eval, no_erase=False)
+
+    from .cli_train import add_parser as add_train_parser
+
+    add_train_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks that print a table")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
