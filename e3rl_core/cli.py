@@ -4,6 +4,7 @@
     e3rl eval --model PATH --data SPEC [options]           Avg@K / Pass@k with or without erasure
     e3rl train --model PATH --data SPEC --algo e3rl --out DIR   RL training (see cli_train.py)
     e3rl bench generate [--model PATH]                     speed/memory table of the engine
+    e3rl app [--host H] [--port N] [--model PATH]          the Gradio workbench (app/main.py)
 """
 from __future__ import annotations
 
@@ -251,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto")
     _add_generation_flags(ev, with_erase_switch=False)
     ev.set_defaults(func=cmd_eval, no_erase=False)
+
+    appp = sub.add_parser("app", help="the Gradio workbench in a browser (e3rl app --help)")
+    appp.set_defaults(func=lambda a: (_ for _ in ()).throw(E3RLError(
+        "the workbench starts from the e3rl console script (e3rl app) or python -m app.main")))
 
     from .cli_train import add_parser as add_train_parser
 

@@ -179,6 +179,9 @@ class GenerationConfig:
 
     max_new_tokens: int = 8192
     """Longest final completion (kept tokens); erased tokens do not count."""
+    record_top_k: int = 0
+    """Record the k most likely tokens and their probabilities with each token event (0 = off;
+    the app uses 5 for its hover cards)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -188,6 +191,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.record_top_k <= 50:
+            raise ConfigError(f"record_top_k must be in [0, 50], got {self.record_top_k}")
 
     @property
     def smoothing_window(self) -> int:

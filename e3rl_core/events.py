@@ -45,6 +45,8 @@ class TokenEvent:
     attempt: int
     index: int = 0
     """Position in the completion the token was generated at (kept prefix length + offset)."""
+    top: list[list[Any]] | None = None
+    """With ``record_top_k`` > 0: the k most likely tokens as [token_id, text, probability]."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ and the boundary logits, kept from when the segment began, give the retry's firs
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import random
 import uuid
@@ -136,6 +137,14 @@ class ErasableGenerator:
         self._has_logits_to_keep = "logits_to_keep" in params
         self.last_stats = RunStats()
         self.decoder = detok.Decoder(tokenizer)
+        self._token_texts: dict[int, str] = {}
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own (memoized), for top-k alternatives."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     # ----------------------------------------------------------------- prompts
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -342,19 +351,25 @@ class _Run:
                     if r.replay is not None:
                         toks[i] = r.replay[len(r.seg_ids)]
                 sur = -logp.gather(-1, toks.unsqueeze(-1)).squeeze(-1)  # (n,)
-            for r, t, h, s in zip(ready, toks.tolist(), ent.tolist(), sur.tolist()):
-                yield from self._take_token(r, t, h, s)
+                tops: list[Any] = [None] * len(ready)
+                if self.cfg.record_top_k:
+                    k = min(self.cfg.record_top_k, logp.shape[-1])
+                    vals, ids = logp.topk(k, dim=-1)  # (n, k)
+                    tops = [[[i, self.gen.token_text(i), round(math.exp(v), 6)] for i, v in zip(ri, rv)]
+                            for ri, rv in zip(ids.tolist(), vals.tolist())]
+            for r, t, h, s, top in zip(ready, toks.tolist(), ent.tolist(), sur.tolist(), tops):
+                yield from self._take_token(r, t, h, s, top)
 
     def _bans_at(self, r: _Row) -> list[int]:
         k = len(r.seg_ids)
         prefix = tuple(r.seg_ids)
         return [tok for pre, tok in r.bans.get(k, []) if pre == prefix]
 
-    def _take_token(self, r: _Row, tok: int, ent: float, sur: float) -> Iterator[Event]:
+    def _take_token(self, r: _Row, tok: int, ent: float, sur: float, top: Any = None) -> Iterator[Event]:
         delta = detok.push(self.gen.decoder, r.detok, tok)
         yield TokenEvent(
             trace_id=r.trace_id, step=r.step, token_id=tok, text=delta, entropy=ent, surprisal=sur,
-            segment=r.seg, attempt=r.attempt, index=len(r.kept_ids) + len(r.seg_ids),
+            segment=r.seg, attempt=r.attempt, index=len(r.kept_ids) + len(r.seg_ids), top=top,
         )
         r.step += 1
         r.seg_ids.append(tok)

@@ -42,3 +42,21 @@ def median_score(model, tok, prompt: str, *overrides: str) -> float:
     scores = [x for i, x in enumerate(raw) if i == 0 or x - raw[i - 1] > 1e-3]  # one per cluster
     mid = len(scores) // 2
     return (scores[mid - 1] + scores[mid]) / 2 if len(scores) > 1 else scores[0] - 0.5
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """A launched workbench (its own runs directory) for the module's tests; closed afterwards."""
+    from app.main import launch
+
+    demo, url = launch(port=free_port(), block=False, runs_root=str(tmp_path_factory.mktemp("runs")))
+    yield url
+    demo.close()

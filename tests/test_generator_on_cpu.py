@@ -1,6 +1,8 @@
 """The erasable generator against slow references: full recomputation, one-row-at-a-time."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -230,3 +232,18 @@ def test_compaction_only_when_it_frees_columns(tiny_llama):
         check_trace_against_forward(model, trace)
     stats = gen.last_stats
     assert stats.compactions <= stats.forwards // 10
+
+
+def test_record_top_k_lists_the_most_likely_tokens(tiny_llama):
+    model, tok = tiny_llama
+    gen = ErasableGenerator(model, tok, make_config("record_top_k=3", "sampling.temperature=0", "threshold.policy=none"))
+    events = [e for e in gen.stream("abc", seed=0) if isinstance(e, TokenEvent)]
+    assert events
+    for e in events:
+        assert len(e.top) == 3
+        probs = [p for _, _, p in e.top]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        assert e.top[0][0] == e.token_id  # greedy takes the most likely token
+        assert e.top[0][2] == pytest.approx(math.exp(-e.surprisal), rel=1e-4)
+    off = [e for e in ErasableGenerator(model, tok, make_config()).stream("abc", seed=0) if isinstance(e, TokenEvent)]
+    assert all(e.top is None for e in off)

@@ -1,0 +1,170 @@
+"""The audit: every erasure decision as a table row, exports, trace files, and what-if re-scoring.
+
+Pure functions over events and pandas (no gradio). ``what_if`` re-judges the *recorded* attempts of
+a trace's group under other threshold parameters by replaying the real threshold policy over the
+recorded segment features; what the model would have generated after a changed decision is unknown,
+so only decisions on attempts that exist can change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+
+from e3rl_core.config import GenerationConfig
+from e3rl_core.errors import E3RLError, TraceFormatError
+from e3rl_core.events import Event, SegmentEvent, StartEvent, Trace, event_to_dict, group_traces, read_events
+from e3rl_core.scoring import SegmentFeatures, segment_score
+from e3rl_core.thresholds import make_policy
+
+COLUMNS = ["trace", "source", "segment", "attempt", "base", "max", "delta", "score", "baseline", "penalty",
+           "history", "threshold", "decision", "reason", "erased_text", "replacement", "answer", "correct"]
+MAX_TRACE_FILE_BYTES = 50 * 2**20
+
+
+def decisions_frame(traces: Sequence[Trace], source: str = "session") -> pd.DataFrame:
+    """One row per segment decision (first attempts and retries) of the given traces."""
+    rows = []
+    for tr in traces:
+        segs = tr.segments
+        texts: dict[tuple[int, int], str] = {}
+        for t in tr.tokens:
+            texts[(t.segment, t.attempt)] = texts.get((t.segment, t.attempt), "") + t.text
+        done = tr.done
+        for s in segs:
+            erased = s.decision == "erase"
+            rows.append({
+                "trace": tr.trace_id, "source": source, "segment": s.segment, "attempt": s.attempt,
+                "base": s.features.get("base"), "max": s.features.get("max"), "delta": s.features.get("delta"),
+                "score": s.score, "baseline": s.baseline, "penalty": s.penalty, "history": s.history,
+                "threshold": s.threshold, "decision": s.decision, "reason": s.reason,
+                "erased_text": texts.get((s.segment, s.attempt), "") if erased else "",
+                "replacement": texts.get((s.segment, s.attempt + 1), "") if erased else "",
+                "answer": done.answer if done else None, "correct": done.correct if done else None,
+            })
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def filter_frame(df: pd.DataFrame, only_erasures: bool = False, trace: str = "", sort_by: str = "",
+                 descending: bool = True) -> pd.DataFrame:
+    out = df
+    if only_erasures:
+        out = out[out["decision"] == "erase"]
+    if trace:
+        out = out[out["trace"].astype(str).str.contains(trace, regex=False)]
+    if sort_by and sort_by in out.columns:
+        out = out.sort_values(sort_by, ascending=not descending, kind="stable")
+    return out
+
+
+def export(df: pd.DataFrame, directory: str | os.PathLike[str], stem: str = "e3rl-audit") -> tuple[Path, Path]:
+    """Write the table as CSV and JSONL (atomically); returns both paths."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    csv, jsonl = d / f"{stem}.csv", d / f"{stem}.jsonl"
+    for path, write in ((csv, lambda p: df.to_csv(p, index=False)),
+                        (jsonl, lambda p: df.to_json(p, orient="records", lines=True, force_ascii=False))):
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, path)
+    return csv, jsonl
+
+
+def load_trace_file(path: str | os.PathLike[str]) -> list[Trace]:
+    """Traces from a JSONL event file, validated; errors say what is wrong and where."""
+    p = Path(path)
+    if not p.is_file():
+        raise E3RLError(f"no such trace file: {p}")
+    if p.stat().st_size > MAX_TRACE_FILE_BYTES:
+        raise E3RLError(f"{p.name} is {p.stat().st_size / 2**20:.0f} MiB; load at most "
+                        f"{MAX_TRACE_FILE_BYTES // 2**20} MiB of traces at once (split the file)")
+    try:
+        events = read_events(p, allow_truncated=True)
+    except UnicodeDecodeError:
+        raise TraceFormatError(f"{p.name} is not a UTF-8 text file; load a JSONL trace written by e3rl") from None
+    if not events:
+        raise TraceFormatError(f"{p.name} holds no events; load a JSONL trace written by e3rl generate --trace-out")
+    traces = group_traces(events)
+    starts = [t for t in traces if not any(isinstance(e, StartEvent) for e in t.events)]
+    if starts:
+        raise TraceFormatError(f"{p.name}: trace {starts[0].trace_id!r} has no start event; the file is incomplete")
+    return traces
+
+
+def traces_to_jsonl(traces: Iterable[Trace]) -> str:
+    return "".join(json.dumps(event_to_dict(e), ensure_ascii=False) + "\n" for t in traces for e in t.events)
+
+
+def what_if(group: Sequence[Trace], overrides: dict[str, Any]) -> pd.DataFrame:
+    """Re-judge the recorded attempts of one group under other threshold/score parameters.
+
+    overrides: ``{"threshold.kappa": 0.5, "threshold.policy": "fixed", "threshold.value": 1.0,
+    "score.weight_base": 0.5, "erase.budget": 3, ...}``. Returns one row per recorded attempt with
+    the recorded and the re-judged threshold and decision and whether it changed."""
+    start = group[0].start
+    cfg = GenerationConfig.from_dict(start.config)
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        setattr(getattr(cfg, section), name, value)
+    cfg = GenerationConfig.from_dict(cfg.to_dict())  # validate
+    weights = (cfg.score.weight_base, cfg.score.weight_max, cfg.score.weight_delta)
+    policy = make_policy(cfg.threshold)
+    signal = cfg.score.signal
+    by_row = {i: tr for i, tr in enumerate(group)}
+    segs = {i: tr.segments for i, tr in by_row.items()}
+    kept_signal: dict[int, dict[int, list[float]]] = {}
+    for i, tr in by_row.items():
+        per: dict[int, list[float]] = {}
+        for t in tr.kept_tokens():
+            per.setdefault(t.segment, []).append(t.entropy if signal == "entropy" else t.surprisal)
+        kept_signal[i] = per
+    n_max = max((s.segment for ss in segs.values() for s in ss), default=-1)
+    rows = []
+    for n in range(n_max + 1):
+        at_n = {i: [s for s in ss if s.segment == n] for i, ss in segs.items()}
+        for i, ss in at_n.items():
+            first = next((s for s in ss if s.attempt == 0), None)
+            if first is not None:
+                policy.observe_first(i, n, _rescore(first, weights))
+        for i, ss in at_n.items():
+            for e, s in enumerate(ss):
+                score = _rescore(s, weights)
+                parts = policy.parts(i, n, e)
+                thr = parts.threshold
+                if s.reason == "restored":
+                    new = "forced_accept"
+                elif thr is None or not score > thr or not cfg.erase.enabled:
+                    new = "accept"
+                elif e >= cfg.erase.budget:
+                    new = "forced_accept"
+                else:
+                    new = "erase"
+                rows.append({"trace": by_row[i].trace_id, "segment": n, "attempt": s.attempt,
+                             "score": s.score, "new_score": score, "threshold": s.threshold, "new_threshold": thr,
+                             "decision": s.decision, "new_decision": new,
+                             "changed": (s.decision == "erase") != (new == "erase")})
+            if i in kept_signal and n in kept_signal[i]:
+                policy.observe_kept(i, kept_signal[i][n])
+    return pd.DataFrame(rows)
+
+
+def _rescore(s: SegmentEvent, weights: tuple[float, float, float]) -> float:
+    f = s.features
+    return segment_score(SegmentFeatures(base=f["base"], max=f["max"], delta=f["delta"]), weights)
+
+
+def group_of(traces: Sequence[Trace], trace_id: str) -> list[Trace]:
+    """The traces generated in the same batch and group as ``trace_id`` (its group-mates)."""
+    target = next((t for t in traces if t.trace_id == trace_id), None)
+    if target is None:
+        raise E3RLError(f"no trace {trace_id!r} loaded")
+    prefix = target.trace_id.rsplit("-", 1)[0]
+    return [t for t in traces if t.trace_id.rsplit("-", 1)[0] == prefix]
+
+
+def config_fields() -> list[str]:
+    return [f"threshold.{f.name}" for f in dataclasses.fields(GenerationConfig().threshold)]

@@ -1,0 +1,254 @@
+"""Events -> what the UI shows: HTML, figures, tables. Pure functions, no gradio import, so every
+view is tested without a server; the Gradio wiring (``app/ui.py``) only passes these values on.
+
+``TraceView`` folds one trace's events incrementally (live streaming and step-by-step replay use
+the same code); ``trace_html`` draws it as a heatmap of tokens with segment marks and erased
+attempts; ``trace_figure`` plots segment scores against thresholds and per-token entropy.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from e3rl_core.events import DoneEvent, EraseEvent, ErrorEvent, Event, SegmentEvent, StartEvent, TokenEvent
+
+SCALE_MAX = {"entropy": 2.0, "surprisal": 3.0}
+"""Signal value (nats) drawn at full colour; larger values saturate."""
+
+CSS = """
+.e3rl-trace{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:14px;line-height:1.9;white-space:pre-wrap;
+  word-break:break-word;padding:8px;border:1px solid #ddd;border-radius:6px;background:#fff;color:#111}
+.e3rl-tok{border-radius:3px;padding:1px 0;cursor:help}
+.e3rl-seg{border-left:2px solid #7a7aff;padding-left:2px;margin-left:2px}
+.e3rl-segmark{font-size:10px;color:#5555cc;vertical-align:super;margin-right:1px;cursor:help}
+.e3rl-erasing{text-decoration:line-through;text-decoration-color:#d00;opacity:.55;animation:e3rl-fade 1.2s ease-in forwards}
+@keyframes e3rl-fade{from{opacity:.9;background:#ffd6d6}to{opacity:.35;background:transparent}}
+details.e3rl-erased{display:inline;font-size:11px;color:#a33}
+details.e3rl-erased summary{display:inline;cursor:pointer;list-style:none;background:#ffe1e1;border:1px solid #e99;
+  border-radius:8px;padding:0 4px;margin:0 2px}
+details.e3rl-erased s{color:#a33;opacity:.8}
+.e3rl-legend{display:flex;align-items:center;gap:6px;font-size:12px;color:#333;margin:4px 0}
+.e3rl-legend .bar{width:180px;height:10px;border-radius:3px;
+  background:linear-gradient(90deg,rgb(255,255,255),rgb(255,226,120),rgb(232,62,50))}
+"""
+
+
+@dataclass
+class Attempt:
+    segment: int
+    attempt: int
+    tokens: list[TokenEvent] = field(default_factory=list)
+    decision: SegmentEvent | None = None
+    erased: EraseEvent | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+
+@dataclass
+class TraceView:
+    """One trace folded from its events, attempt by attempt."""
+
+    start: StartEvent | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    done: DoneEvent | None = None
+    error: ErrorEvent | None = None
+    last_erased: tuple[int, int] | None = None
+    """The most recently erased (segment, attempt), shown struck through until its retry is decided."""
+    n_events: int = 0
+
+    def apply(self, ev: Event) -> None:
+        self.n_events += 1
+        if isinstance(ev, StartEvent):
+            self.start = ev
+        elif isinstance(ev, TokenEvent):
+            self._attempt(ev.segment, ev.attempt).tokens.append(ev)
+        elif isinstance(ev, SegmentEvent):
+            self._attempt(ev.segment, ev.attempt).decision = ev
+            if self.last_erased and self.last_erased[0] == ev.segment and ev.decision != "erase":
+                self.last_erased = None
+        elif isinstance(ev, EraseEvent):
+            self._attempt(ev.segment, ev.attempt).erased = ev
+            self.last_erased = (ev.segment, ev.attempt)
+        elif isinstance(ev, DoneEvent):
+            self.done, self.last_erased = ev, None
+        elif isinstance(ev, ErrorEvent):
+            self.error = ev
+
+    def _attempt(self, segment: int, attempt: int) -> Attempt:
+        for a in reversed(self.attempts):
+            if a.segment == segment and a.attempt == attempt:
+                return a
+        a = Attempt(segment, attempt)
+        self.attempts.append(a)
+        return a
+
+    @property
+    def trace_id(self) -> str:
+        return self.start.trace_id if self.start else ""
+
+    def kept_tokens(self) -> list[TokenEvent]:
+        return [t for a in self.attempts if a.erased is None for t in a.tokens]
+
+    def erasures(self) -> list[Attempt]:
+        return [a for a in self.attempts if a.erased is not None]
+
+
+def fold(events: Iterable[Event]) -> dict[str, TraceView]:
+    """Trace id -> TraceView, in order of appearance."""
+    views: dict[str, TraceView] = {}
+    for ev in events:
+        views.setdefault(ev.trace_id, TraceView()).apply(ev)
+    return views
+
+
+# ------------------------------------------------------------------------ colours
+def colour(value: float, signal: str = "entropy") -> str:
+    """White -> amber -> red as the signal goes from 0 to SCALE_MAX (saturating)."""
+    t = max(0.0, min(1.0, value / SCALE_MAX.get(signal, 2.0)))
+    stops = [(255, 255, 255), (255, 226, 120), (232, 62, 50)]
+    if t <= 0.5:
+        a, b, u = stops[0], stops[1], t / 0.5
+    else:
+        a, b, u = stops[1], stops[2], (t - 0.5) / 0.5
+    r, g, bl = (round(x + (y - x) * u) for x, y in zip(a, b))
+    return f"rgb({r},{g},{bl})"
+
+
+def legend_html(signal: str = "entropy") -> str:
+    top = SCALE_MAX.get(signal, 2.0)
+    name = "entropy H" if signal == "entropy" else "surprisal −log p"
+    return (f'<div class="e3rl-legend"><span>{name}:</span><span>0</span><span class="bar"></span>'
+            f"<span>{top / 2:g}</span><span>≥ {top:g} nats</span>"
+            "<span style='margin-left:10px'>│ segment start · ✂ erased attempt (click to expand)</span></div>")
+
+
+def token_title(t: TokenEvent) -> str:
+    lines = [f"entropy {t.entropy:.3f} · surprisal {t.surprisal:.3f} nats",
+             f"segment {t.segment}, attempt {t.attempt}, position {t.index}"]
+    if t.top:
+        lines.append("top: " + ", ".join(f"{text!r} {p:.3f}" for _, text, p in t.top))
+    return "\n".join(lines)
+
+
+def _tokens_html(tokens: Sequence[TokenEvent], signal: str) -> str:
+    out = []
+    for t in tokens:
+        value = t.entropy if signal == "entropy" else t.surprisal
+        out.append(f'<span class="e3rl-tok" style="background:{colour(value, signal)}" '
+                   f'title="{html.escape(token_title(t), quote=True)}">{html.escape(t.text)}</span>')
+    return "".join(out)
+
+
+def _decision_text(d: SegmentEvent | None) -> str:
+    if d is None:
+        return "generating"
+    thr = "none yet" if d.threshold is None else f"{d.threshold:.3f}"
+    return f"U={d.score:.3f}, Θ={thr}: {d.decision} ({d.reason})"
+
+
+def trace_html(view: TraceView, signal: str = "entropy", with_css: bool = True) -> str:
+    """The trace as a token heatmap: segments marked, erased attempts struck through while their
+    retry streams in, then folded into an expandable ✂ marker in front of the kept attempt."""
+    parts = [f"<style>{CSS}</style>"] if with_css else []
+    parts.append('<div class="e3rl-trace">')
+    by_segment: dict[int, list[Attempt]] = {}
+    for a in view.attempts:
+        by_segment.setdefault(a.segment, []).append(a)
+    for seg, attempts in by_segment.items():
+        current = attempts[-1]
+        mark = html.escape(f"segment {seg}: " + _decision_text(current.decision), quote=True)
+        parts.append(f'<span class="e3rl-seg" data-seg="{seg}"><span class="e3rl-segmark" title="{mark}">{seg}</span>')
+        for a in attempts:
+            if a.erased is None:
+                parts.append(_tokens_html(a.tokens, signal))
+            elif view.last_erased == (a.segment, a.attempt):
+                parts.append(f'<span class="e3rl-erasing" data-erased="{seg}.{a.attempt}">{html.escape(a.text)}</span>')
+            else:
+                why = html.escape(_decision_text(a.decision), quote=True)
+                parts.append(f'<details class="e3rl-erased" data-erased="{seg}.{a.attempt}"><summary title="{why}">✂</summary>'
+                             f"<s>{html.escape(a.text)}</s></details>")
+        parts.append("</span>")
+    if view.error:
+        parts.append(f'<div style="color:#b00">error: {html.escape(view.error.message)}</div>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def summary_markdown(view: TraceView, seconds: float | None = None, first_token_s: float | None = None,
+                     group_tokens: int | None = None) -> str:
+    """Answer with ✓/✗ (when the gold answer is known) and the counts; the rate is over the whole
+    group's tokens when ``group_tokens`` is given (all rows are generated together)."""
+    kept = len(view.kept_tokens())
+    generated = sum(len(a.tokens) for a in view.attempts)
+    erasures = len(view.erasures())
+    lines: list[str] = []
+    if view.done:
+        mark = "" if view.done.correct is None else (" ✓" if view.done.correct else " ✗")
+        gold = f" (gold {view.done.answer if view.start is None or view.start.gold is None else view.start.gold})" \
+            if view.done.correct is not None else ""
+        lines.append(f"**Answer:** `{view.done.answer}`{mark}{gold}")
+    else:
+        lines.append("**Answer:** _generating…_")
+    stats = f"tokens generated {generated}, kept {kept}, erasures {erasures}"
+    if seconds:
+        rate = (group_tokens if group_tokens is not None else generated) / seconds
+        stats += f", {seconds:.2f} s ({rate:.0f} tok/s{' for the group' if group_tokens is not None else ''})"
+    if first_token_s is not None:
+        stats += f", first token after {first_token_s:.2f} s"
+    lines.append(stats)
+    return "  \n".join(lines)
+
+
+def trace_figure(view: TraceView, signal: str = "entropy") -> Any:
+    """Two panels: segment score U_n vs threshold Θ_n per attempt (✕ = erased), and the chosen
+    signal per generated token (kept tokens as a line, erased ones as grey dots)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.16,
+                        subplot_titles=("segment score U_n vs threshold Θ_n", f"per-token {signal}"))
+    decided = [a for a in view.attempts if a.decision is not None]
+    xs = [a.segment + 0.12 * a.attempt for a in decided]
+    fig.add_trace(go.Scatter(
+        x=xs, y=[a.decision.score for a in decided], mode="markers", name="U_n",
+        marker=dict(size=9, color=["#d62728" if a.erased else "#1f77b4" for a in decided],
+                    symbol=["x" if a.erased else "circle" for a in decided]),
+        text=[f"segment {a.segment} attempt {a.attempt}: {a.decision.decision} ({a.decision.reason})" for a in decided],
+        hoverinfo="text+y"), row=1, col=1)
+    with_thr = [(x, a) for x, a in zip(xs, decided) if a.decision.threshold is not None]
+    fig.add_trace(go.Scatter(x=[x for x, _ in with_thr], y=[a.decision.threshold for _, a in with_thr],
+                             mode="lines+markers", name="Θ_n", line=dict(color="#ff7f0e", dash="dash"),
+                             marker=dict(size=5)), row=1, col=1)
+    base = [(x, a) for x, a in zip(xs, decided) if a.decision.baseline is not None]
+    fig.add_trace(go.Scatter(x=[x for x, _ in base], y=[a.decision.baseline for _, a in base], mode="lines",
+                             name="group baseline β_n", line=dict(color="#999", width=1)), row=1, col=1)
+    kept_steps, kept_vals, er_steps, er_vals = [], [], [], []
+    for a in view.attempts:
+        for t in a.tokens:
+            v = t.entropy if signal == "entropy" else t.surprisal
+            (er_steps if a.erased else kept_steps).append(t.step)
+            (er_vals if a.erased else kept_vals).append(v)
+    fig.add_trace(go.Scatter(x=kept_steps, y=kept_vals, mode="lines", name=f"{signal} (kept)",
+                             line=dict(color="#2ca02c", width=1)), row=2, col=1)
+    fig.add_trace(go.Scatter(x=er_steps, y=er_vals, mode="markers", name=f"{signal} (erased)",
+                             marker=dict(color="#bbb", size=4)), row=2, col=1)
+    fig.update_xaxes(title_text="segment (offset = attempt)", row=1, col=1)
+    fig.update_xaxes(title_text="generation step", row=2, col=1)
+    fig.update_layout(height=460, margin=dict(l=40, r=10, t=40, b=30), template="plotly_white",
+                      legend=dict(orientation="h", y=-0.18))
+    return fig
+
+
+def group_markdown(views: Sequence[TraceView]) -> str:
+    """One line per rollout of a group: answer, erasures, and the group baseline of the last decision."""
+    rows = ["| rollout | answer | erasures | tokens kept | last β_n |", "|---|---|---|---|---|"]
+    for i, v in enumerate(views):
+        last = next((a.decision for a in reversed(v.attempts) if a.decision is not None), None)
+        ans = v.done.answer if v.done else "…"
+        mark = "" if not v.done or v.done.correct is None else (" ✓" if v.done.correct else " ✗")
+        beta = "–" if last is None or last.baseline is None else f"{last.baseline:.3f}"
+        rows.append(f"| {i} | `{ans}`{mark} | {len(v.erasures())} | {len(v.kept_tokens())} | {beta} |")
+    return "\n".join(rows)

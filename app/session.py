@@ -1,0 +1,154 @@
+"""What the handlers do, as plain functions and generators (no gradio import).
+
+``ModelStore`` loads each model once and shares it between sessions (inference only; every
+generation gets its own ``ErasableGenerator`` and event list, so two users never see each other's
+tokens). ``stream_generation`` turns the engine's event stream into rendered frames at a bounded
+rate, so the browser is not flooded with one update per token.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from e3rl_core.config import GenerationConfig, apply_overrides
+from e3rl_core.errors import E3RLError
+from e3rl_core.events import Event, Trace, group_traces
+from e3rl_core.generator import ErasableGenerator
+from e3rl_core.model_io import load_model, recommended_config
+from e3rl_core.rewards import is_correct
+
+from .render import TraceView, fold
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "checkpoints"
+MAX_PROMPT_CHARS = 4000
+
+
+def shipped_models() -> list[str]:
+    """Checkpoint directories shipped with the project (relative paths, for display)."""
+    if not SHIPPED.is_dir():
+        return []
+    return sorted(str(p.relative_to(REPO)) for p in SHIPPED.iterdir() if (p / "config.json").is_file())
+
+
+def resolve(model: str) -> str:
+    """A display path (relative to the repository) to a loadable path."""
+    p = Path(model)
+    return str(p if p.is_absolute() else REPO / p)
+
+
+class ModelStore:
+    """Loaded (model, tokenizer) pairs by path, loaded once under a lock."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, tuple[Any, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str) -> tuple[Any, Any]:
+        path = resolve(model)
+        with self._lock:
+            if path not in self._models:
+                self._models[path] = load_model(path, device="cpu")
+            return self._models[path]
+
+
+@dataclass
+class GenRequest:
+    """Everything the Generate tab sends; field names follow ``GenerationConfig``."""
+
+    model: str
+    prompt: str
+    gold: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    signal: str = "surprisal"
+    segment_mode: str = "delimiter"
+    segment_tokens: int = 32
+    policy: str = "e3rl"
+    kappa: float = 1.0
+    threshold_value: float = 2.0
+    warmup_segments: int = 2
+    erase_budget: int = 3
+    erase: bool = True
+    group_size: int = 4
+    seed: int = 0
+    extra: list[str] = field(default_factory=list)
+
+    def config(self) -> GenerationConfig:
+        base = recommended_config(resolve(self.model))
+        return apply_overrides(base, [
+            f"sampling.temperature={self.temperature}", f"sampling.top_p={self.top_p}",
+            f"max_new_tokens={int(self.max_new_tokens)}", f"score.signal={self.signal}",
+            f"segment.mode={self.segment_mode}", f"segment.segment_tokens={int(self.segment_tokens)}",
+            f"threshold.policy={self.policy}", f"threshold.kappa={self.kappa}",
+            f"threshold.value={self.threshold_value}", f"threshold.warmup_segments={int(self.warmup_segments)}",
+            f"erase.budget={int(self.erase_budget)}", f"erase.enabled={self.erase}", "record_top_k=5",
+            *self.extra,
+        ])
+
+
+def check_prompt(prompt: str) -> str:
+    if not prompt or not prompt.strip():
+        raise E3RLError("the prompt is empty; type a question or pick an example")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise E3RLError(f"the prompt has {len(prompt):,} characters; shorten it to at most {MAX_PROMPT_CHARS:,}")
+    return prompt
+
+
+@dataclass
+class Frame:
+    """One UI update: the events so far and timing."""
+
+    events: list[Event]
+    views: dict[str, TraceView]
+    elapsed: float
+    first_token_s: float | None
+    finished: bool
+
+
+def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float = 0.08,
+                      stop: threading.Event | None = None) -> Iterator[Frame]:
+    """Run one generation and yield frames at most every ``min_interval`` seconds (and the last)."""
+    from e3rl_core.data import render_prompt
+
+    check_prompt(req.prompt)
+    if not 1 <= int(req.group_size) <= 16:
+        raise E3RLError("group size must be between 1 and 16")
+    config = req.config()
+    model, tok = store.get(req.model)
+    gen = ErasableGenerator(model, tok, config, model_name=req.model, checker=is_correct)
+    prompt = req.prompt
+    if not prompt.rstrip().endswith("Answer:") and "\n" not in prompt.strip():
+        prompt = render_prompt(prompt.strip(), tok)  # a bare question gets the task's template
+    events: list[Event] = []
+    views: dict[str, TraceView] = {}
+    t0 = time.perf_counter()
+    first = None
+    last_emit = 0.0
+    for ev in gen.stream(prompt, group_size=int(req.group_size), seed=int(req.seed),
+                         golds=[req.gold.strip()] if req.gold and req.gold.strip() else None):
+        events.append(ev)
+        views.setdefault(ev.trace_id, TraceView()).apply(ev)
+        now = time.perf_counter() - t0
+        if first is None and ev.kind == "token":
+            first = now
+            last_emit = -1.0  # show the first token at once
+        if stop is not None and stop.is_set():
+            break
+        if now - last_emit >= min_interval:
+            last_emit = now
+            yield Frame(events, views, now, first, False)
+    yield Frame(events, views, time.perf_counter() - t0, first, True)
+
+
+def traces_of(events: Sequence[Event]) -> list[Trace]:
+    return group_traces(events)
+
+
+def replay_view(trace: Trace, upto: int) -> TraceView:
+    """The view after the first ``upto`` events of a recorded trace (step-by-step replay)."""
+    return fold(trace.events[: max(0, upto)]).get(trace.trace_id, TraceView())

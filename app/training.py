@@ -1,0 +1,136 @@
+"""Background training for the Train tab: one ``e3rl train`` subprocess at a time.
+
+The run is a separate process (its own session), so it survives page reloads and closed tabs; the
+UI only reads its run directory (``run.json``, ``log.jsonl``, ``rollouts.jsonl``, checkpoints).
+Stop sends SIGTERM, which the trainer turns into "finish this step, write a checkpoint, status
+stopped". A lock file holding the PID keeps it to one run per runs directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from e3rl_core.checkpoint import LOG_FILE, RUN_FILE, checkpoints
+from e3rl_core.errors import E3RLError
+
+LOCK = "active-run.json"
+
+
+@dataclass
+class RunRequest:
+    model: str
+    algo: str = "e3rl"
+    steps: int = 20
+    group_size: int = 4
+    prompts_per_step: int = 4
+    learning_rate: float = 5e-5
+    seed: int = 0
+    data: str = "synthetic:train?n=2000&seed=1"
+    save_steps: int = 5
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a finished child that nobody reaped is a zombie: not running
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+class TrainingManager:
+    """Start, watch and stop one background run under ``root``."""
+
+    def __init__(self, root: str | os.PathLike[str], max_steps: int | None = None) -> None:
+        self.root = Path(root)
+        self.max_steps = max_steps
+        self._proc: subprocess.Popen | None = None
+
+    def active(self) -> dict[str, Any] | None:
+        """The running run's lock record, or None (a stale lock of a dead process is removed)."""
+        lock = self.root / LOCK
+        if not lock.is_file():
+            return None
+        try:
+            info = json.loads(lock.read_text())
+        except (OSError, json.JSONDecodeError):
+            lock.unlink(missing_ok=True)
+            return None
+        if self._proc is not None and self._proc.poll() is not None:
+            self._proc = None
+        if not _alive(int(info.get("pid", -1))):
+            lock.unlink(missing_ok=True)
+            return None
+        return info
+
+    def start(self, req: RunRequest) -> Path:
+        if self.active():
+            raise E3RLError("a training run is already in progress; stop it or wait for it to finish")
+        if self.max_steps is not None and req.steps > self.max_steps:
+            raise E3RLError(f"this deployment allows at most {self.max_steps} steps per run; lower the steps")
+        if req.group_size < 2:
+            raise E3RLError("group size must be at least 2 for group-relative advantages")
+        self.root.mkdir(parents=True, exist_ok=True)
+        out = self.root / f"{req.algo}-{time.strftime('%Y%m%d-%H%M%S')}-s{req.seed}"
+        cmd = [sys.executable, "-m", "e3rl_core.cli", "train", "--model", req.model, "--data", req.data,
+               "--algo", req.algo, "--out", str(out), "--steps", str(req.steps), "--group-size", str(req.group_size),
+               "--prompts-per-step", str(req.prompts_per_step), "--learning-rate", str(req.learning_rate),
+               "--seed", str(req.seed), "--save-steps", str(req.save_steps), "--quiet", "--device", "cpu"]
+        log = open(_console(out), "w")  # beside the run: the trainer wants an empty --out
+        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        log.close()
+        (self.root / LOCK).write_text(json.dumps({"pid": self._proc.pid, "out": str(out), "started": time.time(),
+                                                  "request": req.__dict__}))
+        return out
+
+    def stop(self) -> str:
+        info = self.active()
+        if not info:
+            return "no run in progress"
+        os.kill(int(info["pid"]), signal.SIGTERM)
+        return "stopping: the current step finishes and a checkpoint is written"
+
+    def runs(self) -> list[Path]:
+        """Run directories under root, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = {p for p in self.root.iterdir() if p.is_dir() and (p / RUN_FILE).is_file()}
+        found |= {self.root / p.name[: -len(".console.log")] for p in self.root.glob("*.console.log")}
+        return sorted(found, key=lambda p: _console(p).stat().st_mtime if _console(p).exists() else 0, reverse=True)
+
+    def checkpoints(self) -> list[Path]:
+        """Every checkpoint of every run (for the Generate tab's model picker), newest first."""
+        return [c for run in self.runs() for _, c in reversed(checkpoints(run))]
+
+
+def _console(run: Path) -> Path:
+    return run.with_name(run.name + ".console.log")
+
+
+def read_status(run: Path) -> dict[str, Any]:
+    """run.json plus the metric rows so far and the console tail (for errors before run.json exists)."""
+    status: dict[str, Any] = {"status": "starting", "rows": []}
+    try:
+        status.update(json.loads((run / RUN_FILE).read_text()))
+    except (OSError, json.JSONDecodeError):
+        pass
+    try:
+        status["rows"] = [json.loads(l) for l in (run / LOG_FILE).read_text().splitlines() if l.strip()]
+    except (OSError, json.JSONDecodeError):
+        pass
+    try:
+        status["console"] = _console(run).read_text()[-2000:]
+    except OSError:
+        status["console"] = ""
+    return status

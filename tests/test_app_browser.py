@@ -1,0 +1,48 @@
+"""A real browser: Playwright drives the system Chromium (installed by the set-up with apt; no
+browser download) through a generation and checks what a researcher sees. Saves a screenshot to
+test-artifacts/app-generate.png."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("E3RL_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)),
+    reason=f"no Chromium at {CHROMIUM}: ./run setup installs it with apt-get (or set E3RL_CHROMIUM)",
+)
+
+
+def test_generate_in_a_browser(app_url):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            page.goto(app_url, wait_until="domcontentloaded")
+            page.get_by_role("button", name="Generate", exact=True).click()
+            page.wait_for_selector("#e3rl-heatmap .e3rl-tok", timeout=60_000)  # coloured tokens stream in
+            page.wait_for_selector("#e3rl-summary :text('tokens generated')", timeout=120_000)
+            page.wait_for_function(  # the default example's first rollout erases a slip
+                "document.querySelectorAll('#e3rl-heatmap [data-erased]').length > 0", timeout=120_000)
+            page.wait_for_selector("#e3rl-chart .js-plotly-plot", timeout=60_000)
+            page.wait_for_function(
+                "document.querySelector('#e3rl-summary') && "
+                "document.querySelector('#e3rl-summary').innerText.includes('Answer:') && "
+                "!document.querySelector('#e3rl-summary').innerText.includes('generating')", timeout=120_000)
+            tok = page.locator("#e3rl-heatmap .e3rl-tok").first
+            assert "background" in (tok.get_attribute("style") or "")
+            assert "entropy" in (tok.get_attribute("title") or "")
+            assert page.locator("#e3rl-heatmap .e3rl-seg").count() >= 2
+            page.screenshot(path=str(ARTIFACTS / "app-generate.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "app-generate.png").stat().st_size > 10_000

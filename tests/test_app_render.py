@@ -1,0 +1,158 @@
+"""The app's views as pure functions: events -> HTML, figures, tables (no server, no gradio)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from app import audit, render
+from app.session import GenRequest, ModelStore, replay_view, stream_generation
+from app.ui import DEFAULTS, examples
+from e3rl_core.errors import E3RLError
+from e3rl_core.events import SegmentEvent, group_traces, write_events
+
+STORE = ModelStore()
+MODEL = "checkpoints/arith-demo"
+
+
+def generate(**kw):
+    q, g = examples()[0]
+    req = GenRequest(model=MODEL, prompt=kw.pop("prompt", q), gold=kw.pop("gold", g), **kw)
+    return list(stream_generation(STORE, req, min_interval=0.0))
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return generate(seed=DEFAULTS["seed"], group_size=DEFAULTS["group_size"])
+
+
+def test_defaults_show_a_slip_erased_and_healed(frames):
+    """The first example with the default settings: rollout 0 erases and ends correct; with erasure
+    off the same seed ends wrong (what the Generate tab shows on a first click)."""
+    v = list(frames[-1].views.values())[0]
+    assert v.erasures() and v.done.correct is True
+    off = generate(seed=DEFAULTS["seed"], group_size=DEFAULTS["group_size"], erase=False)
+    assert list(off[-1].views.values())[0].done.correct is False
+
+
+def test_streaming_frames_grow_and_show_the_erasure_in_flight(frames):
+    assert frames[0].first_token_s is not None or len(frames) > 1
+    sizes = [len(f.events) for f in frames]
+    assert sizes == sorted(sizes) and frames[-1].finished
+    # replaying the events one by one, the erased attempt is struck through while its retry streams
+    events = frames[-1].events
+    tid = events[0].trace_id
+    seen_erasing = False
+    view = render.TraceView()
+    for ev in events:
+        if ev.trace_id != tid:
+            continue
+        view.apply(ev)
+        if view.last_erased is not None:
+            seen_erasing |= 'class="e3rl-erasing"' in render.trace_html(view)
+    assert seen_erasing
+    final = render.trace_html(view)
+    assert 'class="e3rl-erasing"' not in final and final.count('class="e3rl-erased"') == len(view.erasures())
+
+
+def test_trace_html_colours_marks_and_hover_cards(frames):
+    v = list(frames[-1].views.values())[0]
+    html = render.trace_html(v, "entropy")
+    kept = v.kept_tokens()
+    assert html.count('class="e3rl-tok"') == len(kept)
+    assert html.count('class="e3rl-seg"') == len({a.segment for a in v.attempts})
+    assert "top: " in html and "surprisal" in html  # hover card: signals and top-5 alternatives
+    colours = set(re.findall(r"background:(rgb\(\d+,\d+,\d+\))", html))
+    assert len(colours) > 3  # a heatmap, not one colour
+    assert render.colour(0.0) == "rgb(255,255,255)" and render.colour(99.0) == "rgb(232,62,50)"
+    assert render.trace_html(v, "surprisal") != html
+    assert "surprisal" in render.legend_html("surprisal") and "nats" in render.legend_html("entropy")
+
+
+def test_text_is_escaped():
+    from e3rl_core.events import StartEvent, TokenEvent
+
+    v = render.TraceView()
+    v.apply(StartEvent(trace_id="t", model="m", prompt="p", prompt_ids=[1], config={}, seed=0, group_index=0))
+    v.apply(TokenEvent(trace_id="t", step=0, token_id=1, text="<script>x</script>", entropy=0.1, surprisal=0.1,
+                       segment=0, attempt=0))
+    assert "<script>" not in render.trace_html(v, with_css=False)
+
+
+def test_figure_summary_and_group(frames):
+    views = list(frames[-1].views.values())
+    v = views[0]
+    fig = render.trace_figure(v)
+    names = [t.name for t in fig.data]
+    assert "U_n" in names and "Θ_n" in names and any("erased" in n for n in names)
+    decided = [a for a in v.attempts if a.decision is not None]
+    assert len(fig.data[0].x) == len(decided)
+    md = render.summary_markdown(v, 1.0, 0.1)
+    assert "✓" in md and f"erasures {len(v.erasures())}" in md
+    table = render.group_markdown(views)
+    assert table.count("\n") == len(views) + 1
+
+
+def test_audit_table_export_round_trip(frames, tmp_path):
+    traces = group_traces(frames[-1].events)
+    df = audit.decisions_frame(traces)
+    n_segments = sum(isinstance(e, SegmentEvent) for e in frames[-1].events)
+    assert len(df) == n_segments
+    erased = df[df["decision"] == "erase"]
+    assert len(erased) and (erased["erased_text"] != "").all() and (erased["replacement"] != "").all()
+    only = audit.filter_frame(df, only_erasures=True, sort_by="score")
+    assert len(only) == len(erased) and list(only["score"]) == sorted(only["score"], reverse=True)
+    csv, jsonl = audit.export(df, tmp_path)
+    back_csv = pd.read_csv(csv)
+    back_jsonl = pd.read_json(jsonl, lines=True)
+    assert len(back_csv) == len(back_jsonl) == len(df)
+    assert list(back_jsonl["score"]) == pytest.approx(list(df["score"]))
+
+
+def test_load_trace_file_validates(frames, tmp_path):
+    good = tmp_path / "good.jsonl"
+    write_events(frames[-1].events, good)
+    assert len(audit.load_trace_file(good)) == DEFAULTS["group_size"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"event": "token", "nope": 1}\n')
+    with pytest.raises(E3RLError):
+        audit.load_trace_file(bad)
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(E3RLError, match="JSONL|UTF-8|line"):
+        audit.load_trace_file(binary)
+    with pytest.raises(E3RLError, match="no such trace file"):
+        audit.load_trace_file(tmp_path / "missing.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(E3RLError, match="no events"):
+        audit.load_trace_file(empty)
+
+
+def test_what_if_same_params_change_nothing_and_a_high_bar_keeps_everything(frames):
+    traces = group_traces(frames[-1].events)
+    same = audit.what_if(traces, {})
+    assert len(same) == sum(len(t.segments) for t in traces)
+    first = same[same["attempt"] == 0]
+    assert not first["changed"].any()  # the replayed policy reproduces the recorded first-attempt decisions
+    strict = audit.what_if(traces, {"threshold.policy": "fixed", "threshold.value": 1e9})
+    assert (strict["new_decision"] != "erase").all()
+    assert strict["changed"].sum() == (strict["decision"] == "erase").sum() > 0
+    assert audit.group_of(traces, traces[1].trace_id) == traces
+
+
+def test_replay_view_steps_through_the_same_renderer(frames):
+    tr = group_traces(frames[-1].events)[0]
+    assert render.trace_html(replay_view(tr, 0), with_css=False).count("e3rl-tok") == 0
+    full = replay_view(tr, len(tr.events))
+    assert full.done is not None and len(full.kept_tokens()) == len(tr.done.token_ids)
+
+
+def test_bad_prompts_are_refused_clearly():
+    with pytest.raises(E3RLError, match="empty"):
+        next(stream_generation(STORE, GenRequest(model=MODEL, prompt="   ")))
+    with pytest.raises(E3RLError, match="shorten"):
+        next(stream_generation(STORE, GenRequest(model=MODEL, prompt="x" * 5000)))

@@ -1,0 +1,50 @@
+"""Background training for the Train tab: one run at a time, survives its caller, stops cleanly."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from app.training import RunRequest, TrainingManager, read_status
+from e3rl_core.checkpoint import checkpoints
+from e3rl_core.errors import E3RLError
+
+DEMO = str(Path(__file__).resolve().parents[1] / "checkpoints" / "arith-demo")
+
+
+def _wait(cond, timeout: float = 180.0) -> None:
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.5)
+
+
+def test_background_run_one_at_a_time_and_stop_keeps_a_checkpoint(tmp_path):
+    mgr = TrainingManager(tmp_path)
+    req = RunRequest(model=DEMO, algo="grpo", steps=200, group_size=2, prompts_per_step=2, save_steps=100,
+                     data="synthetic:train?n=64&seed=1&difficulty=2")
+    out = mgr.start(req)
+    with pytest.raises(E3RLError, match="already in progress"):
+        mgr.start(req)
+    # a fresh manager (a reloaded page, another worker) sees the same run through the lock file
+    assert TrainingManager(tmp_path).active()["out"] == str(out)
+    _wait(lambda: len(read_status(out)["rows"]) >= 2)
+    assert "stopping" in mgr.stop()
+    _wait(lambda: mgr.active() is None)
+    status = read_status(out)
+    assert status["status"] == "stopped" and status["step"] < 200
+    assert [s for s, _ in checkpoints(out)] == [status["step"]]
+    assert mgr.checkpoints() == [checkpoints(out)[-1][1]]
+    assert mgr.stop() == "no run in progress"
+
+
+def test_bounded_steps_and_bad_group_size(tmp_path):
+    mgr = TrainingManager(tmp_path, max_steps=30)
+    with pytest.raises(E3RLError, match="at most 30 steps"):
+        mgr.start(RunRequest(model=DEMO, steps=31))
+    with pytest.raises(E3RLError, match="at least 2"):
+        mgr.start(RunRequest(model=DEMO, group_size=1))
+    assert mgr.active() is None and not list(tmp_path.iterdir())
