@@ -22,15 +22,32 @@ from e3rl_core.scoring import SegmentFeatures, segment_score
 from e3rl_core.thresholds import make_policy
 
 COLUMNS = ["trace", "source", "segment", "attempt", "base", "max", "delta", "score", "baseline", "penalty",
-           "history", "threshold", "decision", "reason", "erased_text", "replacement", "answer", "correct"]
+           "history", "threshold", "decision", "reason", "erased_text", "replacement", "answer", "correct",
+           "correct_without_erasure", "flipped"]
+
+
+def counterfactual_twins(traces: Sequence[Trace]) -> dict[str, Trace]:
+    """Trace id of an erasure-on rollout -> the erasure-off rollout of the same prompt, seed and
+    settings otherwise (what the Counterfactual button generates), when one was recorded."""
+    def key(tr: Trace) -> tuple:
+        cfg = dict(tr.start.config)
+        cfg["erase"] = {k: v for k, v in cfg.get("erase", {}).items() if k != "enabled"}
+        return tr.start.prompt, tr.start.seed, json.dumps(cfg, sort_keys=True)
+
+    off = {key(t): t for t in traces if not t.start.config.get("erase", {}).get("enabled", True)}
+    return {t.trace_id: off[key(t)] for t in traces
+            if t.start.config.get("erase", {}).get("enabled", True) and key(t) in off}
 MAX_TRACE_FILE_BYTES = 50 * 2**20
 
 
 def decisions_frame(traces: Sequence[Trace], source: str = "session") -> pd.DataFrame:
     """One row per segment decision (first attempts and retries) of the given traces."""
     rows = []
+    twins = counterfactual_twins(traces)
     for tr in traces:
         segs = tr.segments
+        twin = twins.get(tr.trace_id)
+        twin_correct = twin.done.correct if twin is not None and twin.done else None
         texts: dict[tuple[int, int], str] = {}
         for t in tr.tokens:
             texts[(t.segment, t.attempt)] = texts.get((t.segment, t.attempt), "") + t.text
@@ -45,15 +62,22 @@ def decisions_frame(traces: Sequence[Trace], source: str = "session") -> pd.Data
                 "erased_text": texts.get((s.segment, s.attempt), "") if erased else "",
                 "replacement": texts.get((s.segment, s.attempt + 1), "") if erased else "",
                 "answer": done.answer if done else None, "correct": done.correct if done else None,
+                "correct_without_erasure": twin_correct,
+                "flipped": None if twin_correct is None or done is None or done.correct is None
+                else bool(done.correct) != bool(twin_correct),
             })
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def filter_frame(df: pd.DataFrame, only_erasures: bool = False, trace: str = "", sort_by: str = "",
-                 descending: bool = True) -> pd.DataFrame:
+                 descending: bool = True, only_flipped: bool = False) -> pd.DataFrame:
+    """only_flipped: erasures in rollouts whose answer correctness differs from their erasure-off
+    counterfactual (run the Counterfactual to record one)."""
     out = df
-    if only_erasures:
+    if only_erasures or only_flipped:
         out = out[out["decision"] == "erase"]
+    if only_flipped:
+        out = out[out["flipped"] == True]  # noqa: E712 (column holds True/False/None)
     if trace:
         out = out[out["trace"].astype(str).str.contains(trace, regex=False)]
     if sort_by and sort_by in out.columns:

@@ -208,7 +208,7 @@ def trace_figure(view: TraceView, signal: str = "entropy") -> Any:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.16,
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.24,
                         subplot_titles=("segment score U_n vs threshold Θ_n", f"per-token {signal}"))
     decided = [a for a in view.attempts if a.decision is not None]
     xs = [a.segment + 0.12 * a.attempt for a in decided]

@@ -129,7 +129,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
             elapsed, first = frame_info or (None, None)
             md = render.summary_markdown(v, elapsed, first)
             grp = render.group_markdown(views) if len(views) > 1 else ""
-            return (render.trace_html(v, colour), md, grp, render.trace_figure(v, colour),
+            return (render.trace_html(v, colour, with_css=False), md, grp, render.trace_figure(v, colour),
                     gr.update(choices=list(range(len(views))), value=which))
 
         def run(colour: str, which: int, history: list, *values: Any):
@@ -154,7 +154,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                                                  total if len(views) > 1 else None)
                     if frame.finished:
                         md += f"  \n_finished: {total} tokens over {len(views)} rollout(s)_"
-                    yield (render.trace_html(v, colour), md,
+                    yield (render.trace_html(v, colour, with_css=False), md,
                            render.group_markdown(views) if len(views) > 1 else "", fig,
                            gr.update(choices=list(range(len(views))), value=which_), list(frame.events),
                            history + (list(frame.events) if frame.finished else []))
@@ -163,6 +163,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
 
         outs = [heat, summary, group_md, chart, row, last_events, session_events]
         gen_event = go_btn.click(run, [color_by, row, session_events, *gen_inputs], outs, concurrency_limit=2,
+                                 show_progress="hidden",  # the spinner would repaint all run long
                                  api_name="generate")
         stop_btn.click(None, None, None, cancels=[gen_event])
         color_by.change(lambda e, w, c: draw(e, w, c), [last_events, row, color_by], [heat, summary, group_md, chart, row])
@@ -178,8 +179,8 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
             except E3RLError as err:
                 raise gr.Error(str(err)) from None
             on, off = views_of(on_events)[0], views_of(off_events)[0]
-            return (gr.update(visible=True), render.trace_html(on, colour), render.summary_markdown(on),
-                    render.trace_html(off, colour), render.summary_markdown(off), history + on_events + off_events)
+            return (gr.update(visible=True), render.trace_html(on, colour, with_css=False), render.summary_markdown(on),
+                    render.trace_html(off, colour, with_css=False), render.summary_markdown(off), history + on_events + off_events)
 
         cf_btn.click(counterfactual, [color_by, session_events, *gen_inputs],
                      [cf_row, cf_on, cf_on_md, cf_off, cf_off_md, session_events], concurrency_limit=2,
@@ -194,6 +195,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
             load_msg = gr.Markdown()
             with gr.Row():
                 only_erasures = gr.Checkbox(label="only erasures")
+                only_flipped = gr.Checkbox(label="only erasures that flipped the answer (needs a counterfactual)")
                 trace_filter = gr.Textbox(label="trace id contains")
                 sort_by = gr.Dropdown(["", "score", "threshold", "segment", "attempt", "baseline"], value="",
                                       label="sort by (descending)")
@@ -218,22 +220,24 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
         def all_traces(history: list, files: list) -> list[Trace]:
             return group_traces(history) + list(files)
 
-        def table_for(history: list, files: list, only: bool, contains: str, sort: str) -> pd.DataFrame:
+        def table_for(history: list, files: list, only: bool, contains: str, sort: str, flipped: bool) -> pd.DataFrame:
             frames = [audit.decisions_frame(group_traces(history), "session")]
             if files:
                 frames.append(audit.decisions_frame(files, "file"))
             df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=audit.COLUMNS)
-            return audit.filter_frame(df, only, contains or "", sort or "")
+            return audit.filter_frame(df, only, contains or "", sort or "", only_flipped=flipped)
 
-        def refresh_all(history: list, files: list, only: bool, contains: str, sort: str):
+        def refresh_all(history: list, files: list, only: bool, contains: str, sort: str, flipped: bool):
             ids = [t.trace_id for t in all_traces(history, files)]
-            return table_for(history, files, only, contains, sort), gr.update(choices=ids, value=ids[0] if ids else None)
+            return (table_for(history, files, only, contains, sort, flipped),
+                    gr.update(choices=ids, value=ids[0] if ids else None))
 
-        filters = [session_events, loaded, only_erasures, trace_filter, sort_by]
-        for trigger in (refresh.click, only_erasures.change, trace_filter.submit, sort_by.change):
+        filters = [session_events, loaded, only_erasures, trace_filter, sort_by, only_flipped]
+        for trigger in (refresh.click, only_erasures.change, trace_filter.submit, sort_by.change, only_flipped.change):
             trigger(refresh_all, filters, [table, replay_trace])
 
-        def load_file(path: str | None, files: list, history: list, only: bool, contains: str, sort: str):
+        def load_file(path: str | None, files: list, history: list, only: bool, contains: str, sort: str,
+                      flipped: bool):
             if not path:
                 return files, "", gr.update(), gr.update()
             try:
@@ -241,14 +245,20 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
             except E3RLError as err:
                 return files, f"⚠️ {err}", gr.update(), gr.update()
             files = list(files) + traces
-            df, choice = refresh_all(history, files, only, contains, sort)
+            df, choice = refresh_all(history, files, only, contains, sort, flipped)
             return files, f"loaded {len(traces)} trace(s) from {Path(path).name}", df, choice
 
-        upload.upload(load_file, [upload, loaded, session_events, only_erasures, trace_filter, sort_by],
+        upload.upload(load_file, [upload, loaded, session_events, only_erasures, trace_filter, sort_by, only_flipped],
                       [loaded, load_msg, table, replay_trace], api_name="load_traces")
 
-        def do_export(history: list, files: list, only: bool, contains: str, sort: str):
-            df = table_for(history, files, only, contains, sort)
+        def select_row(evt: gr.SelectData):  # selecting a table row replays its trace below
+            row = evt.row_value if getattr(evt, "row_value", None) is not None else None
+            return gr.update(value=row[0]) if row else gr.update()
+
+        table.select(select_row, None, replay_trace)
+
+        def do_export(history: list, files: list, only: bool, contains: str, sort: str, flipped: bool):
+            df = table_for(history, files, only, contains, sort, flipped)
             csv, jsonl = audit.export(df, audit_dir)
             return [str(csv), str(jsonl)]
 
@@ -259,13 +269,13 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
             if tr is None:
                 return gr.update(maximum=1, value=1), ""
             n = len(tr.events)
-            return gr.update(maximum=n, value=n), render.trace_html(replay_view(tr, n))
+            return gr.update(maximum=n, value=n), render.trace_html(replay_view(tr, n), with_css=False)
 
         replay_trace.change(pick_trace, [replay_trace, session_events, loaded], [replay_step, replay_html])
 
         def step_to(trace_id: str | None, upto: int, history: list, files: list) -> str:
             tr = next((t for t in all_traces(history, files) if t.trace_id == trace_id), None)
-            return render.trace_html(replay_view(tr, int(upto))) if tr else ""
+            return render.trace_html(replay_view(tr, int(upto)), with_css=False) if tr else ""
 
         replay_step.change(step_to, [replay_trace, replay_step, session_events, loaded], replay_html)
 
@@ -333,7 +343,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                 try:
                     evs = read_events(rollouts, allow_truncated=True)
                     if evs:
-                        html = render.trace_html(list(render.fold(evs).values())[-1])
+                        html = render.trace_html(list(render.fold(evs).values())[-1], with_css=False)
                 except E3RLError:
                     pass
             return msg, fig, html, gr.update(choices=model_choices(), value=current_model)

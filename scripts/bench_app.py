@@ -32,9 +32,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ui_once(page, url: str) -> tuple[float, float, int]:
+def ui_once(page, url: str, question: str, group: int) -> tuple[float, float, int]:
     page.goto(url, wait_until="domcontentloaded")
     page.get_by_role("button", name="Generate", exact=True).wait_for()
+    prompt = page.get_by_label("prompt (a one-line question is wrapped in the task template)")
+    prompt.fill(question)
+    box = page.locator(".block", has_text="group size G").locator("input[type='number']").first
+    box.fill(str(group))
+    box.press("Enter")
+    page.wait_for_timeout(300)
     t0 = time.perf_counter()
     page.get_by_role("button", name="Generate", exact=True).click()
     page.wait_for_selector("#e3rl-heatmap .e3rl-tok", timeout=120_000)
@@ -58,23 +64,26 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chromium", default="/usr/bin/chromium")
+    p.add_argument("--example", type=int, default=0, help="which built-in example (0 = the default)")
+    p.add_argument("--group-size", type=int, default=None, help="G (default: the app's default)")
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
 
     from app.main import launch
     from app.ui import DEFAULTS, examples
 
-    question, gold = examples()[0]
+    question, gold = examples()[args.example]
+    group = args.group_size or DEFAULTS["group_size"]
     demo, url = launch(port=free_port(), block=False)
     ui, cli = [], []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=args.chromium, headless=True,
                                      args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
-        ui_once(page, url)  # warm-up: model load, first compile of the page
+        ui_once(page, url, question, group)  # warm-up: model load, first compile of the page
         for _ in range(args.repeats):
-            ui.append(ui_once(page, url))
-            cli.append(cli_once(question, gold, DEFAULTS["group_size"], DEFAULTS["seed"]))
+            ui.append(ui_once(page, url, question, group))
+            cli.append(cli_once(question, gold, group, DEFAULTS["seed"]))
         browser.close()
     demo.close()
     ui_first = statistics.median(u[0] for u in ui)
@@ -82,7 +91,7 @@ def main() -> int:
     cli_rate = statistics.median(c[1] / c[0] for c in cli)
     same = {u[2] for u in ui} | {c[1] for c in cli}
     print(f"Machine: {platform.machine()}, {os.cpu_count()} threads; Python {platform.python_version()}")
-    print(f"Settings: checkpoints/arith-demo, default example, G={DEFAULTS['group_size']}, seed {DEFAULTS['seed']}, "
+    print(f"Settings: checkpoints/arith-demo, example {args.example}, G={group}, seed {DEFAULTS['seed']}, "
           f"T={DEFAULTS['temperature']}, policy {DEFAULTS['policy']}; tokens per run: {sorted(same)}; "
           f"medians of {args.repeats} alternating repeats\n")
     print("| measure | UI (browser) | CLI | ratio | goal |")

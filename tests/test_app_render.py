@@ -156,3 +156,17 @@ def test_bad_prompts_are_refused_clearly():
         next(stream_generation(STORE, GenRequest(model=MODEL, prompt="   ")))
     with pytest.raises(E3RLError, match="shorten"):
         next(stream_generation(STORE, GenRequest(model=MODEL, prompt="x" * 5000)))
+
+
+def test_counterfactual_twins_mark_flipped_answers(frames):
+    off = generate(seed=DEFAULTS["seed"], group_size=DEFAULTS["group_size"], erase=False)
+    traces = group_traces(frames[-1].events) + group_traces(off[-1].events)
+    twins = audit.counterfactual_twins(traces)
+    on_ids = [t.trace_id for t in group_traces(frames[-1].events)]
+    assert set(twins) == set(on_ids)  # every erasure-on rollout found its erasure-off twin
+    df = audit.decisions_frame(traces)
+    row0 = df[df["trace"] == on_ids[0]]
+    assert (row0["correct"] == True).all() and (row0["correct_without_erasure"] == False).all()  # noqa: E712
+    flipped = audit.filter_frame(df, only_flipped=True)
+    assert len(flipped) and (flipped["decision"] == "erase").all() and (flipped["flipped"] == True).all()  # noqa: E712
+    assert on_ids[0] in set(flipped["trace"])

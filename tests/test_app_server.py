@@ -33,7 +33,7 @@ def test_streamed_generation_with_forced_erasures_and_audit_export(app_url):
     assert html.count('class="e3rl-tok"') > 10
     n = int(re.search(r"erasures (\d+)", summary).group(1))
     assert n >= 1 and 'class="e3rl-erased"' in html
-    files = client.predict(False, "", "", api_name="/export_audit")
+    files = client.predict(False, "", "", False, api_name="/export_audit")
     csv = next(f for f in files if str(f).endswith(".csv"))
     jsonl = next(f for f in files if str(f).endswith(".jsonl"))
     a, b = pd.read_csv(csv), pd.read_json(jsonl, lines=True)
@@ -63,3 +63,24 @@ def test_bad_prompt_gives_a_message_not_a_traceback(app_url):
     client = Client(app_url, verbose=False)
     with pytest.raises(Exception, match="empty"):
         client.predict(*gen_args("   ", ""), api_name="/generate")
+
+
+def test_space_mode_allows_only_listed_models(tmp_path):
+    from app.main import launch
+    from conftest import free_port
+
+    demo, url = launch(port=free_port(), block=False, space=True, runs_root=str(tmp_path))
+    try:
+        client = Client(url, verbose=False)
+        q, g = examples()[0]
+        with pytest.raises(Exception, match="only the listed models|not in the list of choices"):
+            client.predict(*gen_args(q, g, model=str(tmp_path)), api_name="/generate")
+        out = client.predict(*gen_args(q, g, group_size=1), api_name="/generate")
+        assert 'class="e3rl-tok"' in out[0]
+        try:  # the steps slider stops at 30 in a Space, and the trainer side refuses more as well
+            msg = client.predict("checkpoints/arith-demo", "grpo", 31, 4, 5e-5, 0, api_name="/start_training")
+        except Exception as err:  # rejected by the slider's bounds
+            msg = str(err)
+        assert "30" in msg and "started" not in msg
+    finally:
+        demo.close()
