@@ -147,6 +147,8 @@ def what_if(group: Sequence[Trace], overrides: dict[str, Any]) -> pd.DataFrame:
             per.setdefault(t.segment, []).append(t.entropy if signal == "entropy" else t.surprisal)
         kept_signal[i] = per
     n_max = max((s.segment for ss in segs.values() for s in ss), default=-1)
+    cap = cfg.trace_erase_cap
+    total = {i: 0 for i in by_row}  # erasures spent per trace (the per-trace cap)
     rows = []
     for n in range(n_max + 1):
         at_n = {i: [s for s in ss if s.segment == n] for i, ss in segs.items()}
@@ -155,18 +157,26 @@ def what_if(group: Sequence[Trace], overrides: dict[str, Any]) -> pd.DataFrame:
             if first is not None:
                 policy.observe_first(i, n, _rescore(first, weights))
         for i, ss in at_n.items():
+            tried: list[float] = []
             for e, s in enumerate(ss):
                 score = _rescore(s, weights)
+                tried.append(score)
                 parts = policy.parts(i, n, e)
                 thr = parts.threshold
+                # The same rules, in the same order, as the generator's decision (generator._decide).
                 if s.reason == "restored":
                     new = "forced_accept"
                 elif thr is None or not score > thr or not cfg.erase.enabled:
                     new = "accept"
                 elif e >= cfg.erase.budget:
+                    better = cfg.erase.fallback == "best" and total[i] < cap and min(tried) < score - 1e-6
+                    new = "erase" if better else "forced_accept"  # erase = fall back to a better attempt
+                elif total[i] >= cap:
                     new = "forced_accept"
                 else:
                     new = "erase"
+                if new == "erase":
+                    total[i] += 1
                 rows.append({"trace": by_row[i].trace_id, "segment": n, "attempt": s.attempt,
                              "score": s.score, "new_score": score, "threshold": s.threshold, "new_threshold": thr,
                              "decision": s.decision, "new_decision": new,

@@ -137,8 +137,8 @@ def _tokens_html(tokens: Sequence[TokenEvent], signal: str) -> str:
     out = []
     for t in tokens:
         value = t.entropy if signal == "entropy" else t.surprisal
-        out.append(f'<span class="e3rl-tok" style="background:{colour(value, signal)}" '
-                   f'title="{html.escape(token_title(t), quote=True)}">{html.escape(t.text)}</span>')
+        out.append(f'<span class="e3rl-tok" style="background:{colour(float(value), signal)}" '
+                   f'title="{html.escape(token_title(t), quote=True)}">{html.escape(str(t.text))}</span>')
     return "".join(out)
 
 
@@ -159,16 +159,18 @@ def trace_html(view: TraceView, signal: str = "entropy", with_css: bool = True) 
         by_segment.setdefault(a.segment, []).append(a)
     for seg, attempts in by_segment.items():
         current = attempts[-1]
+        sid = html.escape(str(seg), quote=True)  # loaded files are not type-checked: escape everything
         mark = html.escape(f"segment {seg}: " + _decision_text(current.decision), quote=True)
-        parts.append(f'<span class="e3rl-seg" data-seg="{seg}"><span class="e3rl-segmark" title="{mark}">{seg}</span>')
+        parts.append(f'<span class="e3rl-seg" data-seg="{sid}"><span class="e3rl-segmark" title="{mark}">{sid}</span>')
         for a in attempts:
+            aid = html.escape(f"{seg}.{a.attempt}", quote=True)
             if a.erased is None:
                 parts.append(_tokens_html(a.tokens, signal))
             elif view.last_erased == (a.segment, a.attempt):
-                parts.append(f'<span class="e3rl-erasing" data-erased="{seg}.{a.attempt}">{html.escape(a.text)}</span>')
+                parts.append(f'<span class="e3rl-erasing" data-erased="{aid}">{html.escape(a.text)}</span>')
             else:
                 why = html.escape(_decision_text(a.decision), quote=True)
-                parts.append(f'<details class="e3rl-erased" data-erased="{seg}.{a.attempt}"><summary title="{why}">✂</summary>'
+                parts.append(f'<details class="e3rl-erased" data-erased="{aid}"><summary title="{why}">✂</summary>'
                              f"<s>{html.escape(a.text)}</s></details>")
         parts.append("</span>")
     if view.error:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class TrainingManager:
         self.root = Path(root)
         self.max_steps = max_steps
         self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()  # two clicks at once in this server
 
     def active(self) -> dict[str, Any] | None:
         """The running run's lock record, or None (a stale lock of a dead process is removed)."""
@@ -64,8 +66,16 @@ class TrainingManager:
         try:
             info = json.loads(lock.read_text())
         except (OSError, json.JSONDecodeError):
+            try:
+                fresh = time.time() - lock.stat().st_mtime < 30
+            except OSError:
+                return None
+            if fresh:  # created a moment ago, its record not yet written: a run is starting
+                return {"pid": None, "out": None, "starting": True}
             lock.unlink(missing_ok=True)
             return None
+        if info.get("pid") is None:
+            return info
         if self._proc is not None and self._proc.poll() is not None:
             self._proc = None
         if not _alive(int(info.get("pid", -1))):
@@ -74,6 +84,10 @@ class TrainingManager:
         return info
 
     def start(self, req: RunRequest) -> Path:
+        with self._lock:
+            return self._start(req)
+
+    def _start(self, req: RunRequest) -> Path:
         if self.active():
             raise E3RLError("a training run is already in progress; stop it or wait for it to finish")
         if self.max_steps is not None and req.steps > self.max_steps:
@@ -81,23 +95,34 @@ class TrainingManager:
         if req.group_size < 2:
             raise E3RLError("group size must be at least 2 for group-relative advantages")
         self.root.mkdir(parents=True, exist_ok=True)
+        try:  # the lock file is created exclusively: another server process cannot start a second run
+            fd = os.open(self.root / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise E3RLError("a training run is already in progress; stop it or wait for it to finish") from None
         out = self.root / f"{req.algo}-{time.strftime('%Y%m%d-%H%M%S')}-s{req.seed}"
         cmd = [sys.executable, "-m", "e3rl_core.cli", "train", "--model", req.model, "--data", req.data,
                "--algo", req.algo, "--out", str(out), "--steps", str(req.steps), "--group-size", str(req.group_size),
                "--prompts-per-step", str(req.prompts_per_step), "--learning-rate", str(req.learning_rate),
                "--seed", str(req.seed), "--save-steps", str(req.save_steps), "--quiet", "--device", "cpu"]
-        log = open(_console(out), "w")  # beside the run: the trainer wants an empty --out
-        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        log.close()
-        (self.root / LOCK).write_text(json.dumps({"pid": self._proc.pid, "out": str(out), "started": time.time(),
-                                                  "request": req.__dict__}))
+        try:
+            with open(_console(out), "w") as log:  # beside the run: the trainer wants an empty --out
+                self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        except BaseException:
+            os.close(fd)
+            (self.root / LOCK).unlink(missing_ok=True)
+            raise
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"pid": self._proc.pid, "out": str(out), "started": time.time(),
+                                "request": req.__dict__}))
         return out
 
     def stop(self) -> str:
         info = self.active()
         if not info:
             return "no run in progress"
+        if info.get("pid") is None:
+            return "a run is starting; press Stop again in a moment"
         os.kill(int(info["pid"]), signal.SIGTERM)
         return "stopping: the current step finishes and a checkpoint is written"
 
@@ -126,9 +151,14 @@ def read_status(run: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         pass
     try:
-        status["rows"] = [json.loads(l) for l in (run / LOG_FILE).read_text().splitlines() if l.strip()]
-    except (OSError, json.JSONDecodeError):
-        pass
+        lines = (run / LOG_FILE).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            status["rows"].append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written right now
     try:
         status["console"] = _console(run).read_text()[-2000:]
     except OSError:

@@ -273,6 +273,15 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
 
         replay_trace.change(pick_trace, [replay_trace, session_events, loaded], [replay_step, replay_html])
 
+        def recorded_settings(trace_id: str | None, history: list, files: list):
+            """Start the what-if sliders at the picked trace's own settings, so 'changed' means changed."""
+            tr = next((t for t in all_traces(history, files) if t.trace_id == trace_id), None)
+            if tr is None:
+                return gr.update(), gr.update(), gr.update(), gr.update()
+            th = tr.start.config.get("threshold", {})
+            return (gr.update(value=th.get("policy", "e3rl")), gr.update(value=th.get("kappa", 1.0)),
+                    gr.update(value=th.get("penalty_lambda", 0.3)), gr.update(value=th.get("value", 2.0)))
+
         def step_to(trace_id: str | None, upto: int, history: list, files: list) -> str:
             tr = next((t for t in all_traces(history, files) if t.trace_id == trace_id), None)
             return render.trace_html(replay_view(tr, int(upto)), with_css=False) if tr else ""
@@ -292,7 +301,9 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
             changed = int(df["changed"].sum()) if len(df) else 0
             return df, f"{changed} of {len(df)} recorded decisions would change"
 
-        for ctl in (wi_policy, wi_kappa, wi_lambda, wi_value, replay_trace):
+        replay_trace.change(recorded_settings, [replay_trace, session_events, loaded],
+                            [wi_policy, wi_kappa, wi_lambda, wi_value])
+        for ctl in (wi_policy, wi_kappa, wi_lambda, wi_value):
             ctl.change(run_what_if, [replay_trace, wi_policy, wi_kappa, wi_lambda, wi_value, session_events, loaded],
                        [wi_table, wi_msg])
 
@@ -313,6 +324,8 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
             timer = gr.Timer(2.0)
 
         def start_run(mdl: str, algo: str, steps: int, grp: int, lr: float, sd: int) -> str:
+            if space and mdl not in model_choices():
+                return "⚠️ in this Space only the listed models can be trained"
             try:
                 out = trainer.start(RunRequest(model=str(Path(mdl)) if mdl else default, algo=algo, steps=int(steps),
                                                group_size=int(grp), learning_rate=float(lr), seed=int(sd)))

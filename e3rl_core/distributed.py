@@ -64,7 +64,7 @@ def sum_floats(values: dict[str, float]) -> dict[str, float]:
 
 
 def sum_gradients(model: torch.nn.Module) -> None:
-    """All-reduce (sum) every gradient, flattened into one buffer per dtype and device."""
+    """All-reduce (sum) every gradient, flattened into one buffer (one collective per step)."""
     if not active():
         return
     # A process whose batch was empty (dynamic sampling) has no grads yet: it contributes zeros,

@@ -8,9 +8,9 @@ One step:
    drops groups without reward variance and draws more prompts.
 3. advantages: group-relative per rollout (computed over the whole global batch, so every process
    agrees), then spread over segments (``causal_attention`` for e3rl: attention mass the answer
-   segment puts on each earlier segment, from one no-grad eager-attention forward).
-4. old-policy log-probs recomputed on the final (post-erasure) sequences; erased tokens are not in
-   them. Clipped surrogate with clip-higher, optional k3 KL, aggregated by ``loss_type`` with
+   segment puts on each segment, itself included, from one no-grad eager-attention forward).
+4. old-policy log-probs on the final (post-erasure) sequences (with one pass, the detached
+   log-probs of the training forward, as TRL); erased tokens are not in them. Clipped surrogate with clip-higher, optional k3 KL, aggregated by ``loss_type`` with
    global normalisers; gradients summed across processes; clip; AdamW; scheduler.
 Departures from the paper and from TRL: dropout stays off (the model is in eval mode throughout,
 so the first-pass ratio is exactly 1); group std is the population std (see ``advantages``).
@@ -175,9 +175,10 @@ class Trainer:
     def _save(self) -> Path | None:
         path = None
         if self.dist.main:
+            state = self._state()
             extra = {RECOMMENDED_CONFIG: self.gen_config.to_dict(),
-                     "trainer_state.json": {k: v for k, v in self._state().items() if k not in ("optimizer", "scheduler", "rng")}}
-            path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, self._state(), extra,
+                     "trainer_state.json": {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}}
+            path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, extra,
                                         keep=self.cfg.save_total_limit)
         distributed.barrier()
         return path
@@ -262,9 +263,10 @@ class Trainer:
                 mb = b.rows(sl)
                 out = self._forward(self.model, mb, attentions=need_attn)
                 old.append(token_logps(out.logits, mb.input_ids.to(self.device), T).cpu())
-                if need_attn:
-                    w = attention_weights([a.cpu() for a in out.attentions], mb.segment_ids, mb.n_segments,
-                                          self.cfg.attention_layers)
+                if need_attn:  # only the layers used leave the device
+                    layers = self.cfg.attention_layers
+                    used = out.attentions[-layers:] if layers > 0 else out.attentions
+                    w = attention_weights([a.cpu() for a in used], mb.segment_ids, mb.n_segments, 0)
                     weights.append(torch.nn.functional.pad(w, (0, n_max - w.shape[1])))
                 if self.ref_model is not None:
                     ref.append(token_logps(self._forward(self.ref_model, mb).logits, mb.input_ids.to(self.device), T).cpu())
@@ -305,6 +307,8 @@ class Trainer:
             old, ref, weights = None, None, torch.ones(len(b), max(int(b.n_segments.max()), 1) if len(b) else 1)
         else:
             old, ref, weights = self._old_logps_and_weights(b)
+            if c.num_iterations == 1:
+                old = None  # the same policy: exact ratio 1 (the eager forward may differ in the last bits)
         adv = self._advantages(b, weights)  # every process joins the gather, even with no rollouts
         g = distributed.sum_floats({"seq": float(len(b)), "tok": float(b.completion_mask.sum()) if len(b) else 0.0})
         norm = LossNorm(int(g["seq"]), int(g["tok"]), self.gen_config.max_new_tokens)
@@ -384,15 +388,16 @@ class Trainer:
             ckpt.truncate_jsonl(self.out / ckpt.ROLLOUTS_FILE, lambda r: _trace_step(r) <= step)
         self._write_run("running", last=last)
         row: dict[str, Any] = {}
-        status, saved = "finished", self.step
+        status = "finished"
         try:
             while not self.finished():
                 row = self.train_step()
                 for cb in self.callbacks:
                     cb(row)
                 stop = any(distributed.all_gather_object(bool(self.should_stop())))
+                # Every way out of this loop passes here first, so the last step is always saved.
                 if self.step % self.cfg.save_steps == 0 or self.finished() or stop:
-                    last, saved = self._save() or last, self.step
+                    last = self._save() or last
                     self._write_run("running", last=last)
                 if stop:
                     status = "stopped"
@@ -400,8 +405,6 @@ class Trainer:
         except BaseException as err:
             self._write_run("failed", message=str(err) or type(err).__name__, last=last)
             raise
-        if saved != self.step:  # the same decision on every process (no lone barrier)
-            last = self._save() or last
         self._write_run(status, last=last)
         return TrainResult(self.out, self.step, status, last, row)
 

@@ -80,6 +80,9 @@ def test_text_is_escaped():
     v.apply(TokenEvent(trace_id="t", step=0, token_id=1, text="<script>x</script>", entropy=0.1, surprisal=0.1,
                        segment=0, attempt=0))
     assert "<script>" not in render.trace_html(v, with_css=False)
+    v.apply(TokenEvent(trace_id="t", step=1, token_id=1, text="x", entropy=0.1, surprisal=0.1,
+                       segment='"><img src=x onerror=alert(1)>', attempt=0))  # a hostile loaded file
+    assert "<img" not in render.trace_html(v, with_css=False)
 
 
 def test_figure_summary_and_group(frames):
@@ -136,8 +139,8 @@ def test_what_if_same_params_change_nothing_and_a_high_bar_keeps_everything(fram
     traces = group_traces(frames[-1].events)
     same = audit.what_if(traces, {})
     assert len(same) == sum(len(t.segments) for t in traces)
-    first = same[same["attempt"] == 0]
-    assert not first["changed"].any()  # the replayed policy reproduces the recorded first-attempt decisions
+    assert not same["changed"].any()  # the replayed policy reproduces every recorded decision
+    assert (same["new_decision"] == same["decision"]).mean() > 0.9
     strict = audit.what_if(traces, {"threshold.policy": "fixed", "threshold.value": 1e9})
     assert (strict["new_decision"] != "erase").all()
     assert strict["changed"].sum() == (strict["decision"] == "erase").sum() > 0

@@ -56,6 +56,17 @@ def test_rollout_batch_trains_on_kept_tokens_only():
     assert torch.isnan(batch.rewards[2])
 
 
+def test_groups_of_separate_generate_calls_stay_apart():
+    """Dynamic sampling draws several rounds; group_id restarts at 0 in each, groups must not merge."""
+    model, tok = load_model(DEMO, device="cpu")
+    gen = ErasableGenerator(model, tok, apply_overrides(recommended_config(DEMO), ["max_new_tokens=8"]))
+    prompt = render_prompt("a = 1 + 2. What is a?", tok)
+    a = gen.generate([prompt], group_size=2, seed=0, trace_prefix="r0")
+    b = gen.generate([prompt], group_size=2, seed=5, trace_prefix="r1")
+    assert [t.start.group_id for t in a + b] == [0, 0, 0, 0]
+    assert build_batch(a + b, [1.0, 0.0, 1.0, 1.0], pad_id=0).group_ids.tolist() == [0, 0, 1, 1]
+
+
 def test_train_writes_logs_checkpoints_and_rollouts(tmp_path):
     out = tmp_path / "run"
     result = Trainer(small(), model=DEMO, data=DATA, out=out).train()
