@@ -139,6 +139,33 @@ class TrainingManager:
         return [c for run in self.runs() for _, c in reversed(checkpoints(run))]
 
 
+def latest_trace_events(run: Path, max_bytes: int = 256 * 1024) -> list:
+    """The events of the newest complete-enough trace in rollouts.jsonl, reading only the file's tail
+    (the file grows every step; the Train tab polls it)."""
+    from e3rl_core.events import event_from_dict
+
+    path = run / "rollouts.jsonl"
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            chunk = f.read().decode("utf-8", errors="ignore")
+    except OSError:
+        return []
+    events = []
+    for line in chunk.splitlines()[1 if size > max_bytes else 0:]:  # the first line may be cut
+        try:
+            events.append(event_from_dict(json.loads(line)))
+        except Exception:  # a line being written, or cut by the seek
+            continue
+    starts = [i for i, e in enumerate(events) if e.kind == "start"]
+    if not starts:
+        return []
+    last = events[starts[-1]].trace_id
+    return [e for e in events[starts[-1]:] if e.trace_id == last]
+
+
 def _console(run: Path) -> Path:
     return run.with_name(run.name + ".console.log")
 

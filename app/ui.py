@@ -12,14 +12,14 @@ import gradio as gr
 import pandas as pd
 
 from e3rl_core.errors import E3RLError
-from e3rl_core.events import Trace, group_traces, read_events
+from e3rl_core.events import Trace, group_traces
 from e3rl_core.segmenter import SEGMENTERS
 from e3rl_core.tasks import arith
 from e3rl_core.thresholds import POLICIES
 
 from . import audit, render
 from .session import GenRequest, ModelStore, replay_view, shipped_models, stream_generation
-from .training import RunRequest, TrainingManager, read_status
+from .training import RunRequest, TrainingManager, latest_trace_events, read_status
 
 # Defaults where erasure measurably helps the shipped model (docs/results/demo-model.json):
 # sampling at T=1 with the group policy, G=4, Erase@3 — 0.469 -> 0.550 accuracy.
@@ -350,15 +350,8 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
             elif not active and st.get("status") == "starting" and "error" in st.get("console", ""):
                 msg += "\n\n⚠️ " + st["console"].strip().splitlines()[-1]
             fig = render_training(rows) if rows else None
-            html = ""
-            rollouts = runs[0] / "rollouts.jsonl"
-            if rollouts.is_file():
-                try:
-                    evs = read_events(rollouts, allow_truncated=True)
-                    if evs:
-                        html = render.trace_html(list(render.fold(evs).values())[-1], with_css=False)
-                except E3RLError:
-                    pass
+            evs = latest_trace_events(runs[0])
+            html = render.trace_html(list(render.fold(evs).values())[-1], with_css=False) if evs else ""
             return msg, fig, html, gr.update(choices=model_choices(), value=current_model)
 
         timer.tick(poll, model, [t_msg, t_plot, t_rollout, model])

@@ -48,3 +48,20 @@ def test_bounded_steps_and_bad_group_size(tmp_path):
     with pytest.raises(E3RLError, match="at least 2"):
         mgr.start(RunRequest(model=DEMO, group_size=1))
     assert mgr.active() is None and not list(tmp_path.iterdir())
+
+
+def test_latest_trace_events_reads_only_the_tail(tmp_path):
+    from app.training import latest_trace_events
+    from e3rl_core.events import StartEvent, TokenEvent, write_events
+
+    events = []
+    for k in range(300):  # a long file: many traces
+        tid = f"s{k}r0d0-0-0"
+        events.append(StartEvent(trace_id=tid, model="m", prompt="p" * 200, prompt_ids=[1], config={}, seed=k,
+                                 group_index=0))
+        events.append(TokenEvent(trace_id=tid, step=0, token_id=1, text="x", entropy=0.1, surprisal=0.1,
+                                 segment=0, attempt=0))
+    write_events(events, tmp_path / "rollouts.jsonl")
+    got = latest_trace_events(tmp_path, max_bytes=4096)
+    assert [e.trace_id for e in got] == ["s299r0d0-0-0"] * 2
+    assert latest_trace_events(tmp_path / "missing") == []
