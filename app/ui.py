@@ -61,7 +61,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
         last_events = gr.State([])
         gr.Markdown("# E3RL workbench\nWatch the model generate, erase uncertain segments and regenerate them; "
                     "audit every decision; train with GRPO, DAPO or E3RL.")
-        with gr.Tab("Generate"):
+        with gr.Tab("Generate") as gen_tab:
             with gr.Row():
                 with gr.Column(scale=2):
                     model = gr.Dropdown(model_choices(), value=default, label="model", allow_custom_value=not space)
@@ -187,7 +187,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                      api_name="counterfactual")
 
         # ------------------------------------------------------------------ audit
-        with gr.Tab("Audit"):
+        with gr.Tab("Audit") as audit_tab:
             loaded = gr.State([])
             with gr.Row():
                 upload = gr.File(label="load a JSONL trace file", file_types=[".jsonl"], type="filepath")
@@ -308,7 +308,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                        [wi_table, wi_msg])
 
         # ------------------------------------------------------------------ train
-        with gr.Tab("Train"):
+        with gr.Tab("Train") as train_tab:
             with gr.Row():
                 t_algo = gr.Dropdown(["e3rl", "grpo", "dapo"], value="e3rl", label="algorithm")
                 t_steps = gr.Slider(1, 30 if space else 500, value=10, step=1, label="steps")
@@ -321,7 +321,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
             t_msg = gr.Markdown()
             t_plot = gr.Plot(label="training curves")
             t_rollout = gr.HTML(label="latest rollout")
-            timer = gr.Timer(2.0)
+            timer = gr.Timer(2.0, active=False)  # polls only while the Train tab is open
 
         def start_run(mdl: str, algo: str, steps: int, grp: int, lr: float, sd: int) -> str:
             if space and mdl not in model_choices():
@@ -355,6 +355,10 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
             return msg, fig, html, gr.update(choices=model_choices(), value=current_model)
 
         timer.tick(poll, model, [t_msg, t_plot, t_rollout, model])
+        train_tab.select(lambda: gr.Timer(active=True), None, timer)
+        gen_tab.select(lambda m: (gr.Timer(active=False), gr.update(choices=model_choices(), value=m)), model,
+                       [timer, model])  # new checkpoints appear when coming back to Generate
+        audit_tab.select(lambda: gr.Timer(active=False), None, timer)
     return demo
 
 

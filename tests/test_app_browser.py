@@ -46,3 +46,21 @@ def test_generate_in_a_browser(app_url):
         finally:
             browser.close()
     assert (ARTIFACTS / "app-generate.png").stat().st_size > 10_000
+
+
+def test_train_tab_polls_only_when_open(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.goto(app_url, wait_until="domcontentloaded")
+            page.get_by_role("button", name="Generate", exact=True).wait_for()
+            page.wait_for_timeout(2500)
+            assert page.get_by_text("no training run yet").count() == 0  # no polling on the Generate tab
+            page.get_by_role("tab", name="Train").click()
+            page.get_by_text("no training run yet").wait_for(timeout=20_000)  # the status poll started
+        finally:
+            browser.close()
