@@ -7,7 +7,6 @@ so only decisions on attempts that exist can change.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ import pandas as pd
 
 from e3rl_core.config import GenerationConfig
 from e3rl_core.errors import E3RLError, TraceFormatError
-from e3rl_core.events import Event, SegmentEvent, StartEvent, Trace, event_to_dict, group_traces, read_events
+from e3rl_core.events import SegmentEvent, StartEvent, Trace, event_to_dict, group_traces, read_events
 from e3rl_core.scoring import SegmentFeatures, segment_score
 from e3rl_core.thresholds import make_policy
 
@@ -199,6 +198,3 @@ def group_of(traces: Sequence[Trace], trace_id: str) -> list[Trace]:
     prefix = target.trace_id.rsplit("-", 1)[0]
     return [t for t in traces if t.trace_id.rsplit("-", 1)[0] == prefix]
 
-
-def config_fields() -> list[str]:
-    return [f"threshold.{f.name}" for f in dataclasses.fields(GenerationConfig().threshold)]

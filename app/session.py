@@ -11,11 +11,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from e3rl_core.config import GenerationConfig, apply_overrides
 from e3rl_core.errors import E3RLError
-from e3rl_core.events import Event, Trace, group_traces
+from e3rl_core.events import Event, Trace
 from e3rl_core.generator import ErasableGenerator
 from e3rl_core.model_io import load_model, recommended_config
 from e3rl_core.rewards import is_correct
@@ -143,10 +143,6 @@ def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float
             last_emit = now
             yield Frame(events, views, now, first, False)
     yield Frame(events, views, time.perf_counter() - t0, first, True)
-
-
-def traces_of(events: Sequence[Event]) -> list[Trace]:
-    return group_traces(events)
 
 
 def replay_view(trace: Trace, upto: int) -> TraceView:

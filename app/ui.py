@@ -138,10 +138,8 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                 # Frames at most every 0.25 s and the chart at most every 1.5 s: each update is
                 # serialized and drawn by a browser that shares the CPU with the model.
                 frames = stream_generation(store, req, min_interval=0.25)
-                last = None
                 n_fig, fig_at = -1, -10.0
                 for frame in frames:
-                    last = frame
                     views = list(frame.views.values())
                     which_ = min(int(which or 0), len(views) - 1) if views else 0
                     v = views[which_] if views else render.TraceView()

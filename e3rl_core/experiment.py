@@ -74,6 +74,12 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "e3rl_core.cli", *args]
 
 
+def _eval_cmd(model: str, st: Settings, mode: str) -> list[str]:
+    """Every model is scored the same way: the test set, K samples, seed 0, erasure off or on."""
+    return _cli("eval", "--model", model, "--data", st.test_data, "--samples", str(st.eval_samples),
+                "--seed", "0", "--json", "--device", "cpu", "--erase" if mode == "on" else "--no-erase")
+
+
 def _run(cmd: list[str], log: Path, env: dict[str, str]) -> None:
     with open(log, "a", encoding="utf-8") as f:
         f.write("$ " + " ".join(cmd) + "\n")
@@ -110,8 +116,7 @@ def run_one(spec: RunSpec, st: Settings, root: Path, threads: int = 1) -> dict[s
     for mode in ("off", "on"):
         t1 = time.time()
         ev_out = out / f"eval-{mode}.json"
-        cmd = _cli("eval", "--model", str(ckpt_dir), "--data", st.test_data, "--samples", str(st.eval_samples),
-                   "--seed", "0", "--json", "--device", "cpu", "--erase" if mode == "on" else "--no-erase")
+        cmd = _eval_cmd(str(ckpt_dir), st, mode)
         with open(log, "a") as f:
             f.write("$ " + " ".join(cmd) + "\n")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -145,8 +150,7 @@ def baseline(st: Settings, root: Path, threads: int = 1) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     res: dict[str, Any] = {}
     for mode in ("off", "on"):
-        cmd = _cli("eval", "--model", st.model, "--data", st.test_data, "--samples", str(st.eval_samples),
-                   "--seed", "0", "--json", "--device", "cpu", "--erase" if mode == "on" else "--no-erase")
+        cmd = _eval_cmd(st.model, st, mode)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
             raise E3RLError(f"eval of the base model failed: {proc.stderr.strip()[-500:]}")

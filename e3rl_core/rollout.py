@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -178,5 +178,3 @@ def group_has_signal(rewards: Sequence[float | None]) -> bool:
     valid = [r for r in rewards if r is not None]
     return len(set(valid)) > 1
 
-
-RewardFn = Callable[[str, Any], "float | None"]

@@ -1,9 +1,7 @@
 """The app's views as pure functions: events -> HTML, figures, tables (no server, no gradio)."""
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pandas as pd
 import pytest

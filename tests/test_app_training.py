@@ -1,7 +1,6 @@
 """Background training for the Train tab: one run at a time, survives its caller, stops cleanly."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
