@@ -204,44 +204,84 @@ def summary_markdown(view: TraceView, seconds: float | None = None, first_token_
     return "  \n".join(lines)
 
 
-def trace_figure(view: TraceView, signal: str = "entropy") -> Any:
-    """Two panels: segment score U_n vs threshold Θ_n per attempt (✕ = erased), and the chosen
-    signal per generated token (kept tokens as a line, erased ones as grey dots)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+def _panel_layout(titles: Sequence[str], rows: int, cols: int, height: int) -> dict:
+    """A plain layout dict for a grid of panels with titles. Built by hand rather than with
+    ``make_subplots`` and a named template: the chart is redrawn while tokens stream, and a light
+    figure costs a few ms to build and little to draw (measured in scripts/bench_app.py)."""
+    layout: dict[str, Any] = dict(height=height, margin=dict(l=40, r=10, t=40, b=30), plot_bgcolor="#fff",
+                                  paper_bgcolor="#fff", legend=dict(orientation="h", y=-0.18), annotations=[])
+    gap_y, gap_x = 0.24 if rows > 1 else 0.0, 0.04 if cols > 1 else 0.0
+    h, w = (1 - gap_y * (rows - 1)) / rows, (1 - gap_x * (cols - 1)) / cols
+    for i, title in enumerate(titles):
+        r, c = divmod(i, cols)
+        n = "" if i == 0 else str(i + 1)
+        y1 = 1 - r * (h + gap_y)
+        x0 = c * (w + gap_x)
+        axis = dict(gridcolor="#eee", zerolinecolor="#ddd", linecolor="#ccc")
+        layout[f"xaxis{n}"] = dict(axis, domain=[x0, x0 + w], anchor=f"y{n}")
+        layout[f"yaxis{n}"] = dict(axis, domain=[y1 - h, y1], anchor=f"x{n}")
+        layout["annotations"].append(dict(text=title, x=x0 + w / 2, y=y1, xref="paper", yref="paper",
+                                          xanchor="center", yanchor="bottom", showarrow=False, font=dict(size=14)))
+    return layout
 
-    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.24,
-                        subplot_titles=("segment score U_n vs threshold Θ_n", f"per-token {signal}"))
+
+def figure_spec(view: TraceView, signal: str = "entropy") -> dict:
+    """The chart of one trace as a plotly JSON dict: segment score U_n vs threshold Θ_n per
+    attempt (✕ = erased), and the chosen signal per generated token (kept tokens as a line,
+    erased ones as grey dots)."""
     decided = [a for a in view.attempts if a.decision is not None]
     xs = [a.segment + 0.12 * a.attempt for a in decided]
-    fig.add_trace(go.Scatter(
-        x=xs, y=[a.decision.score for a in decided], mode="markers", name="U_n",
-        marker=dict(size=9, color=["#d62728" if a.erased else "#1f77b4" for a in decided],
-                    symbol=["x" if a.erased else "circle" for a in decided]),
-        text=[f"segment {a.segment} attempt {a.attempt}: {a.decision.decision} ({a.decision.reason})" for a in decided],
-        hoverinfo="text+y"), row=1, col=1)
     with_thr = [(x, a) for x, a in zip(xs, decided) if a.decision.threshold is not None]
-    fig.add_trace(go.Scatter(x=[x for x, _ in with_thr], y=[a.decision.threshold for _, a in with_thr],
-                             mode="lines+markers", name="Θ_n", line=dict(color="#ff7f0e", dash="dash"),
-                             marker=dict(size=5)), row=1, col=1)
     base = [(x, a) for x, a in zip(xs, decided) if a.decision.baseline is not None]
-    fig.add_trace(go.Scatter(x=[x for x, _ in base], y=[a.decision.baseline for _, a in base], mode="lines",
-                             name="group baseline β_n", line=dict(color="#999", width=1)), row=1, col=1)
     kept_steps, kept_vals, er_steps, er_vals = [], [], [], []
     for a in view.attempts:
         for t in a.tokens:
-            v = t.entropy if signal == "entropy" else t.surprisal
             (er_steps if a.erased else kept_steps).append(t.step)
-            (er_vals if a.erased else kept_vals).append(v)
-    fig.add_trace(go.Scatter(x=kept_steps, y=kept_vals, mode="lines", name=f"{signal} (kept)",
-                             line=dict(color="#2ca02c", width=1)), row=2, col=1)
-    fig.add_trace(go.Scatter(x=er_steps, y=er_vals, mode="markers", name=f"{signal} (erased)",
-                             marker=dict(color="#bbb", size=4)), row=2, col=1)
-    fig.update_xaxes(title_text="segment (offset = attempt)", row=1, col=1)
-    fig.update_xaxes(title_text="generation step", row=2, col=1)
-    fig.update_layout(height=460, margin=dict(l=40, r=10, t=40, b=30), template="plotly_white",
-                      legend=dict(orientation="h", y=-0.18))
-    return fig
+            (er_vals if a.erased else kept_vals).append(t.entropy if signal == "entropy" else t.surprisal)
+    data = [
+        dict(type="scatter", x=xs, y=[a.decision.score for a in decided], mode="markers", name="U_n",
+             marker=dict(size=9, color=["#d62728" if a.erased else "#1f77b4" for a in decided],
+                         symbol=["x" if a.erased else "circle" for a in decided]),
+             text=[f"segment {a.segment} attempt {a.attempt}: {a.decision.decision} ({a.decision.reason})"
+                   for a in decided], hoverinfo="text+y"),
+        dict(type="scatter", x=[x for x, _ in with_thr], y=[a.decision.threshold for _, a in with_thr],
+             mode="lines+markers", name="Θ_n", line=dict(color="#ff7f0e", dash="dash"), marker=dict(size=5)),
+        dict(type="scatter", x=[x for x, _ in base], y=[a.decision.baseline for _, a in base], mode="lines",
+             name="group baseline β_n", line=dict(color="#999", width=1)),
+        dict(type="scatter", x=kept_steps, y=kept_vals, mode="lines", name=f"{signal} (kept)",
+             line=dict(color="#2ca02c", width=1), xaxis="x2", yaxis="y2"),
+        dict(type="scatter", x=er_steps, y=er_vals, mode="markers", name=f"{signal} (erased)",
+             marker=dict(color="#bbb", size=4), xaxis="x2", yaxis="y2"),
+    ]
+    layout = _panel_layout(("segment score U_n vs threshold Θ_n", f"per-token {signal}"), 2, 1, 460)
+    layout["xaxis"]["title"] = dict(text="segment (offset = attempt)")
+    layout["xaxis2"]["title"] = dict(text="generation step")
+    return dict(data=data, layout=layout)
+
+
+TRAINING_KEYS = (("reward_mean", "reward"), ("accuracy", "accuracy"), ("erase_rate", "erase rate"),
+                 ("entropy_mean", "entropy"), ("loss", "loss"))
+
+
+def training_spec(rows: Sequence[dict]) -> dict:
+    """Training curves (one panel per metric of ``TRAINING_KEYS``) from log.jsonl rows."""
+    steps = [r["step"] for r in rows]
+    data = [dict(type="scatter", x=steps, y=[r.get(k) for r in rows], mode="lines+markers", showlegend=False,
+                 xaxis=f"x{'' if i == 0 else i + 1}", yaxis=f"y{'' if i == 0 else i + 1}")
+            for i, (k, _) in enumerate(TRAINING_KEYS)]
+    return dict(data=data, layout=_panel_layout([t for _, t in TRAINING_KEYS], 1, len(TRAINING_KEYS), 260))
+
+
+def as_figure(spec: dict) -> Any:
+    """A plotly ``Figure`` of a spec (what ``gr.Plot`` takes)."""
+    import plotly.graph_objects as go
+
+    return go.Figure(spec)
+
+
+def trace_figure(view: TraceView, signal: str = "entropy") -> Any:
+    """``figure_spec`` as a plotly ``Figure``."""
+    return as_figure(figure_spec(view, signal))
 
 
 def group_markdown(views: Sequence[TraceView]) -> str:

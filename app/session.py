@@ -101,7 +101,7 @@ def check_prompt(prompt: str) -> str:
 
 @dataclass
 class Frame:
-    """One UI update: the events so far and timing."""
+    """One UI update: the events so far (a snapshot), the views folded from them, and timing."""
 
     events: list[Event]
     views: dict[str, TraceView]
@@ -110,9 +110,43 @@ class Frame:
     finished: bool
 
 
+class _Producer(threading.Thread):
+    """Runs the engine in its own thread and appends events to a list.
+
+    The UI's generator is advanced by gradio one item at a time, and gradio serializes and sends
+    each frame before asking for the next; if the engine ran inside that generator it would stand
+    still during every frame. Here it keeps generating while a frame is on its way."""
+
+    def __init__(self, run: Any) -> None:
+        super().__init__(daemon=True, name="e3rl-generate")
+        self._run = run
+        self.events: list[Event] = []  # appended by this thread only; readers take a prefix
+        self.error: BaseException | None = None
+        self.stop = threading.Event()  # set by the consumer to end early, and here at the end
+        self.first_token = threading.Event()
+
+    def run(self) -> None:
+        stream = self._run()
+        try:
+            for ev in stream:
+                self.events.append(ev)
+                if ev.kind == "token" and not self.first_token.is_set():
+                    self.first_token.set()
+                if self.stop.is_set():
+                    break
+        except BaseException as err:  # handed to the consumer, which raises it in the handler
+            self.error = err
+        finally:
+            stream.close()
+            self.stop.set()
+            self.first_token.set()
+
+
 def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float = 0.08,
                       stop: threading.Event | None = None) -> Iterator[Frame]:
-    """Run one generation and yield frames at most every ``min_interval`` seconds (and the last)."""
+    """Run one generation and yield frames at most every ``min_interval`` seconds (the first
+    token at once, and the last frame when the generation ends). Closing the iterator, or setting
+    ``stop``, ends the generation at the next token."""
     from e3rl_core.data import render_prompt
 
     check_prompt(req.prompt)
@@ -124,25 +158,45 @@ def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float
     prompt = req.prompt
     if not prompt.rstrip().endswith("Answer:") and "\n" not in prompt.strip():
         prompt = render_prompt(prompt.strip(), tok)  # a bare question gets the task's template
-    events: list[Event] = []
+    golds = [req.gold.strip()] if req.gold and req.gold.strip() else None
+    producer = _Producer(lambda: gen.stream(prompt, group_size=int(req.group_size), seed=int(req.seed), golds=golds))
     views: dict[str, TraceView] = {}
     t0 = time.perf_counter()
-    first = None
-    last_emit = 0.0
-    for ev in gen.stream(prompt, group_size=int(req.group_size), seed=int(req.seed),
-                         golds=[req.gold.strip()] if req.gold and req.gold.strip() else None):
-        events.append(ev)
-        views.setdefault(ev.trace_id, TraceView()).apply(ev)
-        now = time.perf_counter() - t0
-        if first is None and ev.kind == "token":
-            first = now
-            last_emit = -1.0  # show the first token at once
-        if stop is not None and stop.is_set():
-            break
-        if now - last_emit >= min_interval:
-            last_emit = now
-            yield Frame(events, views, now, first, False)
-    yield Frame(events, views, time.perf_counter() - t0, first, True)
+    first: float | None = None
+    seen = 0
+    producer.start()
+    try:
+        producer.first_token.wait()  # the first token is shown at once
+        while True:
+            done = producer.stop.is_set() or (stop is not None and stop.is_set())
+            n = len(producer.events)
+            for ev in producer.events[seen:n]:
+                views.setdefault(ev.trace_id, TraceView()).apply(ev)
+                if first is None and ev.kind == "token":
+                    first = time.perf_counter() - t0
+            seen = n
+            if done:
+                producer.stop.set()
+                producer.join()
+                if producer.error is not None:
+                    raise producer.error
+                for ev in producer.events[seen:]:  # appended after the last look
+                    views.setdefault(ev.trace_id, TraceView()).apply(ev)
+                yield Frame(list(producer.events), views, time.perf_counter() - t0, first, True)
+                return
+            yield Frame(producer.events[:n], views, time.perf_counter() - t0, first, False)
+            # the next frame after min_interval, or as soon as the generation ends
+            deadline = time.perf_counter() + max(min_interval, 0.005)
+            while not producer.stop.is_set() and (stop is None or not stop.is_set()):
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                producer.stop.wait(min(left, 0.05))
+    finally:
+        # The consumer went away (Stop, a closed page) or the run ended: end the engine too, and
+        # wait for it, so no generation outlives its request (it stops at the next token).
+        producer.stop.set()
+        producer.join(timeout=30)
 
 
 def replay_view(trace: Trace, upto: int) -> TraceView:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                     seed = gr.Number(value=DEFAULTS["seed"], precision=0, label="seed")
                     color_by = gr.Radio(["entropy", "surprisal"], value="entropy", label="colour tokens by")
                     with gr.Row():
-                        go_btn = gr.Button("Generate", variant="primary")
+                        go_btn = gr.Button("Generate", variant="primary", elem_id="e3rl-generate")
                         stop_btn = gr.Button("Stop")
                         cf_btn = gr.Button("Counterfactual (erasure off)")
             row = gr.Radio([0], value=0, label="rollout of the group", type="value")
@@ -97,7 +98,9 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
             heat = gr.HTML(elem_id="e3rl-heatmap")
             summary = gr.Markdown(elem_id="e3rl-summary")
             group_md = gr.Markdown()
-            chart = gr.Plot(label="scores vs thresholds; per-token signal", elem_id="e3rl-chart")
+            # An empty chart from the start: the browser loads plotly with the page, not on the first click.
+            chart = gr.Plot(render.trace_figure(render.TraceView()), label="scores vs thresholds; per-token signal",
+                            elem_id="e3rl-chart")
             with gr.Row(visible=False) as cf_row:
                 with gr.Column():
                     gr.Markdown("**with erasure**")
@@ -138,24 +141,38 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                 # Frames at most every 0.25 s and the chart at most every 1.5 s: each update is
                 # serialized and drawn by a browser that shares the CPU with the model.
                 frames = stream_generation(store, req, min_interval=0.25)
-                n_fig, fig_at = -1, -10.0
+                n_fig, fig_at, out, n_rows = 0, 0.0, None, 0
                 for frame in frames:
                     views = list(frame.views.values())
                     which_ = min(int(which or 0), len(views) - 1) if views else 0
                     v = views[which_] if views else render.TraceView()
                     decided = sum(a.decision is not None for a in v.attempts)
+                    # The first frame clears the last run's chart (if any); later ones redraw it when
+                    # a decision was added, 1.5 s apart (a redraw costs the browser far more than a
+                    # text update, and the browser shares the CPU with the model).
                     fig = gr.update()
-                    if frame.finished or (decided != n_fig and frame.elapsed - fig_at >= 1.5):
+                    if out is None and history:
+                        fig = render.trace_figure(render.TraceView())
+                    elif not frame.finished and decided != n_fig and frame.elapsed - fig_at >= 1.5:
                         fig, n_fig, fig_at = render.trace_figure(v, colour), decided, frame.elapsed
+                    rows = gr.update()
+                    if len(views) != n_rows:  # the row picker changes only when rollouts start
+                        n_rows, rows = len(views), gr.update(choices=list(range(len(views))), value=which_)
                     total = sum(len(a.tokens) for w in views for a in w.attempts)
                     md = render.summary_markdown(v, frame.elapsed, frame.first_token_s,
                                                  total if len(views) > 1 else None)
                     if frame.finished:
                         md += f"  \n_finished: {total} tokens over {len(views)} rollout(s)_"
-                    yield (render.trace_html(v, colour, with_css=False), md,
-                           render.group_markdown(views) if len(views) > 1 else "", fig,
-                           gr.update(choices=list(range(len(views))), value=which_), list(frame.events),
-                           history + (list(frame.events) if frame.finished else []))
+                    out = [render.trace_html(v, colour, with_css=False), md,
+                           render.group_markdown(views) if len(views) > 1 else "", fig, rows, list(frame.events),
+                           history + (list(frame.events) if frame.finished else [])]
+                    yield tuple(out)
+                if out is not None:
+                    # The finished text first, then its chart a moment later, so the browser paints
+                    # the answer before the chart redraw holds its main thread.
+                    time.sleep(0.1)
+                    out[3], out[4] = render.trace_figure(v, colour), gr.update()
+                    yield tuple(out)
             except E3RLError as err:
                 raise gr.Error(str(err)) from None
 
@@ -347,7 +364,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                 msg += f"\n\n⚠️ {st.get('message')}"
             elif not active and st.get("status") == "starting" and "error" in st.get("console", ""):
                 msg += "\n\n⚠️ " + st["console"].strip().splitlines()[-1]
-            fig = render_training(rows) if rows else None
+            fig = render.as_figure(render.training_spec(rows)) if rows else None
             evs = latest_trace_events(runs[0])
             html = render.trace_html(list(render.fold(evs).values())[-1], with_css=False) if evs else ""
             return msg, fig, html, gr.update(choices=model_choices(), value=current_model)
@@ -358,17 +375,3 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                        [timer, model])  # new checkpoints appear when coming back to Generate
         audit_tab.select(lambda: gr.Timer(active=False), None, timer)
     return demo
-
-
-def render_training(rows: list[dict]) -> Any:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    keys = [("reward_mean", "reward"), ("accuracy", "accuracy"), ("erase_rate", "erase rate"),
-            ("entropy_mean", "entropy"), ("loss", "loss")]
-    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[k[1] for k in keys])
-    steps = [r["step"] for r in rows]
-    for i, (k, _) in enumerate(keys, start=1):
-        fig.add_trace(go.Scatter(x=steps, y=[r.get(k) for r in rows], mode="lines+markers", showlegend=False), row=1, col=i)
-    fig.update_layout(height=260, margin=dict(l=30, r=10, t=40, b=30), template="plotly_white")
-    return fig

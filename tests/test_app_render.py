@@ -171,3 +171,76 @@ def test_counterfactual_twins_mark_flipped_answers(frames):
     flipped = audit.filter_frame(df, only_flipped=True)
     assert len(flipped) and (flipped["decision"] == "erase").all() and (flipped["flipped"] == True).all()  # noqa: E712
     assert on_ids[0] in set(flipped["trace"])
+
+
+def _signature(events):
+    # trace ids start with a random run id; the rest names the rollout
+    return [(e.kind, e.trace_id.split("-", 1)[1], getattr(e, "token_id", None), getattr(e, "segment", None))
+            for e in events]
+
+
+def test_streamed_frames_are_prefixes_of_the_inline_engine_run(frames):
+    """The engine runs in its own thread while frames are drawn; what it yields must be exactly
+    what running it inline yields."""
+    from e3rl_core.generator import ErasableGenerator
+    from e3rl_core.rewards import is_correct
+
+    q, g = examples()[0]
+    req = GenRequest(model=MODEL, prompt=q, gold=g, seed=DEFAULTS["seed"], group_size=DEFAULTS["group_size"])
+    model, tok = STORE.get(MODEL)
+    from e3rl_core.data import render_prompt
+
+    inline = list(ErasableGenerator(model, tok, req.config(), model_name=MODEL, checker=is_correct).stream(
+        render_prompt(q, tok), group_size=req.group_size, seed=req.seed, golds=[g]))
+    final = _signature(frames[-1].events)
+    assert final == _signature(inline)
+    for f in frames[:-1]:
+        assert not f.finished and final[: len(f.events)] == _signature(f.events)
+    assert frames[-1].finished and frames[-1].first_token_s is not None
+
+
+def test_closing_the_stream_or_setting_stop_ends_the_engine_thread():
+    import threading
+
+    q, g = examples()[2]
+    req = GenRequest(model=MODEL, prompt=q, gold=g, group_size=8, seed=1)
+    it = stream_generation(STORE, req, min_interval=0.0)
+    first = next(it)
+    assert any(e.kind == "token" for e in first.events)
+    it.close()  # what gradio does on Stop or a closed page
+    assert not any(t.name == "e3rl-generate" for t in threading.enumerate())
+
+    stop = threading.Event()
+    out = []
+    for frame in stream_generation(STORE, req, min_interval=0.0, stop=stop):
+        out.append(frame)
+        stop.set()
+    full = list(stream_generation(STORE, req, min_interval=0.0))[-1]
+    assert out[-1].finished and len(out[-1].events) < len(full.events)
+    assert not any(t.name == "e3rl-generate" for t in threading.enumerate())
+
+
+def test_an_engine_error_reaches_the_caller(monkeypatch):
+    from app import session
+
+    class Broken(session.ErasableGenerator):
+        def stream(self, *a, **k):
+            yield from list(super().stream(*a, **k))[:3]
+            raise RuntimeError("engine broke")
+
+    monkeypatch.setattr(session, "ErasableGenerator", Broken)
+    q, g = examples()[0]
+    with pytest.raises(RuntimeError, match="engine broke"):
+        list(stream_generation(STORE, GenRequest(model=MODEL, prompt=q, gold=g, group_size=1), min_interval=0.0))
+
+
+def test_chart_specs_are_plain_json_and_valid_plotly():
+    import json
+
+    spec = render.training_spec([{"step": i, "reward_mean": 0.1 * i, "loss": 1.0 - 0.1 * i} for i in range(4)])
+    assert len(spec["data"]) == len(render.TRAINING_KEYS) and json.dumps(spec)
+    assert {t["xaxis"] for t in spec["data"]} == {"x", "x2", "x3", "x4", "x5"}
+    fig = render.as_figure(spec)  # plotly validates every attribute
+    assert list(fig.data[0].y) == [0.0, 0.1, 0.2, 0.30000000000000004]
+    empty = render.figure_spec(render.TraceView())
+    assert json.dumps(empty) and all(len(t["x"]) == 0 for t in empty["data"])
