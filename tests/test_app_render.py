@@ -27,12 +27,22 @@ def frames():
     return generate(seed=DEFAULTS["seed"], group_size=DEFAULTS["group_size"])
 
 
-def test_defaults_show_a_slip_erased_and_healed(frames):
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_defaults_show_a_slip_erased_and_healed(threads):
     """The first example with the default settings: rollout 0 erases and ends correct; with erasure
-    off the same seed ends wrong (what the Generate tab shows on a first click)."""
-    v = list(frames[-1].views.values())[0]
+    off the same seed ends wrong (what the Generate tab shows on a first click), whatever number of
+    torch threads the app runs with."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        on = generate(seed=DEFAULTS["seed"], group_size=DEFAULTS["group_size"])
+        off = generate(seed=DEFAULTS["seed"], group_size=DEFAULTS["group_size"], erase=False)
+    finally:
+        torch.set_num_threads(before)
+    v = list(on[-1].views.values())[0]
     assert v.erasures() and v.done.correct is True
-    off = generate(seed=DEFAULTS["seed"], group_size=DEFAULTS["group_size"], erase=False)
     assert list(off[-1].views.values())[0].done.correct is False
 
 
