@@ -122,6 +122,10 @@ def traces_to_jsonl(traces: Iterable[Trace]) -> str:
     return "".join(json.dumps(event_to_dict(e), ensure_ascii=False) + "\n" for t in traces for e in t.events)
 
 
+WHAT_IF_COLUMNS = ["trace", "segment", "attempt", "score", "new_score", "threshold", "new_threshold", "decision",
+                   "new_decision", "changed"]
+
+
 def what_if(group: Sequence[Trace], overrides: dict[str, Any]) -> pd.DataFrame:
     """Re-judge the recorded attempts of one group under other threshold/score parameters.
 
@@ -176,13 +180,12 @@ def what_if(group: Sequence[Trace], overrides: dict[str, Any]) -> pd.DataFrame:
                     new = "erase"
                 if new == "erase":
                     total[i] += 1
-                rows.append({"trace": by_row[i].trace_id, "segment": n, "attempt": s.attempt,
-                             "score": s.score, "new_score": score, "threshold": s.threshold, "new_threshold": thr,
-                             "decision": s.decision, "new_decision": new,
-                             "changed": (s.decision == "erase") != (new == "erase")})
+                rows.append(dict(zip(WHAT_IF_COLUMNS, (
+                    by_row[i].trace_id, n, s.attempt, s.score, score, s.threshold, thr, s.decision, new,
+                    (s.decision == "erase") != (new == "erase")))))
             if i in kept_signal and n in kept_signal[i]:
                 policy.observe_kept(i, kept_signal[i][n])
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=WHAT_IF_COLUMNS)
 
 
 def _rescore(s: SegmentEvent, weights: tuple[float, float, float]) -> float:

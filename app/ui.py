@@ -216,7 +216,10 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                 trace_filter = gr.Textbox(label="trace id contains")
                 sort_by = gr.Dropdown(["", "score", "threshold", "segment", "attempt", "baseline"], value="",
                                       label="sort by (descending)")
-            table = gr.Dataframe(interactive=False, wrap=True, max_height=420, elem_id="e3rl-audit")
+            # one line per decision (long text cells scroll sideways); numbers shown to 4 places,
+            # exported in full
+            table = gr.Dataframe(pd.DataFrame(columns=audit.COLUMNS), interactive=False, wrap=False, max_height=480,
+                                 elem_id="e3rl-audit")
             with gr.Row():
                 export_btn = gr.Button("export CSV + JSONL")
                 export_files = gr.File(label="exports", file_count="multiple")
@@ -231,7 +234,8 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                 wi_kappa = gr.Slider(0, 3, value=1.0, step=0.1, label="κ")
                 wi_lambda = gr.Slider(0, 1, value=0.3, step=0.05, label="penalty λ")
                 wi_value = gr.Slider(0, 5, value=2.0, step=0.05, label="fixed threshold")
-            wi_table = gr.Dataframe(interactive=False, max_height=300)
+            wi_table = gr.Dataframe(pd.DataFrame(columns=audit.WHAT_IF_COLUMNS), interactive=False, max_height=300,
+                                    elem_id="e3rl-whatif-table")
             wi_msg = gr.Markdown(elem_id="e3rl-whatif")
 
         def all_traces(history: list, files: list) -> list[Trace]:
@@ -246,7 +250,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
 
         def refresh_all(history: list, files: list, only: bool, contains: str, sort: str, flipped: bool):
             ids = [t.trace_id for t in all_traces(history, files)]
-            return (table_for(history, files, only, contains, sort, flipped),
+            return (table_for(history, files, only, contains, sort, flipped).round(4),
                     gr.update(choices=ids, value=ids[0] if ids else None))
 
         filters = [session_events, loaded, only_erasures, trace_filter, sort_by, only_flipped]
@@ -316,7 +320,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
             except E3RLError as err:
                 return None, f"⚠️ {err}"
             changed = int(df["changed"].sum()) if len(df) else 0
-            return df, f"{changed} of {len(df)} recorded decisions would change"
+            return df.round(4), f"{changed} of {len(df)} recorded decisions would change"
 
         replay_trace.change(recorded_settings, [replay_trace, session_events, loaded],
                             [wi_policy, wi_kappa, wi_lambda, wi_value])

@@ -6,9 +6,10 @@ UI: Playwright drives the system Chromium (/usr/bin/chromium) against a launched
 Generate on the default example and measures, in the page, click -> first coloured token in the
 DOM and click -> the "finished" line (all rollouts done), giving tokens/s as seen by the user.
 CLI: `e3rl generate` with the same model, prompt, seed and settings (its own elapsed time, model
-load excluded, as it reports; torch's default threads), in one process after a warm-up run, since a
-fresh process's first generation also pays torch's one-time set-up. The CLI runs before and after
-the UI runs, with the app and browser closed; medians and ranges are printed as a table.
+load excluded, as it reports; torch's default threads), twice in one process after a warm-up run,
+since a fresh process's first generation also pays torch's one-time set-up. The app runs as its
+own process (`e3rl app`). Each UI run is paired with CLI runs right after it, with the app and
+the browser stopped (SIGSTOP) meanwhile; medians and ranges over the pairs are printed as a table.
 
 Three throughput rows: the rate the UI itself shows (tokens over the server's generation time,
 measured while the browser draws every frame on the same CPU); "first token -> finished" as the
@@ -21,11 +22,13 @@ import argparse
 import os
 import platform
 import re
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,47 +103,106 @@ def cli_runs(question: str, group: int, seed: int, n: int = 2) -> list[tuple[flo
     return [(float(a), int(b)) for a, b in (line.split() for line in out.splitlines())]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the app server, Playwright's driver, Chromium)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def paused(pids: list[int]):
+    """Stop these processes while the CLI runs, so an idle server and browser take nothing from it."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for p in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGCONT)
+    return ctx()
+
+
+def start_app(port: int, threads: int | None = None) -> subprocess.Popen:
+    """``e3rl app`` as its own process, as a user runs it; returns once it answers."""
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    cmd = [sys.executable, "-m", "app.launcher", "app", "--port", str(port)]
+    cmd += ["--threads", str(threads)] if threads else []
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"error: the app exited with code {proc.returncode}; run `e3rl app --port {port}` to see why")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit("error: the app did not answer within 180 s")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--chromium", default="/usr/bin/chromium")
     p.add_argument("--example", type=int, default=0, help="which built-in example (0 = the default)")
     p.add_argument("--group-size", type=int, default=None, help="G (default: the app's default)")
+    p.add_argument("--app-threads", type=int, default=None, help="the app's --threads (default: the app's default)")
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
 
-    from app.main import launch
     from app.ui import DEFAULTS, examples
 
     question, gold = examples()[args.example]
     group = args.group_size or DEFAULTS["group_size"]
     if not 1 <= group <= 8:
         p.error(f"--group-size must be between 1 and 8 (the Generate tab's range), got {group}")
-    # The CLI runs with the machine to itself (before and after the app is up: an idle server and
-    # browser still take CPU slices, which cost a 2-thread torch run more than their share).
-    cli = cli_runs(question, group, DEFAULTS["seed"], args.repeats)
-    demo, url = launch(port=free_port(), block=False)
-    ui = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=args.chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1400})
-        ui_once(page, url, question, group)  # warm-up: model load, first compile of the page
-        for _ in range(args.repeats):
-            ui.append(ui_once(page, url, question, group))
-        browser.close()
-    demo.close()
-    cli += cli_runs(question, group, DEFAULTS["seed"], args.repeats)
-    cli_rates = [t / s for s, t in cli]
-    cli_rate = statistics.median(cli_rates)
-    same = {u[2] for u in ui} | {t for _, t in cli}
+    port = free_port()
+    server = start_app(port, args.app_threads)
+    url = f"http://127.0.0.1:{port}/"
+    ui, cli = [], []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=args.chromium, headless=True,
+                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            ui_once(page, url, question, group)  # warm-up: model load, first compile of the page
+            for _ in range(args.repeats):
+                ui.append(ui_once(page, url, question, group))
+                # Right after, the CLI with the server and browser stopped: each pair sees the same
+                # machine (speed here drifts by tens of percent over minutes) and the CLI gets it whole.
+                with paused(descendants(os.getpid())):
+                    cli.append(cli_runs(question, group, DEFAULTS["seed"]))
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    cli_rates = [statistics.median(t / s for s, t in runs) for runs in cli]
+    same = {u[2] for u in ui} | {t for runs in cli for _, t in runs}
     if max(same) > 1.1 * min(same):  # float order differs (threads, top-k); the work must not
         print(f"warning: UI and CLI generated different amounts of tokens: {sorted(same)}", file=sys.stderr)
     print(f"Machine: {platform.machine()}, {os.cpu_count()} threads; Python {platform.python_version()}")
     print(f"Settings: checkpoints/arith-demo, example {args.example}, G={group}, seed {DEFAULTS['seed']}, "
           f"T={DEFAULTS['temperature']}, policy {DEFAULTS['policy']}; tokens per run: {sorted(same)}; "
-          f"{args.repeats} UI runs between 2 x {args.repeats} CLI runs: median [min - max]; ratios are each UI run over "
-          f"the CLI median\n")
+          f"{args.repeats} pairs (a UI run, then 2 CLI runs): median [min - max]; a ratio is taken within a pair\n")
 
     def cell(xs: list[float], fmt: str) -> str:
         return f"{statistics.median(xs):{fmt}} [{min(xs):{fmt}} - {max(xs):{fmt}}]"
@@ -153,10 +215,11 @@ def main() -> int:
     print("|---|---|---|---|---|")
     print(f"| click -> first streamed token | {cell(first, '.2f')} s | - | - | < 1.5 s |")
     for name, rates, goal in rows:
-        ratios = [r / cli_rate for r in rates]
+        ratios = [r / c for r, c in zip(rates, cli_rates)]
         print(f"| {name} | {cell(rates, '.0f')} tok/s | {cell(cli_rates, '.0f')} tok/s | {cell(ratios, '.2f')}x "
               f"| {goal} |")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
