@@ -3,11 +3,14 @@ that say what to do."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import ModelLoadError
+
+if TYPE_CHECKING:  # annotations only; config imports nothing heavy, but keep this module's imports minimal
+    from .config import GenerationConfig
 
 RECOMMENDED_CONFIG = "e3rl_generation.json"
 
@@ -112,7 +115,7 @@ def load_model(
     return model, tokenizer
 
 
-def recommended_config(spec: str) -> "GenerationConfig":
+def recommended_config(spec: str) -> GenerationConfig:
     """The generation settings a model directory recommends (``e3rl_generation.json``, written
     with its model card), else the defaults. Command-line flags override either."""
     import json
