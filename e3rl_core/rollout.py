@@ -56,14 +56,21 @@ def kept_segments(trace: Trace) -> list[int]:
 
 def erased_attempts(trace: Trace) -> list[tuple[list[int], list[int]]]:
     """(kept prefix, erased tokens) of each erased attempt: the context it was generated in (the
-    completion's tokens before the segment start) and what was erased."""
+    completion's tokens before the segment start) and what was erased.
+
+    An attempt that was erased and later restored by the fallback (its tokens replayed and kept)
+    is left out: its tokens are in the completion, and penalizing them here would pull against
+    the advantage they get there."""
     done = trace.done
     assert isinstance(done, DoneEvent)
     by_attempt: dict[tuple[int, int], list[int]] = {}
     for t in trace.tokens:
         by_attempt.setdefault((t.segment, t.attempt), []).append(t.token_id)
-    return [(list(done.token_ids[: e.start]), by_attempt.get((e.segment, e.attempt), []))
-            for e in trace.erasures if by_attempt.get((e.segment, e.attempt))]
+    restored = {(s.segment, s.restored_from) for s in trace.segments
+                if s.restored_from is not None and s.decision != "erase"}
+    return [(list(done.token_ids[: e.start]), by_attempt[(e.segment, e.attempt)])
+            for e in trace.erasures
+            if by_attempt.get((e.segment, e.attempt)) and (e.segment, e.attempt) not in restored]
 
 
 def build_batch(

@@ -18,7 +18,7 @@ from e3rl_core.events import read_events
 from e3rl_core.generator import ErasableGenerator
 from e3rl_core.losses import LOSSES
 from e3rl_core.model_io import load_model, recommended_config
-from e3rl_core.rollout import build_batch, kept_segments
+from e3rl_core.rollout import build_batch, erased_attempts, kept_segments
 from e3rl_core.train_config import TrainConfig
 from e3rl_core.trainer import Trainer, TrainingDivergedError
 
@@ -248,3 +248,25 @@ def test_erased_attempts_get_negative_advantage_when_delta_set(tmp_path):
     a_parent = float(adv[parent][batch.completion_mask[parent] > 0][0])
     got = adv[row][batch.completion_mask[row] > 0]
     assert torch.allclose(got, torch.full_like(got, -0.1 * abs(a_parent)))
+
+
+def test_an_erased_attempt_restored_by_the_fallback_is_not_penalized(tiny_llama):
+    """With the fallback, an erased attempt can come back as the kept one; it must then not also
+    appear as an erased row (it would be both reinforced and penalized)."""
+    from e3rl_core.config import GenerationConfig
+
+    model, tok = tiny_llama
+    cfg = apply_overrides(GenerationConfig(), ["threshold.policy=fixed", "threshold.value=-1", "erase.budget=2",
+                                               "erase.max_per_trace=100", "erase.fallback=best", "max_new_tokens=16"])
+    trace = ErasableGenerator(model, tok, cfg).generate("Compute 12 + 7 = ", seed=0)[0]
+    restored = [(s.segment, s.restored_from) for s in trace.segments if s.reason == "restored"]
+    assert restored  # every attempt is erased, so the best one comes back
+    rows = erased_attempts(trace)
+    erased = {(e.segment, e.attempt) for e in trace.erasures}
+    assert len(rows) == len(erased - set(restored)) > 0
+    kept = trace.done.token_ids
+    for seg, att in restored:  # the restored tokens are the kept ones, and only there
+        ids = [t.token_id for t in trace.tokens if (t.segment, t.attempt) == (seg, att)]
+        e = next(x for x in trace.erasures if (x.segment, x.attempt) == (seg, att))
+        assert kept[e.start: e.start + len(ids)] == ids
+        assert (kept[: e.start], ids) not in rows
