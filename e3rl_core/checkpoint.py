@@ -7,8 +7,9 @@
                                  e3rl_generation.json, trainer_state.pt (optimizer, scheduler, RNG,
                                  data position), trainer_state.json (the same, human-readable)
 
-A checkpoint is written under a temporary name and renamed when complete, so a run killed
-mid-save keeps the previous checkpoint; a leftover temporary directory is ignored and cleaned.
+A checkpoint is written under a temporary name, flushed to disk (fsync) and renamed when
+complete, so a run killed mid-save (or a machine losing power) keeps the previous checkpoint; a
+leftover temporary directory is ignored and cleaned. JSON state files are replaced the same way.
 """
 from __future__ import annotations
 
@@ -35,12 +36,34 @@ class RunDirError(E3RLError):
     """The output directory cannot be used as asked (holds another run, nothing to resume, ...)."""
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry list to disk (a rename is durable only once both the
+    renamed data and its directory are)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the data files were synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            _fsync(p)
+    _fsync(root)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def read_run(out: Path) -> dict[str, Any] | None:
@@ -105,9 +128,11 @@ def save_checkpoint(
         for name, data in extra_json.items():
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
         torch.save(state, tmp / STATE_FILE)
+        _fsync_tree(tmp)
         if final.exists():  # a rerun of the same step (resume after a crash): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -147,4 +172,7 @@ def truncate_jsonl(path: Path, keep: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write("".join(l + "\n" for l in lines))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)

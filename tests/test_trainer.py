@@ -270,3 +270,16 @@ def test_an_erased_attempt_restored_by_the_fallback_is_not_penalized(tiny_llama)
         e = next(x for x in trace.erasures if (x.segment, x.attempt) == (seg, att))
         assert kept[e.start: e.start + len(ids)] == ids
         assert (kept[: e.start], ids) not in rows
+
+
+def test_checkpoints_are_flushed_to_disk_before_the_rename(tmp_path, tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    synced: list[Path] = []
+    real = ckpt._fsync
+    monkeypatch.setattr(ckpt, "_fsync", lambda p: (synced.append(Path(p)), real(p)))
+    final = ckpt.save_checkpoint(tmp_path, 3, model, tok, {"step": 3}, {"extra.json": {"a": 1}}, keep=None)
+    files = sorted(p.relative_to(final) for p in final.rglob("*") if p.is_file())
+    tmp_dir = next(p for p in synced if p.name.startswith(".tmp-checkpoint-"))  # written there, then renamed
+    names = sorted(p.relative_to(tmp_dir) for p in synced if tmp_dir in p.parents)
+    assert names == files and ckpt.STATE_FILE in {p.name for p in files}  # every file, before the rename
+    assert synced[-1] == tmp_path  # then the directory holding the rename
