@@ -1,4 +1,4 @@
-"""Data parallelism on torch.distributed, reduced to the four operations the trainer needs.
+"""Data parallelism on torch.distributed, reduced to the few operations the trainer needs.
 
 Launched by ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the process group is
 gloo on CPU and nccl on CUDA; started plainly, every function is a no-op for one process. Each
@@ -8,11 +8,18 @@ use global normalisers, so the sum equals the one-process gradient of the whole 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from .errors import E3RLError
+
+
+class PeerFailedError(E3RLError):
+    """Another training process failed; this one stops too."""
 
 
 @dataclass(frozen=True)
@@ -82,9 +89,27 @@ def sum_gradients(model: torch.nn.Module) -> None:
         offset += n
 
 
-def barrier() -> None:
+@contextmanager
+def together(what: str) -> Iterator[None]:
+    """Run a block that may fail on some processes only (a save on rank 0, a generation on one
+    rank) and make every process fail if any did, instead of leaving the others waiting forever at
+    the next collective. The failing process re-raises its own error; the others raise one naming
+    the failed rank."""
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as err:  # noqa: BLE001 - re-raised below, after the others have been told
+        error = err
     if active():
-        dist.barrier()
+        notes = all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+        if error is None:
+            failed = [(r, n) for r, n in enumerate(notes) if n is not None]
+            if failed:
+                rank, note = failed[0]
+                raise PeerFailedError(f"process {rank} failed while {what} ({note}); its own output has "
+                                      f"the details, and the run stops on every process")
+    if error is not None:
+        raise error
 
 
 def shutdown() -> None:

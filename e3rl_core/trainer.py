@@ -174,13 +174,14 @@ class Trainer:
 
     def _save(self) -> Path | None:
         path = None
-        if self.dist.main:
-            state = self._state()
-            extra = {RECOMMENDED_CONFIG: self.gen_config.to_dict(),
-                     "trainer_state.json": {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}}
-            path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, extra,
-                                        keep=self.cfg.save_total_limit)
-        distributed.barrier()
+        with distributed.together("saving a checkpoint"):  # only rank 0 writes; all learn if it failed
+            if self.dist.main:
+                state = self._state()
+                extra = {RECOMMENDED_CONFIG: self.gen_config.to_dict(),
+                         "trainer_state.json": {k: v for k, v in state.items()
+                                                if k not in ("optimizer", "scheduler", "rng")}}
+                path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, extra,
+                                            keep=self.cfg.save_total_limit)
         return path
 
     # ------------------------------------------------------------------ data
@@ -215,13 +216,14 @@ class Trainer:
             batch = self._next_prompts(c.prompts_per_step)[rank * share : (rank + 1) * share]
             seeds = [c.seed * 1_000_000_007 + pos * G + k for pos, _ in batch for k in range(G)]
             prompts = [render_prompt(ex.question, self.tokenizer) for _, ex in batch]
-            try:
-                events = list(self.generator.stream(
-                    prompts, group_size=G, seed=seeds, golds=[ex.answer for _, ex in batch],
-                    trace_prefix=f"s{self.step + 1}r{rank}d{rounds}",
-                ))
-            except NonFiniteLogitsError as err:
-                raise TrainingDivergedError(f"step {self.step + 1}: {err}", self.step + 1) from None
+            with distributed.together("generating rollouts"):  # e.g. non-finite logits on one rank
+                try:
+                    events = list(self.generator.stream(
+                        prompts, group_size=G, seed=seeds, golds=[ex.answer for _, ex in batch],
+                        trace_prefix=f"s{self.step + 1}r{rank}d{rounds}",
+                    ))
+                except NonFiniteLogitsError as err:
+                    raise TrainingDivergedError(f"step {self.step + 1}: {err}", self.step + 1) from None
             traces = group_traces(events)
             generated += traces
             groups = [traces[g * G : (g + 1) * G] for g in range(len(batch))]
@@ -366,13 +368,14 @@ class Trainer:
         row = {"step": self.step, **roll, "groups_kept": groups_kept, **opt,
                "rollout_tokens_total": self.tokens_total, "generation_time": t_gen,
                "step_time": time.perf_counter() - t0}
-        if self.dist.main:
-            with open(self.out / ckpt.LOG_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            if self.cfg.log_rollouts:
-                with open(self.out / ckpt.ROLLOUTS_FILE, "a", encoding="utf-8") as f:
-                    for tr in generated[: self.cfg.log_rollouts]:
-                        f.write("".join(dumps(e) + "\n" for e in tr.events))
+        with distributed.together("writing the step's logs"):
+            if self.dist.main:
+                with open(self.out / ckpt.LOG_FILE, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                if self.cfg.log_rollouts:
+                    with open(self.out / ckpt.ROLLOUTS_FILE, "a", encoding="utf-8") as f:
+                        for tr in generated[: self.cfg.log_rollouts]:
+                            f.write("".join(dumps(e) + "\n" for e in tr.events))
         self._reward_memo.clear()
         return row
 

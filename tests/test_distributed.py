@@ -53,3 +53,61 @@ def test_two_processes_equal_one(tmp_path):
     for k in w1:
         assert float((w1[k] - w2[k]).abs().max()) < 0.05 * 1e-3, k
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
+
+
+def _worker_whose_rank0_cannot_save(rank: int, port: int, out: str, results) -> None:
+    """One of two training processes; rank 0's checkpoint write fails (say, a full disk)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from e3rl_core import checkpoint as ckpt
+    from e3rl_core import distributed
+    from e3rl_core.config import apply_overrides
+    from e3rl_core.model_io import recommended_config
+    from e3rl_core.train_config import TrainConfig
+    from e3rl_core.trainer import Trainer
+
+    if rank == 0:
+        def full_disk(*a, **k):
+            raise OSError(28, "No space left on device")
+        ckpt.save_checkpoint = full_disk
+    cfg = apply_overrides(TrainConfig.for_algo("grpo", recommended_config(DEMO)), [
+        "num_generations=2", "prompts_per_step=2", "max_steps=1", "max_completion_length=48", "save_steps=1"])
+    try:
+        Trainer(cfg, model=DEMO, data="synthetic:train?n=8&seed=3", out=out, device="cpu").train()
+        results.put((rank, "finished"))
+    except BaseException as err:  # noqa: BLE001 - reported to the test
+        results.put((rank, f"{type(err).__name__}: {err}"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_a_failure_on_one_process_stops_every_process(tmp_path):
+    """Rank 0 fails to save; rank 1 must stop with an error naming it, not wait forever."""
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker_whose_rank0_cannot_save, args=(r, port, str(tmp_path / "run"), results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        for _ in range(2):
+            rank, outcome = results.get(timeout=300)
+            got[rank] = outcome
+    except queue.Empty:
+        pytest.fail(f"a process hung after its peer failed; outcomes so far: {got}")
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert got[0].startswith("OSError") and "No space left" in got[0]
+    assert got[1].startswith("PeerFailedError") and "process 0 failed while saving a checkpoint" in got[1]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["status"] == "failed" and "No space left" in run["message"]
