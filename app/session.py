@@ -147,17 +147,13 @@ def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float
     """Run one generation and yield frames at most every ``min_interval`` seconds (the first
     token at once, and the last frame when the generation ends). Closing the iterator, or setting
     ``stop``, ends the generation at the next token."""
-    from e3rl_core.data import render_prompt
-
     check_prompt(req.prompt)
     if not 1 <= int(req.group_size) <= 16:
         raise E3RLError("group size must be between 1 and 16")
     config = req.config()
     model, tok = store.get(req.model)
     gen = ErasableGenerator(model, tok, config, model_name=req.model, checker=is_correct)
-    prompt = req.prompt
-    if not prompt.rstrip().endswith("Answer:") and "\n" not in prompt.strip():
-        prompt = render_prompt(prompt.strip(), tok)  # a bare question gets the task's template
+    prompt = prompt_text(req, tok)
     golds = [req.gold.strip()] if req.gold and req.gold.strip() else None
     producer = _Producer(lambda: gen.stream(prompt, group_size=int(req.group_size), seed=int(req.seed), golds=golds))
     views: dict[str, TraceView] = {}
@@ -197,6 +193,30 @@ def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float
         # wait for it, so no generation outlives its request (it stops at the next token).
         producer.stop.set()
         producer.join(timeout=30)
+
+
+def prompt_text(req: GenRequest, tokenizer: Any) -> str:
+    """The prompt as generated: a bare one-line question gets the task's template."""
+    from e3rl_core.data import render_prompt
+
+    prompt = req.prompt
+    if not prompt.rstrip().endswith("Answer:") and "\n" not in prompt.strip():
+        prompt = render_prompt(prompt.strip(), tokenizer)
+    return prompt
+
+
+def same_run(events: list[Event], req: GenRequest, tokenizer: Any) -> bool:
+    """Whether ``events`` are a finished generation of exactly ``req`` (model, prompt, settings,
+    seed, group size, gold), so the Counterfactual can reuse them instead of generating again."""
+    starts = [e for e in events if e.kind == "start"]
+    done = {e.trace_id for e in events if e.kind == "done"}
+    if not starts or len(starts) != int(req.group_size) or {s.trace_id for s in starts} != done:
+        return False
+    gold = req.gold.strip() if req.gold and req.gold.strip() else None
+    first = starts[0]
+    return (first.model == req.model and first.prompt == prompt_text(req, tokenizer) and first.gold == gold
+            and first.config == req.config().to_dict()
+            and sorted(s.seed for s in starts) == [int(req.seed) + r for r in range(int(req.group_size))])
 
 
 def replay_view(trace: Trace, upto: int) -> TraceView:

@@ -19,7 +19,7 @@ from e3rl_core.tasks import arith
 from e3rl_core.thresholds import POLICIES
 
 from . import audit, render
-from .session import GenRequest, ModelStore, replay_view, shipped_models, stream_generation
+from .session import GenRequest, ModelStore, replay_view, same_run, shipped_models, stream_generation
 from .training import RunRequest, TrainingManager, latest_trace_events, read_status
 
 # Defaults where erasure measurably helps the shipped model (docs/results/demo-model.json):
@@ -187,19 +187,24 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
         color_by.change(lambda c: render.legend_html(c), color_by, legend)
         row.change(lambda e, w, c: draw(e, w, c), [last_events, row, color_by], [heat, summary, group_md, chart, row])
 
-        def counterfactual(colour: str, history: list, *values: Any):
+        def counterfactual(colour: str, last: list, history: list, *values: Any):
             try:
                 req = request(*values)
-                on_events = list(stream_generation(store, req))[-1].events
+                new: list = []
+                # The run just shown, if it is this request with erasure on, is reused as is.
+                on_events = list(last) if req.erase and same_run(last, req, store.get(req.model)[1]) else []
+                if not on_events:
+                    on_events = new = list(stream_generation(store, req))[-1].events
                 req.erase = False
                 off_events = list(stream_generation(store, req))[-1].events
             except E3RLError as err:
                 raise gr.Error(str(err)) from None
             on, off = views_of(on_events)[0], views_of(off_events)[0]
             return (gr.update(visible=True), render.trace_html(on, colour, with_css=False), render.summary_markdown(on),
-                    render.trace_html(off, colour, with_css=False), render.summary_markdown(off), history + on_events + off_events)
+                    render.trace_html(off, colour, with_css=False), render.summary_markdown(off),
+                    history + new + off_events)
 
-        cf_btn.click(counterfactual, [color_by, session_events, *gen_inputs],
+        cf_btn.click(counterfactual, [color_by, last_events, session_events, *gen_inputs],
                      [cf_row, cf_on, cf_on_md, cf_off, cf_off_md, session_events], concurrency_limit=2,
                      api_name="counterfactual")
 

@@ -254,3 +254,19 @@ def test_chart_specs_are_plain_json_and_valid_plotly():
     assert list(fig.data[0].y) == [0.0, 0.1, 0.2, 0.30000000000000004]
     empty = render.figure_spec(render.TraceView())
     assert json.dumps(empty) and all(len(t["x"]) == 0 for t in empty["data"])
+
+
+def test_same_run_recognises_the_run_just_shown(frames):
+    """The Counterfactual reuses the shown run only when it is exactly the requested one."""
+    from app.session import same_run
+
+    q, g = examples()[0]
+    _, tok = STORE.get(MODEL)
+    req = GenRequest(model=MODEL, prompt=q, gold=g, seed=DEFAULTS["seed"], group_size=DEFAULTS["group_size"])
+    events = frames[-1].events
+    assert same_run(events, req, tok)
+    assert not same_run(frames[0].events, req, tok)  # unfinished (a stopped run)
+    for change in (dict(seed=DEFAULTS["seed"] + 1), dict(erase=False), dict(kappa=2.0), dict(gold="1"),
+                   dict(group_size=2), dict(prompt=q.replace("12", "13"))):
+        other = GenRequest(**{**req.__dict__, **change})
+        assert not same_run(events, other, tok), change

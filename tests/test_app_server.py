@@ -84,3 +84,13 @@ def test_space_mode_allows_only_listed_models(tmp_path):
         assert "30" in msg and "started" not in msg
     finally:
         demo.close()
+
+
+def test_counterfactual_shows_the_run_with_erasure_off_beside_it(app_url):
+    client = Client(app_url, verbose=False)
+    q, g = examples()[0]
+    args = gen_args(q, g, group_size=4, seed=8)
+    shown = client.predict(*args, api_name="/generate")
+    on_html, on_md, off_html, off_md = client.predict(*args[:1], *args[2:], api_name="/counterfactual")
+    assert on_html == shown[0]  # the erasure-on side is the run just shown
+    assert "erasures 0" in off_md and "✓" in on_md and "✗" in off_md  # the default demo: healed vs not
