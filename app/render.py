@@ -17,6 +17,9 @@ SCALE_MAX = {"entropy": 2.0, "surprisal": 3.0}
 """Signal value (nats) drawn at full colour; larger values saturate."""
 
 CSS = """
+.e3rl-scroll{max-height:26em;overflow-y:auto;display:flex;flex-direction:column-reverse;contain:content}
+.e3rl-scroll .e3rl-trace{margin-bottom:auto !important;flex:none}
+#e3rl-heatmap .e3rl-scroll{height:20em}
 .e3rl-trace{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:14px;line-height:1.9;white-space:pre-wrap;
   word-break:break-word;padding:8px;border:1px solid #ddd;border-radius:6px;background:#fff;color:#111}
 .e3rl-tok{border-radius:3px;padding:1px 0;cursor:help}
@@ -153,7 +156,7 @@ def trace_html(view: TraceView, signal: str = "entropy", with_css: bool = True) 
     """The trace as a token heatmap: segments marked, erased attempts struck through while their
     retry streams in, then folded into an expandable ✂ marker in front of the kept attempt."""
     parts = [f"<style>{CSS}</style>"] if with_css else []
-    parts.append('<div class="e3rl-trace">')
+    parts.append('<div class="e3rl-scroll"><div class="e3rl-trace">')
     by_segment: dict[int, list[Attempt]] = {}
     for a in view.attempts:
         by_segment.setdefault(a.segment, []).append(a)
@@ -175,7 +178,7 @@ def trace_html(view: TraceView, signal: str = "entropy", with_css: bool = True) 
         parts.append("</span>")
     if view.error:
         parts.append(f'<div style="color:#b00">error: {html.escape(view.error.message)}</div>')
-    parts.append("</div>")
+    parts.append("</div></div>")
     return "".join(parts)
 
 
