@@ -104,3 +104,36 @@ def test_train_tab_polls_only_when_open(app_url):
             page.get_by_text("no training run yet").wait_for(timeout=20_000)  # the status poll started
         finally:
             browser.close()
+
+
+def test_a_long_trace_keeps_its_newest_line_in_view():
+    """The live heatmap is a fixed-height viewport; as a trace outgrows it, the newest tokens stay
+    visible (CSS only: the page below does not move on every frame)."""
+    from playwright.sync_api import sync_playwright
+
+    from app import render
+    from e3rl_core.events import StartEvent, TokenEvent
+
+    view = render.TraceView()
+    view.apply(StartEvent(trace_id="t", model="m", prompt="p", prompt_ids=[1], config={}, seed=0, group_index=0))
+    for i in range(400):
+        view.apply(TokenEvent(trace_id="t", step=i, token_id=1, text=f"line {i}\n" if i % 4 == 3 else "tok ",
+                              entropy=0.1, surprisal=0.1, segment=i // 40, attempt=0))
+    page_html = f'<style>{render.CSS}</style><div id="e3rl-heatmap">{render.trace_html(view, with_css=False)}</div>'
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 900})
+            page.set_content(page_html)
+            box, last, first = page.evaluate("""() => {
+                const s = document.querySelector('#e3rl-heatmap .e3rl-scroll').getBoundingClientRect();
+                const toks = document.querySelectorAll('.e3rl-tok');
+                const r = el => el.getBoundingClientRect();
+                return [[s.top, s.bottom], [r(toks[toks.length - 1]).top, r(toks[toks.length - 1]).bottom],
+                        [r(toks[0]).top, r(toks[0]).bottom]]; }""")
+        finally:
+            browser.close()
+    assert box[1] - box[0] < 400  # a fixed viewport, far shorter than 100 lines
+    assert box[0] <= last[0] and last[1] <= box[1] + 1  # the newest token is in view
+    assert first[1] < box[0]  # the oldest scrolled out of view above
