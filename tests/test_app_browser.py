@@ -34,7 +34,8 @@ def test_generate_in_a_browser(app_url):
             page.wait_for_selector("#e3rl-summary :text('tokens generated')", timeout=120_000)
             page.wait_for_function(  # the default example's first rollout erases a slip
                 "document.querySelectorAll('#e3rl-heatmap [data-erased]').length > 0", timeout=120_000)
-            page.wait_for_selector("#e3rl-chart .js-plotly-plot", timeout=60_000)
+            page.wait_for_function(  # the chart (empty from page load) now plots the scores
+                "document.querySelectorAll('#e3rl-chart .scatterlayer .point').length > 0", timeout=60_000)
             page.wait_for_function(
                 "document.querySelector('#e3rl-summary') && "
                 "document.querySelector('#e3rl-summary').innerText.includes('Answer:') && "
