@@ -1,6 +1,6 @@
 """Benchmark: the workbench in a real browser vs the CLI, same settings, side by side.
 
-    python scripts/bench_app.py [--repeats 7] [--example N] [--group-size G]
+    python scripts/bench_app.py [--repeats 10] [--example N] [--group-size G]
 
 UI: Playwright drives the system Chromium (/usr/bin/chromium) against a launched app; it clicks
 Generate on the default example and measures, in the page, click -> first coloured token in the
@@ -161,7 +161,7 @@ def start_app(port: int, threads: int | None = None) -> subprocess.Popen:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--chromium", default="/usr/bin/chromium")
     p.add_argument("--example", type=int, default=0, help="which built-in example (0 = the default)")
     p.add_argument("--group-size", type=int, default=None, help="G (default: the app's default)")
