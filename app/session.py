@@ -78,6 +78,10 @@ class GenRequest:
     seed: int = 0
     extra: list[str] = field(default_factory=list)
 
+    def gold_answer(self) -> str | None:
+        """The gold answer as checked (blank means none)."""
+        return self.gold.strip() if self.gold and self.gold.strip() else None
+
     def config(self) -> GenerationConfig:
         base = recommended_config(resolve(self.model))
         return apply_overrides(base, [
@@ -154,8 +158,9 @@ def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float
     model, tok = store.get(req.model)
     gen = ErasableGenerator(model, tok, config, model_name=req.model, checker=is_correct)
     prompt = prompt_text(req, tok)
-    golds = [req.gold.strip()] if req.gold and req.gold.strip() else None
-    producer = _Producer(lambda: gen.stream(prompt, group_size=int(req.group_size), seed=int(req.seed), golds=golds))
+    gold = req.gold_answer()
+    producer = _Producer(lambda: gen.stream(prompt, group_size=int(req.group_size), seed=int(req.seed),
+                                     golds=None if gold is None else [gold]))
     views: dict[str, TraceView] = {}
     t0 = time.perf_counter()
     first: float | None = None
@@ -212,9 +217,9 @@ def same_run(events: list[Event], req: GenRequest, tokenizer: Any) -> bool:
     done = {e.trace_id for e in events if e.kind == "done"}
     if not starts or len(starts) != int(req.group_size) or {s.trace_id for s in starts} != done:
         return False
-    gold = req.gold.strip() if req.gold and req.gold.strip() else None
     first = starts[0]
-    return (first.model == req.model and first.prompt == prompt_text(req, tokenizer) and first.gold == gold
+    return (first.model == req.model and first.prompt == prompt_text(req, tokenizer)
+            and first.gold == req.gold_answer()
             and first.config == req.config().to_dict()
             and sorted(s.seed for s in starts) == [int(req.seed) + r for r in range(int(req.group_size))])
 

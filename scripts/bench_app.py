@@ -19,6 +19,7 @@ first-token row) and weighs most on these ~1 s generations.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -30,6 +31,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -122,22 +124,18 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def paused(pids: list[int]):
+@contextlib.contextmanager
+def paused(pids: list[int]) -> Iterator[None]:
     """Stop these processes while the CLI runs, so an idle server and browser take nothing from it."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGSTOP)
+    try:
+        yield
+    finally:
         for p in pids:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            for p in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p, signal.SIGCONT)
-    return ctx()
+                os.kill(p, signal.SIGCONT)
 
 
 def start_app(port: int, threads: int | None = None) -> subprocess.Popen:
