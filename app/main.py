@@ -1,6 +1,6 @@
 """``e3rl app``: launch the workbench (argument parsing lives here only).
 
-    e3rl app [--host 127.0.0.1] [--port 7860] [--model PATH] [--space] [--threads N]
+    e3rl app [--host 127.0.0.1] [--port 7860] [--model PATH] [--space] [--threads N] [--engine auto]
 
 Binds 127.0.0.1 by default; analytics are off and nothing is fetched from the network. Space mode
 (``--space`` or ``E3RL_SPACE=1``) limits models to the shipped checkpoints and trained outputs and
@@ -12,6 +12,10 @@ import argparse
 import os
 import sys
 from typing import Sequence
+
+from e3rl_core.errors import E3RLError
+
+from .producer import ENGINES, fork_available
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -25,15 +29,31 @@ def default_threads() -> int:
     return max(1, torch.get_num_threads() - 1)
 
 
+def default_engine(threads: int) -> str:
+    """Where generations run: in a forked process when they run on one torch thread (a small
+    machine, where the web server and the browser share the CPU with the model) and fork is
+    available; in a thread otherwise (a forked child must stay on one torch thread). Measured with
+    scripts/bench_app.py --compare-engines."""
+    return "process" if threads == 1 and fork_available() else "thread"
+
+
 def launch(host: str = "127.0.0.1", port: int | None = None, model: str | None = None, space: bool = False,
-           block: bool = True, runs_root: str | None = None, threads: int | None = None):
+           block: bool = True, runs_root: str | None = None, threads: int | None = None, engine: str = "auto"):
     import torch
 
     from .render import CSS
     from .ui import build
 
+    if engine not in ("auto", *ENGINES):
+        raise E3RLError(f"unknown engine {engine!r}; use auto, {' or '.join(ENGINES)}")
+    if engine == "process" and (threads or 1) > 1:
+        raise E3RLError(f"engine 'process' generates on one torch thread; drop threads={threads} or use "
+                        f"engine 'thread'")
+    if engine == "process" and not fork_available():
+        raise E3RLError("engine 'process' needs fork (Linux); use engine 'thread'")
     torch.set_num_threads(threads or default_threads())
-    demo = build(space=space, default_model=model, runs_root=runs_root)
+    engine = default_engine(torch.get_num_threads()) if engine == "auto" else engine
+    demo = build(space=space, default_model=model, runs_root=runs_root, engine=engine)
     demo.queue(default_concurrency_limit=2, max_size=32)
     _, url, _ = demo.launch(server_name=host, server_port=port, css=CSS, show_error=True,
                             prevent_thread_lock=not block, ssr_mode=False)
@@ -49,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="Hugging Face Space mode: shipped and trained models only, bounded training")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for generation (default: one fewer than the cores torch uses)")
+    p.add_argument("--engine", choices=["auto", "thread", "process"], default="auto",
+                   help="where generations run: a thread of the server, or a forked process on one torch "
+                        "thread (Linux); auto: process when generating on one thread, else thread")
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
@@ -57,7 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: model directory not found: {args.model}; pass a directory with config.json, "
               f"or leave --model out to use the shipped checkpoint", file=sys.stderr)
         return 2
-    launch(args.host, args.port, args.model, args.space, threads=args.threads)
+    try:
+        launch(args.host, args.port, args.model, args.space, threads=args.threads, engine=args.engine)
+    except E3RLError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

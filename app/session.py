@@ -20,6 +20,7 @@ from e3rl_core.generator import ErasableGenerator
 from e3rl_core.model_io import load_model, recommended_config
 from e3rl_core.rewards import is_correct
 
+from .producer import ENGINES, Producer, ProcessProducer, fork_available
 from .render import TraceView, fold
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,43 +115,16 @@ class Frame:
     finished: bool
 
 
-class _Producer(threading.Thread):
-    """Runs the engine in its own thread and appends events to a list.
-
-    The UI's generator is advanced by gradio one item at a time, and gradio serializes and sends
-    each frame before asking for the next; if the engine ran inside that generator it would stand
-    still during every frame. Here it keeps generating while a frame is on its way."""
-
-    def __init__(self, run: Any) -> None:
-        super().__init__(daemon=True, name="e3rl-generate")
-        self._run = run
-        self.events: list[Event] = []  # appended by this thread only; readers take a prefix
-        self.error: BaseException | None = None
-        self.stop = threading.Event()  # set by the consumer to end early, and here at the end
-        self.first_token = threading.Event()
-
-    def run(self) -> None:
-        stream = self._run()
-        try:
-            for ev in stream:
-                self.events.append(ev)
-                if ev.kind == "token" and not self.first_token.is_set():
-                    self.first_token.set()
-                if self.stop.is_set():
-                    break
-        except BaseException as err:  # handed to the consumer, which raises it in the handler
-            self.error = err
-        finally:
-            stream.close()
-            self.stop.set()
-            self.first_token.set()
-
-
 def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float = 0.08,
-                      stop: threading.Event | None = None) -> Iterator[Frame]:
+                      stop: threading.Event | None = None, engine: str = "thread") -> Iterator[Frame]:
     """Run one generation and yield frames at most every ``min_interval`` seconds (the first
     token at once, and the last frame when the generation ends). Closing the iterator, or setting
-    ``stop``, ends the generation at the next token."""
+    ``stop``, ends the generation at the next token. ``engine``: where the engine runs, "thread"
+    (this process, torch's thread count) or "process" (a forked child on one torch thread; Linux)."""
+    if engine not in ENGINES:
+        raise E3RLError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if engine == "process" and not fork_available():
+        raise E3RLError("engine 'process' needs fork (Linux); use engine 'thread'")
     check_prompt(req.prompt)
     if not 1 <= int(req.group_size) <= 16:
         raise E3RLError("group size must be between 1 and 16")
@@ -159,8 +133,9 @@ def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float
     gen = ErasableGenerator(model, tok, config, model_name=req.model, checker=is_correct)
     prompt = prompt_text(req, tok)
     gold = req.gold_answer()
-    producer = _Producer(lambda: gen.stream(prompt, group_size=int(req.group_size), seed=int(req.seed),
-                                     golds=None if gold is None else [gold]))
+    kind = ProcessProducer if engine == "process" else Producer
+    producer = kind(lambda: gen.stream(prompt, group_size=int(req.group_size), seed=int(req.seed),
+                                       golds=None if gold is None else [gold]))
     views: dict[str, TraceView] = {}
     t0 = time.perf_counter()
     first: float | None = None

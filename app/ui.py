@@ -45,7 +45,10 @@ def examples() -> list[list[Any]]:
     return rows
 
 
-def build(space: bool = False, runs_root: str | None = None, default_model: str | None = None) -> gr.Blocks:
+def build(space: bool = False, runs_root: str | None = None, default_model: str | None = None,
+          engine: str = "thread") -> gr.Blocks:
+    """The workbench's Blocks. engine: where generations run, "thread" or "process" (see
+    ``app.producer``)."""
     store = ModelStore()
     trainer = TrainingManager(runs_root or os.environ.get("E3RL_RUNS", "runs/app"), max_steps=30 if space else None)
     models = shipped_models()
@@ -142,7 +145,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                 req = request(*values)
                 # Frames at most every 0.25 s and the chart at most every 1.5 s: each update is
                 # serialized and drawn by a browser that shares the CPU with the model.
-                frames = stream_generation(store, req, min_interval=0.25)
+                frames = stream_generation(store, req, min_interval=0.25, engine=engine)
                 n_fig, fig_at, out, n_rows = 0, 0.0, None, 0
                 for frame in frames:
                     views = list(frame.views.values())
@@ -194,9 +197,9 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                 # The run just shown, if it is this request with erasure on, is reused as is.
                 on_events = list(last) if req.erase and same_run(last, req, store.get(req.model)[1]) else []
                 if not on_events:
-                    on_events = new = list(stream_generation(store, req))[-1].events
+                    on_events = new = list(stream_generation(store, req, engine=engine))[-1].events
                 req.erase = False
-                off_events = list(stream_generation(store, req))[-1].events
+                off_events = list(stream_generation(store, req, engine=engine))[-1].events
             except E3RLError as err:
                 raise gr.Error(str(err)) from None
             on, off = views_of(on_events)[0], views_of(off_events)[0]

@@ -1,6 +1,6 @@
 """Benchmark: the workbench in a real browser vs the CLI, same settings, side by side.
 
-    python scripts/bench_app.py [--repeats 10] [--example N] [--group-size G]
+    python scripts/bench_app.py [--repeats 10] [--example N] [--group-size G] [--compare-engines]
 
 UI: Playwright drives the system Chromium (/usr/bin/chromium) against a launched app; it clicks
 Generate on the default example and measures, in the page, click -> first coloured token in the
@@ -15,6 +15,10 @@ Three throughput rows: the rate the UI itself shows (tokens over the server's ge
 measured while the browser draws every frame on the same CPU); "first token -> finished" as the
 browser sees it; and "click -> finished", which adds the fixed cost of a web round trip (the
 first-token row) and weighs most on these ~1 s generations.
+
+--compare-engines runs two apps, one generating in a thread of the server and one in a forked
+process (`e3rl app --engine thread|process`), and alternates between them within each repeat
+(the idle one stopped), each UI run paired with its own CLI runs: one table, both engines.
 """
 from __future__ import annotations
 
@@ -138,11 +142,12 @@ def paused(pids: list[int]) -> Iterator[None]:
                 os.kill(p, signal.SIGCONT)
 
 
-def start_app(port: int, threads: int | None = None) -> subprocess.Popen:
+def start_app(port: int, threads: int | None = None, engine: str | None = None) -> subprocess.Popen:
     """``e3rl app`` as its own process, as a user runs it; returns once it answers."""
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
     cmd = [sys.executable, "-m", "app.launcher", "app", "--port", str(port)]
     cmd += ["--threads", str(threads)] if threads else []
+    cmd += ["--engine", engine] if engine else []
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -164,6 +169,9 @@ def main() -> int:
     p.add_argument("--example", type=int, default=0, help="which built-in example (0 = the default)")
     p.add_argument("--group-size", type=int, default=None, help="G (default: the app's default)")
     p.add_argument("--app-threads", type=int, default=None, help="the app's --threads (default: the app's default)")
+    p.add_argument("--app-engine", choices=["auto", "thread", "process"], default=None,
+                   help="the app's --engine (default: the app's default)")
+    p.add_argument("--compare-engines", action="store_true", help="the thread and the process engine, alternated")
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -173,49 +181,60 @@ def main() -> int:
     group = args.group_size or DEFAULTS["group_size"]
     if not 1 <= group <= 8:
         p.error(f"--group-size must be between 1 and 8 (the Generate tab's range), got {group}")
-    port = free_port()
-    server = start_app(port, args.app_threads)
-    url = f"http://127.0.0.1:{port}/"
-    ui, cli = [], []
+    engines = ["thread", "process"] if args.compare_engines else [args.app_engine]
+    servers: dict[str | None, tuple[subprocess.Popen, str]] = {}
+    ui: dict[str | None, list] = {e: [] for e in engines}
+    cli: dict[str | None, list] = {e: [] for e in engines}
     try:
+        for engine in engines:
+            port = free_port()
+            servers[engine] = (start_app(port, args.app_threads, engine), f"http://127.0.0.1:{port}/")
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.chromium, headless=True,
                                          args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
             page = browser.new_page(viewport={"width": 1400, "height": 1400})
-            ui_once(page, url, question, group)  # warm-up: model load, first compile of the page
-            for _ in range(args.repeats):
-                ui.append(ui_once(page, url, question, group))
-                # Right after, the CLI with the server and browser stopped: each pair sees the same
-                # machine (speed here drifts by tens of percent over minutes) and the CLI gets it whole.
-                with paused(descendants(os.getpid())):
-                    cli.append(cli_runs(question, group, DEFAULTS["seed"]))
+            for engine, (_, url) in servers.items():
+                ui_once(page, url, question, group)  # warm-up: model load, first compile of the page
+            for i in range(args.repeats):
+                for engine in engines if i % 2 == 0 else engines[::-1]:
+                    idle = [proc.pid for e, (proc, _) in servers.items() if e != engine]
+                    with paused(idle):  # the other app (if any) takes nothing meanwhile
+                        ui[engine].append(ui_once(page, servers[engine][1], question, group))
+                    # Right after, the CLI with the servers and browser stopped: each pair sees the same
+                    # machine (speed here drifts by tens of percent over minutes) and the CLI gets it whole.
+                    with paused(descendants(os.getpid())):
+                        cli[engine].append(cli_runs(question, group, DEFAULTS["seed"]))
             browser.close()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-    cli_rates = [statistics.median(t / s for s, t in runs) for runs in cli]
-    same = {u[2] for u in ui} | {t for runs in cli for _, t in runs}
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    same = {u[2] for runs in ui.values() for u in runs} | {t for runs in cli.values() for r in runs for _, t in r}
     if max(same) > 1.1 * min(same):  # float order differs (threads, top-k); the work must not
         print(f"warning: UI and CLI generated different amounts of tokens: {sorted(same)}", file=sys.stderr)
     print(f"Machine: {platform.machine()}, {os.cpu_count()} threads; Python {platform.python_version()}")
     print(f"Settings: checkpoints/arith-demo, example {args.example}, G={group}, seed {DEFAULTS['seed']}, "
           f"T={DEFAULTS['temperature']}, policy {DEFAULTS['policy']}; tokens per run: {sorted(same)}; "
-          f"{args.repeats} pairs (a UI run, then 2 CLI runs): median [min - max]; a ratio is taken within a pair\n")
+          f"{args.repeats} pairs per app (a UI run, then 2 CLI runs): median [min - max]; a ratio is taken within "
+          f"a pair\n")
 
     def cell(xs: list[float], fmt: str) -> str:
         return f"{statistics.median(xs):{fmt}} [{min(xs):{fmt}} - {max(xs):{fmt}}]"
 
-    first = [u[0] for u in ui]
-    rows = [("throughput shown in the UI (generation start -> end)", [u[3] for u in ui], ">= 0.8x"),
-            ("throughput, click -> all rollouts finished", [u[2] / u[1] for u in ui], "-"),
-            ("throughput, first token -> finished", [u[2] / max(u[1] - u[0], 1e-9) for u in ui], "-")]
-    print("| measure | UI (browser) | CLI | ratio | goal |")
-    print("|---|---|---|---|---|")
-    print(f"| click -> first streamed token | {cell(first, '.2f')} s | - | - | < 1.5 s |")
-    for name, rates, goal in rows:
-        ratios = [r / c for r, c in zip(rates, cli_rates)]
-        print(f"| {name} | {cell(rates, '.0f')} tok/s | {cell(cli_rates, '.0f')} tok/s | {cell(ratios, '.2f')}x "
-              f"| {goal} |")
+    print("| app engine | measure | UI (browser) | CLI | ratio | goal |")
+    print("|---|---|---|---|---|---|")
+    for engine in engines:
+        runs = ui[engine]
+        cli_rates = [statistics.median(t / s for s, t in r) for r in cli[engine]]
+        name = engine or "default"
+        print(f"| {name} | click -> first streamed token | {cell([u[0] for u in runs], '.2f')} s | - | - | < 1.5 s |")
+        rows = [("throughput shown in the UI (generation start -> end)", [u[3] for u in runs], ">= 0.8x"),
+                ("throughput, click -> all rollouts finished", [u[2] / u[1] for u in runs], "-"),
+                ("throughput, first token -> finished", [u[2] / max(u[1] - u[0], 1e-9) for u in runs], "-")]
+        for measure, rates, goal in rows:
+            ratios = [r / c for r, c in zip(rates, cli_rates)]
+            print(f"| {name} | {measure} | {cell(rates, '.0f')} tok/s | {cell(cli_rates, '.0f')} tok/s "
+                  f"| {cell(ratios, '.2f')}x | {goal} |")
     return 0
 
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from app import audit, render
+from app.producer import fork_available
 from app.session import GenRequest, ModelStore, replay_view, stream_generation
 from app.ui import DEFAULTS, examples
 from e3rl_core.errors import E3RLError
@@ -209,39 +210,122 @@ def test_streamed_frames_are_prefixes_of_the_inline_engine_run(frames):
     assert frames[-1].finished and frames[-1].first_token_s is not None
 
 
-def test_closing_the_stream_or_setting_stop_ends_the_engine_thread():
+ENGINES = ["thread", pytest.param("process", marks=pytest.mark.skipif(not fork_available(), reason="needs fork"))]
+
+
+def test_the_process_engine_streams_what_the_engine_yields_inline():
+    """In a forked child (one torch thread) the engine must yield exactly what it yields inline
+    on one thread, and the frames must be prefixes of that."""
+    if not fork_available():
+        pytest.skip("needs fork")
+    import torch
+
+    from e3rl_core.data import render_prompt
+    from e3rl_core.generator import ErasableGenerator
+    from e3rl_core.rewards import is_correct
+
+    q, g = examples()[0]
+    req = GenRequest(model=MODEL, prompt=q, gold=g, seed=DEFAULTS["seed"], group_size=DEFAULTS["group_size"])
+    streamed = list(stream_generation(STORE, req, min_interval=0.0, engine="process"))
+    model, tok = STORE.get(MODEL)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inline = list(ErasableGenerator(model, tok, req.config(), model_name=MODEL, checker=is_correct).stream(
+            render_prompt(q, tok), group_size=req.group_size, seed=req.seed, golds=[g]))
+    finally:
+        torch.set_num_threads(before)
+    final = _signature(streamed[-1].events)
+    assert final == _signature(inline) and streamed[-1].finished
+    def signals(events):
+        return [(e.entropy, e.surprisal, e.top) for e in events if e.kind == "token"]
+
+    assert signals(streamed[-1].events) == signals(inline)  # bit for bit, top-5 included
+    for f in streamed[:-1]:
+        assert not f.finished and final[: len(f.events)] == _signature(f.events)
+    done = [e for e in streamed[-1].events if e.kind == "done"]
+    assert len(done) == req.group_size and all(d.correct is not None for d in done)  # checked in the child
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_closing_the_stream_or_setting_stop_ends_the_engine(engine):
+    import multiprocessing
     import threading
+
+    def running() -> bool:
+        return (any(t.name == "e3rl-generate" for t in threading.enumerate())
+                or bool(multiprocessing.active_children()))
 
     q, g = examples()[2]
     req = GenRequest(model=MODEL, prompt=q, gold=g, group_size=8, seed=1)
-    it = stream_generation(STORE, req, min_interval=0.0)
+    it = stream_generation(STORE, req, min_interval=0.0, engine=engine)
     first = next(it)
     assert any(e.kind == "token" for e in first.events)
     it.close()  # what gradio does on Stop or a closed page
-    assert not any(t.name == "e3rl-generate" for t in threading.enumerate())
+    assert not running()
 
     stop = threading.Event()
     out = []
-    for frame in stream_generation(STORE, req, min_interval=0.0, stop=stop):
+    for frame in stream_generation(STORE, req, min_interval=0.0, stop=stop, engine=engine):
         out.append(frame)
         stop.set()
-    full = list(stream_generation(STORE, req, min_interval=0.0))[-1]
+    full = list(stream_generation(STORE, req, min_interval=0.0, engine=engine))[-1]
     assert out[-1].finished and len(out[-1].events) < len(full.events)
-    assert not any(t.name == "e3rl-generate" for t in threading.enumerate())
+    assert not running()
 
 
-def test_an_engine_error_reaches_the_caller(monkeypatch):
+def _broken(monkeypatch, fail):
     from app import session
+    from e3rl_core.generator import ErasableGenerator
 
-    class Broken(session.ErasableGenerator):
+    class Broken(ErasableGenerator):
         def stream(self, *a, **k):
             yield from list(super().stream(*a, **k))[:3]
-            raise RuntimeError("engine broke")
+            fail()
 
     monkeypatch.setattr(session, "ErasableGenerator", Broken)
     q, g = examples()[0]
+    return GenRequest(model=MODEL, prompt=q, gold=g, group_size=1)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_engine_error_reaches_the_caller(monkeypatch, engine):
+    def fail():
+        raise RuntimeError("engine broke")
+
     with pytest.raises(RuntimeError, match="engine broke"):
-        list(stream_generation(STORE, GenRequest(model=MODEL, prompt=q, gold=g, group_size=1), min_interval=0.0))
+        list(stream_generation(STORE, _broken(monkeypatch, fail), min_interval=0.0, engine=engine))
+
+
+class _NeedsKeyword(Exception):
+    def __init__(self, message: str, *, row: int) -> None:  # cannot be rebuilt from its args
+        super().__init__(message)
+        self.row = row
+
+
+def test_the_process_engine_reports_errors_that_do_not_pickle_and_a_dead_child(monkeypatch):
+    if not fork_available():
+        pytest.skip("needs fork")
+    import os
+    import signal
+
+    def odd():
+        raise _NeedsKeyword("odd failure", row=2)
+
+    with pytest.raises(RuntimeError, match="_NeedsKeyword: odd failure"):
+        list(stream_generation(STORE, _broken(monkeypatch, odd), min_interval=0.0, engine="process"))
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+
+    with pytest.raises(E3RLError, match=r"generation process ended unexpectedly \(exit code -9\)"):
+        list(stream_generation(STORE, _broken(monkeypatch, die), min_interval=0.0, engine="process"))
+
+
+def test_unknown_engine_is_refused_before_generating():
+    q, g = examples()[0]
+    with pytest.raises(E3RLError, match="unknown engine 'gpu'"):
+        next(stream_generation(STORE, GenRequest(model=MODEL, prompt=q, gold=g), engine="gpu"))
 
 
 def test_chart_specs_are_plain_json_and_valid_plotly():

@@ -110,3 +110,16 @@ def test_cli_errors_are_one_line_with_advice(tmp_path, capsys, model_dir):
     assert "prompt is empty" in capsys.readouterr().err
     assert main(["generate", "--model", str(model_dir), "--prompt-file", str(tmp_path / "none.txt")]) == 2
     assert "cannot read --prompt-file" in capsys.readouterr().err
+
+
+def test_app_refuses_conflicting_engine_settings_before_starting(capsys):
+    from app.main import default_engine, main as app_main
+    from app.producer import fork_available
+
+    assert app_main(["--engine", "process", "--threads", "2"]) == 2  # returns before binding a port
+    assert "generates on one torch thread; drop threads=2 or use engine 'thread'" in capsys.readouterr().err
+    assert app_main(["--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
+    # a forked child must stay on one torch thread: more threads keep generation in a thread
+    assert default_engine(2) == "thread"
+    assert default_engine(1) == ("process" if fork_available() else "thread")
