@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from e3rl_core.errors import E3RLError
@@ -20,13 +21,39 @@ from .producer import ENGINES, fork_available
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def default_threads() -> int:
-    """Torch threads for generation: one core fewer than torch would take, left to the web server
-    and the browser (on a 2-core machine a second torch thread does not speed up the shipped model
-    but slows everything else; measured with scripts/bench_app.py)."""
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs granted by a cgroup quota (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``), or None when there is none or it cannot be read. A container, such as a
+    Space, sees all of the host's cores but may use only this many."""
+    base = Path(root)
+    try:
+        if (base / "cpu.max").is_file():
+            quota, period = (base / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        quota_file = base / "cpu" / "cpu.cfs_quota_us"
+        if quota_file.is_file():
+            quota = int(quota_file.read_text())
+            return None if quota <= 0 else quota / int((base / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        pass  # unreadable or malformed: no limit known, fall back to the cores the OS reports
+    return None
+
+
+def default_threads(root: str = "/sys/fs/cgroup") -> int:
+    """Torch threads for generation: one fewer than the CPUs this process may use (its affinity,
+    capped by a cgroup quota), left to the web server and the browser. On a 2-core machine a second
+    torch thread does not speed up the shipped model but slows everything else (measured with
+    scripts/bench_app.py)."""
+    import math
+
     import torch
 
-    return max(1, torch.get_num_threads() - 1)
+    cpus = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(root)
+    if limit is not None:
+        cpus = min(cpus, max(1, math.ceil(limit)))
+    return max(1, cpus - 1)
 
 
 def default_engine(threads: int) -> str:

@@ -6,6 +6,7 @@ at the end), ``first_token``, and ``start``/``join``.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -46,8 +47,9 @@ class Producer(threading.Thread):
             self.first_token.set()
 
     def run(self) -> None:
-        stream = self._run()
+        stream: Iterator[Event] | None = None
         try:
+            stream = self._run()
             for ev in stream:
                 self._take([ev])
                 if self.stop.is_set():
@@ -55,91 +57,209 @@ class Producer(threading.Thread):
         except BaseException as err:  # handed to the consumer, which raises it in the handler
             self.error = err
         finally:
-            stream.close()
+            if stream is not None and hasattr(stream, "close"):
+                stream.close()
             self.stop.set()
             self.first_token.set()
 
 
 class ProcessProducer(Producer):
-    """Runs the engine in a forked child process; this thread receives its events.
+    """Runs the engine in a forked worker process (see ``Workers``); this thread receives its
+    events. ``job(context)`` must pickle (a module-level function, or a partial of one): it is sent
+    to the worker, which calls it with its copy of the pool's context."""
 
-    A thread shares the interpreter lock with the web server: every frame gradio serializes and
-    sends is time the (Python-bound) engine cannot run, and the two threads' objects bounce between
-    the cores. A forked child has its own interpreter and starts at once (the loaded model is
-    shared copy-on-write). It generates on one torch thread: OpenMP's thread pool does not survive
-    fork (a child that opens a parallel region after the parent did hangs), and one thread never
-    opens one."""
+    def __init__(self, job: Callable[[Any], Iterator[Event]], workers: "Workers", needs: str) -> None:
+        super().__init__(lambda: iter(()))
+        self._job, self._workers, self._needs = job, workers, needs
 
     def run(self) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork")
-        receive, send = ctx.Pipe(duplex=False)
-        halt = ctx.Event()
-        child = ctx.Process(target=_engine_child, args=(self._run, send, halt), daemon=True, name="e3rl-generate")
+        worker: _Worker | None = None
+        reusable = False
         try:
-            child.start()
-            send.close()  # the child's end; the parent keeps only its own
+            worker = self._workers.acquire(self._needs)
+            worker.halt.clear()
+            worker.jobs.send(self._job)
             halted_at: float | None = None
             while True:
                 if self.stop.is_set() and halted_at is None:
-                    halt.set()
+                    worker.halt.set()
                     halted_at = time.perf_counter()
                 if halted_at is not None and time.perf_counter() - halted_at > 10:
                     break  # asked to stop and did not: killed below
-                if not receive.poll(0.05):
+                if not worker.events.poll(0.05):
                     continue
                 try:
-                    kind, payload = receive.recv()
-                except EOFError:  # the child died without a word (killed, out of memory, a crash)
-                    child.join(5)
-                    raise E3RLError(f"the generation process ended unexpectedly (exit code {child.exitcode}); "
-                                    f"try again, or start the app with --engine thread") from None
+                    kind, payload = worker.events.recv()
+                except EOFError:  # the worker died without a word (killed, out of memory, a crash)
+                    worker.proc.join(5)
+                    raise E3RLError(f"the generation process ended unexpectedly (exit code "
+                                    f"{worker.proc.exitcode}); try again, or start the app with --engine "
+                                    f"thread") from None
                 if kind == "events":
                     self._take(payload)
-                elif kind == "error":
+                    continue
+                reusable = True  # it finished the job and waits for the next
+                if kind == "error":
                     raise payload
-                else:
-                    break
+                break
         except BaseException as err:
             self.error = err
         finally:
-            halt.set()
-            child.join(5)
-            if child.is_alive():
-                child.kill()
-                child.join()
-            receive.close()
+            # Done: the consumer may go on (the events are complete) while the worker is put back.
             self.stop.set()
             self.first_token.set()
+            if worker is not None:
+                self._workers.release(worker, reusable)
 
 
-def _engine_child(run: Callable[[], Iterator[Event]], send: Any, halt: Any) -> None:
-    """The forked child: generate on one torch thread and send events in batches (every 20 ms, the
-    first token at once), then ("end", None) or ("error", exception)."""
+class _Worker:
+    """A forked child that runs one job at a time; ``models``: what the parent had loaded when it
+    forked (shared copy-on-write)."""
+
+    def __init__(self, context: Any, models: frozenset[str]) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        job_out, job_in = ctx.Pipe(duplex=False)
+        self.events, event_out = ctx.Pipe(duplex=False)
+        self.jobs = job_in
+        self.halt = ctx.Event()
+        self.models = models
+        # The child lets go of everything else it inherits, the parent's ends of these pipes
+        # included: a pipe reads as ended only when every writer has closed it.
+        self.proc = ctx.Process(target=_worker_main, args=(context, job_out, event_out, self.halt), daemon=True,
+                                name="e3rl-engine")
+        try:
+            self.proc.start()
+        except OSError as err:  # fork can fail for want of memory or process slots
+            self.close()
+            raise E3RLError(f"cannot start a generation process ({err}); free some memory, or start the app "
+                            f"with --engine thread") from None
+        finally:
+            job_out.close()  # the child's ends; the parent keeps only its own
+            event_out.close()
+
+    def close(self) -> None:
+        """End the worker (it is idle, or killed if it does not end at once) and its pipes."""
+        if self.proc.pid is not None:
+            with contextlib.suppress(OSError):
+                self.jobs.send(None)
+            self.proc.join(1)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
+        self.jobs.close()
+        self.events.close()
+
+
+class Workers:
+    """Forked worker processes for ``ProcessProducer``, reused from one generation to the next.
+
+    Why a child process: in a thread, the Python-bound engine shares the interpreter lock with the
+    web server, so every frame gradio builds and sends is time the engine cannot run. A forked
+    child has its own interpreter, and shares the loaded model copy-on-write. Why reused: a fork
+    per generation pays the fork, the child's first-touch page copies and its exit (~60 ms for the
+    shipped model, a tenth of a short generation). Workers generate on one torch thread: OpenMP's
+    pool does not survive fork (a child that opens a parallel region after its parent did hangs),
+    and one thread never opens one.
+
+    ``context`` (the model store) is what jobs get in the worker, as it was at the fork; a worker
+    forked before the model a job needs was loaded here is replaced, so weights are never loaded
+    twice. ``context.loaded()`` names the loaded models; ``context.forked()``, if present, runs
+    first in each worker (to reset locks a parent thread may have held at the fork)."""
+
+    def __init__(self, context: Any, keep: int = 2) -> None:
+        self._context = context
+        self._keep = keep  # idle workers kept (the app's queue runs two generations at once)
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+
+    def acquire(self, needs: str) -> _Worker:
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.proc.is_alive() and needs in worker.models:
+                    return worker
+                worker.close()
+        return _Worker(self._context, frozenset(self._context.loaded()))
+
+    def release(self, worker: _Worker, reusable: bool) -> None:
+        with self._lock:
+            if reusable and worker.proc.is_alive() and len(self._idle) < self._keep:
+                self._idle.append(worker)
+                return
+        worker.close()
+
+    def close(self) -> None:
+        """End every idle worker (busy ones end when their generation does)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.close()
+
+
+def _worker_main(context: Any, jobs: Any, send: Any, halt: Any) -> None:
+    """A worker's life: one torch thread; run each job it is sent until None or its parent is gone."""
     import torch
 
     torch.set_num_threads(1)
-    batch: list[Event] = []
-    stream = run()
+    if sys.platform.startswith("linux"):  # /proc/self/fd
+        _release_inherited_fds({jobs.fileno(), send.fileno()})
+    if hasattr(context, "forked"):
+        context.forked()
+    while True:
+        try:
+            job = jobs.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if job is None or not _run_job(job, context, send, halt):
+            return
+
+
+def _release_inherited_fds(keep: set[int]) -> None:
+    """Let go of every file descriptor the fork copied except stdio and ``keep``: the server's
+    listening socket and open connections, a client's, pipes to other processes (a test's browser
+    driver, the other workers). A connection or pipe stays open until every process holding it lets
+    go, so a copy kept here would hold a finished response open, or keep a process that waits for
+    the end of its input from ever seeing it. Each becomes /dev/null at the same number, so a stale
+    object closing it later cannot close something else."""
+    import os
+
+    null = os.open(os.devnull, os.O_RDWR)
     try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd != null and fd not in keep:
+                with contextlib.suppress(OSError):  # the listing's own fd is gone by now
+                    os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+def _run_job(job: Callable[[Any], Iterator[Event]], context: Any, send: Any, halt: Any) -> bool:
+    """Send the job's events in batches (every 20 ms, the first token at once), then ("end", None)
+    or ("error", exception). False when the parent has gone away."""
+    batch: list[Event] = []
+    stream: Iterator[Event] | None = None
+    try:
+        stream = job(context)
         sent_at, waiting_first = time.perf_counter(), True
         for ev in stream:
             batch.append(ev)
             now = time.perf_counter()
             if now - sent_at >= 0.02 or (waiting_first and ev.kind == "token"):
                 if not _deliver(send, ("events", batch)):
-                    return
+                    return False
                 batch, sent_at = [], now
                 waiting_first = waiting_first and ev.kind != "token"
             if halt.is_set():
                 break
-        _deliver(send, ("events", batch)) and _deliver(send, ("end", None))
+        return _deliver(send, ("events", batch)) and _deliver(send, ("end", None))
     except BaseException as err:
-        _deliver(send, ("events", batch)) and _deliver(send, ("error", _portable(err)))
+        return _deliver(send, ("events", batch)) and _deliver(send, ("error", _portable(err)))
     finally:
-        stream.close()
-        send.close()
+        if stream is not None and hasattr(stream, "close"):
+            stream.close()
 
 
 def _deliver(send: Any, message: tuple[str, Any]) -> bool:

@@ -7,6 +7,7 @@ rate, so the browser is not flooded with one update per token.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from e3rl_core.generator import ErasableGenerator
 from e3rl_core.model_io import load_model, recommended_config
 from e3rl_core.rewards import is_correct
 
-from .producer import ENGINES, Producer, ProcessProducer, fork_available
+from .producer import ENGINES, Producer, ProcessProducer, Workers, fork_available
 from .render import TraceView, fold
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,10 +43,20 @@ def resolve(model: str) -> str:
 
 
 class ModelStore:
-    """Loaded (model, tokenizer) pairs by path, loaded once under a lock."""
+    """Loaded (model, tokenizer) pairs by path, loaded once under a lock; and the forked workers
+    that generate with them (``workers``, for the "process" engine)."""
 
     def __init__(self) -> None:
         self._models: dict[str, tuple[Any, Any]] = {}
+        self._lock = threading.Lock()
+        self.workers = Workers(self)
+
+    def loaded(self) -> set[str]:
+        """The paths of the loaded models."""
+        return set(self._models)
+
+    def forked(self) -> None:
+        """Called first in a forked worker: a parent thread may have held the lock at the fork."""
         self._lock = threading.Lock()
 
     def get(self, model: str) -> tuple[Any, Any]:
@@ -128,14 +139,13 @@ def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float
     check_prompt(req.prompt)
     if not 1 <= int(req.group_size) <= 16:
         raise E3RLError("group size must be between 1 and 16")
-    config = req.config()
-    model, tok = store.get(req.model)
-    gen = ErasableGenerator(model, tok, config, model_name=req.model, checker=is_correct)
-    prompt = prompt_text(req, tok)
-    gold = req.gold_answer()
-    kind = ProcessProducer if engine == "process" else Producer
-    producer = kind(lambda: gen.stream(prompt, group_size=int(req.group_size), seed=int(req.seed),
-                                       golds=None if gold is None else [gold]))
+    req.config()  # a bad setting fails here, in the handler
+    store.get(req.model)  # loaded here, so a worker forked now shares it
+    job = functools.partial(engine_events, req)
+    if engine == "process":
+        producer: Producer = ProcessProducer(job, store.workers, resolve(req.model))
+    else:
+        producer = Producer(lambda: job(store))
     views: dict[str, TraceView] = {}
     t0 = time.perf_counter()
     first: float | None = None
@@ -173,6 +183,16 @@ def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float
         # wait for it, so no generation outlives its request (it stops at the next token).
         producer.stop.set()
         producer.join(timeout=30)
+
+
+def engine_events(req: GenRequest, store: ModelStore) -> Iterator[Event]:
+    """The engine's event stream for one request (run in a thread, or in a forked worker with its
+    copy of the store)."""
+    model, tok = store.get(req.model)
+    gen = ErasableGenerator(model, tok, req.config(), model_name=req.model, checker=is_correct)
+    gold = req.gold_answer()
+    return gen.stream(prompt_text(req, tok), group_size=int(req.group_size), seed=int(req.seed),
+                      golds=None if gold is None else [gold])
 
 
 def prompt_text(req: GenRequest, tokenizer: Any) -> str:

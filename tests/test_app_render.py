@@ -8,7 +8,7 @@ import pytest
 
 from app import audit, render
 from app.producer import fork_available
-from app.session import GenRequest, ModelStore, replay_view, stream_generation
+from app.session import REPO, GenRequest, ModelStore, replay_view, stream_generation
 from app.ui import DEFAULTS, examples
 from e3rl_core.errors import E3RLError
 from e3rl_core.events import SegmentEvent, group_traces, write_events
@@ -247,31 +247,108 @@ def test_the_process_engine_streams_what_the_engine_yields_inline():
     assert len(done) == req.group_size and all(d.correct is not None for d in done)  # checked in the child
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_closing_the_stream_or_setting_stop_ends_the_engine(engine):
-    import multiprocessing
+def _busy() -> bool:
     import threading
 
-    def running() -> bool:
-        return (any(t.name == "e3rl-generate" for t in threading.enumerate())
-                or bool(multiprocessing.active_children()))
+    return any(t.name == "e3rl-generate" for t in threading.enumerate())
 
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_closing_the_stream_or_setting_stop_ends_the_engine(engine):
+    import threading
+
+    store = ModelStore()
     q, g = examples()[2]
     req = GenRequest(model=MODEL, prompt=q, gold=g, group_size=8, seed=1)
-    it = stream_generation(STORE, req, min_interval=0.0, engine=engine)
+    it = stream_generation(store, req, min_interval=0.0, engine=engine)
     first = next(it)
     assert any(e.kind == "token" for e in first.events)
     it.close()  # what gradio does on Stop or a closed page
-    assert not running()
+    assert not _busy()
 
     stop = threading.Event()
     out = []
-    for frame in stream_generation(STORE, req, min_interval=0.0, stop=stop, engine=engine):
+    for frame in stream_generation(store, req, min_interval=0.0, stop=stop, engine=engine):
         out.append(frame)
         stop.set()
-    full = list(stream_generation(STORE, req, min_interval=0.0, engine=engine))[-1]
+    full = list(stream_generation(store, req, min_interval=0.0, engine=engine))[-1]
+    # a stopped worker takes the next job and runs it whole
     assert out[-1].finished and len(out[-1].events) < len(full.events)
-    assert not running()
+    assert sum(e.kind == "done" for e in full.events) == 8
+    assert not _busy()
+    store.workers.close()
+
+
+def test_process_workers_are_reused_shared_and_end_with_their_parent(model_dir):
+    """One worker serves generation after generation; it holds no socket or pipe it inherited; a
+    model loaded after it was forked gets a new worker (which shares it); two at once get two; and
+    workers end when their parent does, even killed."""
+    if not fork_available():
+        pytest.skip("needs fork")
+    import multiprocessing
+    import os
+    import select
+    import subprocess
+    import sys
+    import time
+
+    def workers() -> set[int]:  # this test's (other tests' stores may keep idle workers)
+        return {c.pid for c in multiprocessing.active_children() if c.name == "e3rl-engine"} - before
+
+    import socket
+
+    before = {c.pid for c in multiprocessing.active_children()}
+    store = ModelStore()
+    q, g = examples()[0]
+    req = GenRequest(model=MODEL, prompt=q, gold=g, group_size=1, seed=3)
+    server = socket.create_server(("127.0.0.1", 0))  # as the web server's listening socket
+    port = server.getsockname()[1]
+    read_end, write_end = os.pipe()  # as the pipe to a browser driver that waits for its input's end
+    a = list(stream_generation(store, req, engine="process"))[-1]
+    first = workers()
+    server.close()  # the worker, forked while these were open, must not keep them open
+    os.close(write_end)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert select.select([read_end], [], [], 5)[0] and os.read(read_end, 1) == b""  # the end, at once
+    os.close(read_end)
+    b = list(stream_generation(store, req, engine="process"))[-1]
+    assert len(first) == 1 and workers() == first  # reused
+    assert _signature(a.events)[1:] == _signature(b.events)[1:]  # same seed, same tokens
+    other = GenRequest(model=str(model_dir), prompt="hello", group_size=1, max_new_tokens=8)
+    assert list(stream_generation(store, other, engine="process"))[-1].finished
+    assert len(workers()) == 1 and workers() != first  # forked after the new model was loaded; old one retired
+    store.workers.close()
+    assert not workers()
+
+    script = f"""
+import os, sys, threading
+sys.path.insert(0, {str(REPO)!r})
+from app.session import GenRequest, ModelStore, stream_generation
+store = ModelStore()
+req = GenRequest(model={MODEL!r}, prompt={q!r}, gold={g!r}, group_size=2, seed=1)
+runs = [threading.Thread(target=lambda: list(stream_generation(store, req, engine="process"))) for _ in range(2)]
+[t.start() for t in runs]; [t.join() for t in runs]
+import multiprocessing
+print(" ".join(str(c.pid) for c in multiprocessing.active_children()), flush=True)
+os._exit(0)  # no clean-up, as if killed
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    pids = [int(x) for x in out.stdout.split()]
+    assert len(pids) == 2  # two generations at once ran on two workers
+
+    def alive(p: int) -> bool:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().split(") ")[1][0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 10
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids), "a worker outlived its parent"
+    assert os.getpid() not in pids
 
 
 def _broken(monkeypatch, fail):
@@ -293,8 +370,10 @@ def test_an_engine_error_reaches_the_caller(monkeypatch, engine):
     def fail():
         raise RuntimeError("engine broke")
 
+    store = ModelStore()  # its workers are forked after the patch
     with pytest.raises(RuntimeError, match="engine broke"):
-        list(stream_generation(STORE, _broken(monkeypatch, fail), min_interval=0.0, engine=engine))
+        list(stream_generation(store, _broken(monkeypatch, fail), min_interval=0.0, engine=engine))
+    store.workers.close()
 
 
 class _NeedsKeyword(Exception):
@@ -303,7 +382,7 @@ class _NeedsKeyword(Exception):
         self.row = row
 
 
-def test_the_process_engine_reports_errors_that_do_not_pickle_and_a_dead_child(monkeypatch):
+def test_the_process_engine_reports_errors_that_do_not_pickle_and_a_dead_worker(monkeypatch):
     if not fork_available():
         pytest.skip("needs fork")
     import os
@@ -312,14 +391,37 @@ def test_the_process_engine_reports_errors_that_do_not_pickle_and_a_dead_child(m
     def odd():
         raise _NeedsKeyword("odd failure", row=2)
 
-    with pytest.raises(RuntimeError, match="_NeedsKeyword: odd failure"):
-        list(stream_generation(STORE, _broken(monkeypatch, odd), min_interval=0.0, engine="process"))
-
     def die():
         os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
 
+    store = ModelStore()
+    req = _broken(monkeypatch, odd)
+    with pytest.raises(RuntimeError, match="_NeedsKeyword: odd failure"):
+        list(stream_generation(store, req, min_interval=0.0, engine="process"))
+    store.workers.close()
+    store = ModelStore()
     with pytest.raises(E3RLError, match=r"generation process ended unexpectedly \(exit code -9\)"):
-        list(stream_generation(STORE, _broken(monkeypatch, die), min_interval=0.0, engine="process"))
+        list(stream_generation(store, _broken(monkeypatch, die), min_interval=0.0, engine="process"))
+    monkeypatch.undo()  # the dead worker was dropped: the next generation gets a new one
+    q, g = examples()[0]
+    assert list(stream_generation(store, GenRequest(model=MODEL, prompt=q, gold=g, group_size=1),
+                                  engine="process"))[-1].finished
+    store.workers.close()
+
+
+def test_a_failed_fork_is_a_clear_error(monkeypatch):
+    if not fork_available():
+        pytest.skip("needs fork")
+    import multiprocessing.context
+
+    def no_memory(self):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(multiprocessing.context.ForkProcess, "start", no_memory)
+    q, g = examples()[0]
+    with pytest.raises(E3RLError, match=r"cannot start a generation process .*Cannot allocate memory.*--engine thread"):
+        list(stream_generation(ModelStore(), GenRequest(model=MODEL, prompt=q, gold=g, group_size=1),
+                               engine="process"))
 
 
 def test_unknown_engine_is_refused_before_generating():

@@ -123,3 +123,34 @@ def test_app_refuses_conflicting_engine_settings_before_starting(capsys):
     # a forked child must stay on one torch thread: more threads keep generation in a thread
     assert default_engine(2) == "thread"
     assert default_engine(1) == ("process" if fork_available() else "thread")
+
+
+def test_default_threads_respect_a_container_cpu_quota(tmp_path, monkeypatch):
+    """A Space (a container) sees the host's cores but gets a quota; the app's torch threads and
+    so its engine choice follow the quota."""
+    import os
+
+    from app.main import cgroup_cpu_limit, default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(16)  # as on a 16-core host
+    try:
+        v2 = tmp_path / "v2"
+        v2.mkdir()
+        (v2 / "cpu.max").write_text("200000 100000\n")
+        assert cgroup_cpu_limit(str(v2)) == 2.0 and default_threads(str(v2)) == 1
+        (v2 / "cpu.max").write_text("max 100000\n")
+        assert cgroup_cpu_limit(str(v2)) is None and default_threads(str(v2)) == 15
+        v1 = tmp_path / "v1" / "cpu"
+        v1.mkdir(parents=True)
+        (v1 / "cpu.cfs_quota_us").write_text("450000\n")
+        (v1 / "cpu.cfs_period_us").write_text("100000\n")
+        assert cgroup_cpu_limit(str(tmp_path / "v1")) == 4.5 and default_threads(str(tmp_path / "v1")) == 4
+        (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+        assert cgroup_cpu_limit(str(tmp_path / "v1")) is None
+        (v1 / "cpu.cfs_quota_us").write_text("garbage")
+        assert cgroup_cpu_limit(str(tmp_path / "v1")) is None  # malformed: no limit known, no crash
+        assert cgroup_cpu_limit(str(tmp_path / "none")) is None
+    finally:
+        torch.set_num_threads(before)
