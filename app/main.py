@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--space", action="store_true", default=os.environ.get("E3RL_SPACE") == "1",
                    help="Hugging Face Space mode: shipped and trained models only, bounded training")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for generation (default: one fewer than the cores torch uses)")
+                   help="torch threads for generation (default: one fewer than the CPUs this process may use)")
     p.add_argument("--engine", choices=["auto", "thread", "process"], default="auto",
                    help="where generations run: a thread of the server, or a forked process on one torch "
                         "thread (Linux); auto: process when generating on one thread, else thread")
