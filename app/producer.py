@@ -41,17 +41,14 @@ class Producer(threading.Thread):
         self.stop = threading.Event()  # set by the consumer to end early, and here at the end
         self.first_token = threading.Event()
 
-    def _take(self, events: list[Event]) -> None:
-        self.events.extend(events)
-        if not self.first_token.is_set() and any(ev.kind == "token" for ev in events):
-            self.first_token.set()
-
     def run(self) -> None:
         stream: Iterator[Event] | None = None
         try:
             stream = self._run()
-            for ev in stream:
-                self._take([ev])
+            for ev in stream:  # per token: keep it lean
+                self.events.append(ev)
+                if ev.kind == "token" and not self.first_token.is_set():
+                    self.first_token.set()
                 if self.stop.is_set():
                     break
         except BaseException as err:  # handed to the consumer, which raises it in the handler
@@ -71,6 +68,12 @@ class ProcessProducer(Producer):
     def __init__(self, job: Callable[[Any], Iterator[Event]], workers: "Workers", needs: str) -> None:
         super().__init__(lambda: iter(()))
         self._job, self._workers, self._needs = job, workers, needs
+
+    def _take(self, events: list[Event]) -> None:
+        """A batch from a worker."""
+        self.events.extend(events)
+        if not self.first_token.is_set() and any(ev.kind == "token" for ev in events):
+            self.first_token.set()
 
     def run(self) -> None:
         worker: _Worker | None = None
