@@ -14,11 +14,11 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from e3rl_core.config import GenerationConfig
 from e3rl_core.errors import E3RLError, TraceFormatError
 from e3rl_core.events import SegmentEvent, StartEvent, Trace, event_to_dict, group_traces, read_events
-from e3rl_core.scoring import SegmentFeatures, segment_score
-from e3rl_core.thresholds import make_policy
+from e3rl_core.generation.config import GenerationConfig
+from e3rl_core.generation.scoring import SegmentFeatures, segment_score
+from e3rl_core.generation.thresholds import make_policy
 
 COLUMNS = ["trace", "source", "segment", "attempt", "base", "max", "delta", "score", "baseline", "penalty",
            "history", "threshold", "decision", "reason", "erased_text", "replacement", "answer", "correct",

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from e3rl_core.config import GenerationConfig, apply_overrides
 from e3rl_core.errors import E3RLError
 from e3rl_core.events import Event, Trace
-from e3rl_core.generator import ErasableGenerator
-from e3rl_core.model_io import load_model, recommended_config
-from e3rl_core.rewards import is_correct
+from e3rl_core.generation.config import GenerationConfig
+from e3rl_core.generation.generator import ErasableGenerator
+from e3rl_core.models import load_model, recommended_config
+from e3rl_core.overrides import apply_overrides
+from e3rl_core.tasks.rewards import extract_answer, is_correct
 
-from .producer import ENGINES, Producer, ProcessProducer, Workers, fork_available
+from .producer import ENGINES, ProcessProducer, Producer, Workers, fork_available
 from .render import TraceView, fold
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,7 +190,7 @@ def engine_events(req: GenRequest, store: ModelStore) -> Iterator[Event]:
     """The engine's event stream for one request (run in a thread, or in a forked worker with its
     copy of the store)."""
     model, tok = store.get(req.model)
-    gen = ErasableGenerator(model, tok, req.config(), model_name=req.model, checker=is_correct)
+    gen = ErasableGenerator(model, tok, req.config(), model_name=req.model, checker=is_correct, answer_fn=extract_answer)
     gold = req.gold_answer()
     return gen.stream(prompt_text(req, tok), group_size=int(req.group_size), seed=int(req.seed),
                       golds=None if gold is None else [gold])
@@ -197,7 +198,7 @@ def engine_events(req: GenRequest, store: ModelStore) -> Iterator[Event]:
 
 def prompt_text(req: GenRequest, tokenizer: Any) -> str:
     """The prompt as generated: a bare one-line question gets the task's template."""
-    from e3rl_core.data import render_prompt
+    from e3rl_core.tasks.datasets import render_prompt
 
     prompt = req.prompt
     if not prompt.rstrip().endswith("Answer:") and "\n" not in prompt.strip():

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from e3rl_core.checkpoint import LOG_FILE, RUN_FILE, checkpoints
 from e3rl_core.errors import E3RLError
+from e3rl_core.training.checkpoint import LOG_FILE, RUN_FILE, checkpoints
 
 LOCK = "active-run.json"
 

@@ -14,9 +14,9 @@ import pandas as pd
 
 from e3rl_core.errors import E3RLError
 from e3rl_core.events import Trace, group_traces
-from e3rl_core.segmenter import SEGMENTERS
+from e3rl_core.generation.segmenter import SEGMENTERS
+from e3rl_core.generation.thresholds import POLICIES
 from e3rl_core.tasks import arith
-from e3rl_core.thresholds import POLICIES
 
 from . import audit, render
 from .session import GenRequest, ModelStore, replay_view, same_run, shipped_models, stream_generation

@@ -3,19 +3,19 @@
 Data flows one way: prompt -> ErasableGenerator -> events -> (UI | trainer | audit | eval).
 This package never imports the UI.
 """
-from .config import (
+from .errors import ConfigError, E3RLError, ModelLoadError, NonFiniteLogitsError, PromptError, TraceFormatError
+from .events import Trace, TraceWriter, group_traces, read_events, write_events
+from .generation.config import (
     EraseConfig,
     GenerationConfig,
     SamplingConfig,
     ScoreConfig,
     SegmentConfig,
     ThresholdConfig,
-    apply_overrides,
 )
-from .errors import ConfigError, E3RLError, ModelLoadError, NonFiniteLogitsError, PromptError, TraceFormatError
-from .events import Trace, TraceWriter, group_traces, read_events, write_events
-from .generator import ErasableGenerator
-from .model_io import load_model
+from .generation.generator import ErasableGenerator
+from .models import load_model
+from .overrides import apply_overrides
 
 __all__ = [
     "ConfigError", "E3RLError", "EraseConfig", "ErasableGenerator", "GenerationConfig", "ModelLoadError",

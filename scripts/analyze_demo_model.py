@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from e3rl_core.config import GenerationConfig, apply_overrides
-from e3rl_core.data import Example
-from e3rl_core.evaluate import evaluate
-from e3rl_core.generator import ErasableGenerator
-from e3rl_core.model_io import load_model
-from e3rl_core.rewards import is_correct
-from e3rl_core.signals import sequence_signals
+from e3rl_core.evaluation.evaluate import evaluate
+from e3rl_core.generation.config import GenerationConfig
+from e3rl_core.generation.generator import ErasableGenerator
+from e3rl_core.generation.signals import sequence_signals
+from e3rl_core.models import load_model
+from e3rl_core.overrides import apply_overrides
 from e3rl_core.tasks.arith import problems
+from e3rl_core.tasks.datasets import Example
+from e3rl_core.tasks.rewards import extract_answer, is_correct
 
 STEP = re.compile(r"^([a-h]) = (\d+) ([+\-*]) (\d+) = (\d+)$")
 
@@ -101,7 +102,7 @@ def main() -> int:
 
     # 1. greedy, erasure off
     gen = ErasableGenerator(model, tok, apply_overrides(GenerationConfig(), base + [
-        "sampling.temperature=0", "threshold.policy=none"]), checker=is_correct)
+        "sampling.temperature=0", "threshold.policy=none"]), checker=is_correct, answer_fn=extract_answer)
     summary, rows = evaluate(gen, examples, samples=1)
     texts = {r["problem_id"]: r["text"] for r in rows}
     kinds = [("correct" if r["correct"] else classify(p.question, r["text"])) for p, r in zip(probs, rows)]
@@ -139,7 +140,7 @@ def main() -> int:
             if temp == 0.0 and name == "e3rl (group)":
                 continue  # a greedy group is G identical rollouts: no group statistics
             cfg = apply_overrides(GenerationConfig(), base + [f"sampling.temperature={temp}"] + extra)
-            gen = ErasableGenerator(model, tok, cfg, checker=is_correct)
+            gen = ErasableGenerator(model, tok, cfg, checker=is_correct, answer_fn=extract_answer)
             t0 = time.perf_counter()
             s, _ = evaluate(gen, examples, samples=samples, seed=1)
             runs.append({

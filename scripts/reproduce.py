@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from e3rl_core.experiment import Settings, baseline, figure, markdown_table, plan, run_all, summarize  # noqa: E402
+from e3rl_core.evaluation.experiment import Settings, baseline, figure, markdown_table, plan, run_all, summarize  # noqa: E402
 
 
 def main() -> int:

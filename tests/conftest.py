@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from e3rl_core.config import GenerationConfig, apply_overrides
 from e3rl_core.events import SegmentEvent
-from e3rl_core.generator import ErasableGenerator
-from e3rl_core.tiny import random_model, save_random_model
+from e3rl_core.generation.config import GenerationConfig
+from e3rl_core.generation.generator import ErasableGenerator
+from e3rl_core.models import random_model, save_random_model
+from e3rl_core.overrides import apply_overrides
 
 torch.set_num_threads(2)
 

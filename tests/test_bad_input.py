@@ -5,15 +5,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_config
 
 from e3rl_core.cli import main
 from e3rl_core.errors import ModelLoadError, NonFiniteLogitsError, PromptError
 from e3rl_core.events import ErrorEvent, TokenEvent, read_events
-from e3rl_core.generator import ErasableGenerator
-from e3rl_core.model_io import load_model
-from e3rl_core.tiny import random_model
-
-from conftest import make_config
+from e3rl_core.generation.generator import ErasableGenerator
+from e3rl_core.models import load_model, random_model
 
 
 def test_missing_model_dir(tmp_path):
@@ -113,7 +111,8 @@ def test_cli_errors_are_one_line_with_advice(tmp_path, capsys, model_dir):
 
 
 def test_app_refuses_conflicting_engine_settings_before_starting(capsys):
-    from app.main import default_engine, main as app_main
+    from app.main import default_engine
+    from app.main import main as app_main
     from app.producer import fork_available
 
     assert app_main(["--engine", "process", "--threads", "2"]) == 2  # returns before binding a port

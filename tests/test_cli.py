@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from e3rl_core.cli import main
-from e3rl_core.events import DoneEvent, read_events, group_traces
+from e3rl_core.events import group_traces, read_events
 
 
 def test_generate_prints_completions_and_summary(model_dir, tmp_path, capsys):

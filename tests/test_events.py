@@ -4,15 +4,21 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import make_config
 
 from e3rl_core.errors import TraceFormatError
 from e3rl_core.events import (
-    DoneEvent, StartEvent, TokenEvent, Trace, event_from_dict, event_to_dict, group_traces, read_events,
+    DoneEvent,
+    StartEvent,
+    TokenEvent,
+    Trace,
+    event_from_dict,
+    event_to_dict,
+    group_traces,
+    read_events,
     write_events,
 )
-from e3rl_core.generator import ErasableGenerator
-
-from conftest import make_config
+from e3rl_core.generation.generator import ErasableGenerator
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,121 @@
+"""``e3rl train``: the trainer's command line (argument parsing only; the work is in ``trainer``).
+
+    e3rl train --model checkpoints/arith-demo --data synthetic:train?n=2000 --algo e3rl --out runs/e3rl \\
+        --steps 60 --group-size 8 --prompts-per-step 8 --set learning_rate=1e-4
+    torchrun --nproc_per_node 2 -m e3rl_core.cli train ...      (data parallel; gloo on CPU, nccl on GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..errors import E3RLError
+from ..overrides import apply_overrides
+
+# flag -> TrainConfig field; each flag is a shortcut for --set FIELD=VALUE
+FLAGS = {"steps": "max_steps", "group_size": "num_generations", "prompts_per_step": "prompts_per_step",
+         "learning_rate": "learning_rate", "seed": "seed", "token_budget": "rollout_token_budget",
+         "erase_budget": "generation.erase.budget", "save_steps": "save_steps"}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="RL on erasable rollouts: GRPO, DAPO or E3RL",
+                       description="Train a causal LM with GRPO, DAPO or E3RL. Writes checkpoints, log.jsonl "
+                                   "and rollouts.jsonl to --out; --resume continues a run exactly.")
+    p.add_argument("--model", help="model directory or hub id (not needed with --resume)")
+    p.add_argument("--data", help="dataset SPEC, e.g. synthetic:train?n=2000 or deepmath:/path.parquet")
+    p.add_argument("--algo", choices=["grpo", "dapo", "e3rl"], help="preset of the defaults (see docs/training.md)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--steps", type=int, help="optimizer steps (max_steps)")
+    p.add_argument("--group-size", type=int, help="rollouts per prompt, G (num_generations)")
+    p.add_argument("--prompts-per-step", type=int, help="prompts per step over all processes")
+    p.add_argument("--learning-rate", type=float, help="AdamW learning rate")
+    p.add_argument("--seed", type=int, help="data order and sampling seed")
+    p.add_argument("--token-budget", type=int, help="stop after this many generated tokens (rollout_token_budget)")
+    p.add_argument("--erase-budget", type=int, help="erasures per segment, K (Erase@K)")
+    p.add_argument("--save-steps", type=int, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any TrainConfig field, e.g. --set beta=0.01 or --set generation.threshold.kappa=1.5")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def _config(args: argparse.Namespace) -> tuple[Any, str, str]:
+    from ..models import recommended_config
+    from ..training.checkpoint import RunDirError, read_run
+    from ..training.config import TrainConfig
+
+    items = [f"{field}={getattr(args, flag)}" for flag, field in FLAGS.items() if getattr(args, flag) is not None]
+    if args.resume:
+        run = read_run(Path(args.out))
+        if run is None:
+            raise RunDirError(f"nothing to resume in {args.out}: it holds no run; drop --resume to start one")
+        changed = [f for f in ("model", "data", "algo") if getattr(args, f) not in (None, run.get(f))]
+        extra = [i for i in items + list(args.overrides)
+                 if i.split("=")[0] not in ("max_steps", "rollout_token_budget")]
+        if changed or extra:
+            raise E3RLError(
+                f"--resume continues the run as it was configured; only --steps and --token-budget may change "
+                f"(got {', '.join(changed + extra)}). Start a new run with another --out to change settings"
+            )
+        config = apply_overrides(TrainConfig.from_dict(run["config"]), items)
+        return config, run["model"], run["data"]
+    missing = [f"--{f}" for f in ("model", "data", "algo") if getattr(args, f) is None]
+    if missing:
+        raise E3RLError(f"e3rl train needs {', '.join(missing)} (or --resume to continue a run)")
+    config = TrainConfig.for_algo(args.algo, recommended_config(args.model))
+    return apply_overrides(config, items + list(args.overrides)), args.model, args.data
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..training.trainer import Trainer
+
+    config, model, data = _config(args)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():  # a second Ctrl-C: stop now (the last checkpoint stays)
+            raise KeyboardInterrupt
+        stop.set()
+        print("\n[e3rl] stopping after this step (a checkpoint will be written); press Ctrl-C again to abort",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    trainer = Trainer(config, model=model, data=data, out=args.out, resume=args.resume, overwrite=args.overwrite,
+                      device=args.device, dtype=args.dtype, should_stop=stop.is_set)
+    bar = tqdm(total=config.max_steps, initial=trainer.step, desc=f"train {config.algo}", unit="step",
+               disable=args.quiet or not trainer.dist.main)
+
+    def on_step(row: dict[str, Any]) -> None:
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", erase=f"{row['erase_rate']:.2f}",
+                        tok=int(row["rollout_tokens_total"]), loss=f"{row['loss']:.4f}")
+
+    trainer.callbacks.append(on_step)
+    try:
+        result = trainer.train()
+    finally:
+        bar.close()
+        from ..training import distributed
+
+        distributed.shutdown()
+    if trainer.dist.main:
+        if result.status == "already_finished":
+            print(f"[e3rl] the run in {args.out} already finished at step {result.step} "
+                  f"({trainer.tokens_total:,} rollout tokens); nothing to do. Pass a larger --steps "
+                  f"(or --token-budget) with --resume to train further", file=sys.stderr)
+        else:
+            print(f"[e3rl] {result.status} at step {result.step} ({trainer.tokens_total:,} rollout tokens); "
+                  f"checkpoint {result.checkpoint}; log {Path(args.out) / 'log.jsonl'}", file=sys.stderr)
+    return 0

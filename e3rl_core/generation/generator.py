@@ -1,0 +1,572 @@
+"""Erasable generation: decode segment by segment, score each segment with the model's own
+uncertainty, and erase + regenerate the ones whose score beats the threshold.
+
+Contract: the generator knows token ids, logits and the KV cache; it yields events (events.py) and
+knows nothing of widgets, rewards or losses. One code path serves a single prompt and a batch of
+groups: a single generation is a batch of one row, where every rollback is a plain ``crop``.
+
+Per step, every row that has fresh logits draws a token (signals from the raw logits); a row whose
+segment just ended is scored and decided before its last token is fed, so an erasure costs no
+forward pass: the cache rolls back to the segment start (holes in a batch, ``crop`` at the tail)
+and the boundary logits, kept from when the segment began, give the retry's first token at once.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import random
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, Iterator, Sequence
+
+import torch
+
+from ..errors import ConfigError, NonFiniteLogitsError, PromptError
+from ..events import DoneEvent, EraseEvent, ErrorEvent, Event, SegmentEvent, StartEvent, TokenEvent, Trace, group_traces
+from . import detok
+from .config import GenerationConfig
+from .kvcache import BatchKV
+from .sampling import choose_tokens
+from .scoring import SegmentFeatures, segment_features, segment_score
+from .segmenter import SEGMENTERS, make_segmenter
+from .signals import entropy_from_logp, log_probs, token_signals
+from .thresholds import POLICIES, ThresholdPolicy, make_policy
+
+Checker = Callable[[str, str], "bool | None"]
+AnswerFn = Callable[[str], "str | None"]
+
+
+@dataclass
+class _Row:
+    """Mutable state of one rollout while it is generated."""
+
+    index: int
+    trace_id: str
+    group: int
+    policy: ThresholdPolicy
+    prompt_ids: list[int]
+    max_kept: int
+    rng: random.Random
+    gold: str | None
+    detok: detok.DetokState
+    prev_base: float = 0.0
+    status: str = "sample"  # sample (fresh logits) | feed (token to feed) | wait | done
+    to_feed: int | None = None
+    pos: int = 0  # position id of the next fed token
+    step: int = 0
+    kept_ids: list[int] = field(default_factory=list)
+    kept_signal: list[float] = field(default_factory=list)
+    total_erasures: int = 0
+    first_scored: set[int] = field(default_factory=set)
+    # current segment
+    seg: int = 0
+    attempt: int = 0
+    seg_erasures: int = 0
+    seg_start_pos: int = 0
+    seg_ids: list[int] = field(default_factory=list)
+    seg_entropy: list[float] = field(default_factory=list)
+    seg_surprisal: list[float] = field(default_factory=list)
+    seg_text: str = ""
+    seg_cols: list[int] = field(default_factory=list)
+    seg_detok: detok.DetokState | None = None
+    attempts: list[tuple[float, int, list[int]]] = field(default_factory=list)  # (score, attempt, ids)
+    bans: dict[int, list[tuple[tuple[int, ...], int]]] = field(default_factory=dict)
+    replay: list[int] | None = None
+    restored_from: int | None = None
+    new_segment: bool = False
+    pending: tuple[SegmentFeatures, float] | None = None
+
+
+@dataclass
+class RunStats:
+    """Counters of the last ``stream`` call (memory is the KV cache, the part that grows)."""
+
+    forwards: int = 0
+    crops: int = 0
+    compactions: int = 0
+    peak_columns: int = 0
+    kv_bytes_per_column: int = 0
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        return self.peak_columns * self.kv_bytes_per_column
+
+
+class ErasableGenerator:
+    """E3RL decoding over any transformers causal LM with a ``DynamicCache``.
+
+    ``stream`` yields the events of a batch of groups as they happen; ``generate`` returns traces.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: GenerationConfig | None = None,
+        *,
+        model_name: str | None = None,
+        checker: Checker | None = None,
+        answer_fn: AnswerFn | None = None,
+    ) -> None:
+        """checker(text, gold) and answer_fn(text) fill the done event's ``correct`` and ``answer``
+        (a task's answer checking, e.g. ``e3rl_core.tasks.rewards``); without them both are None,
+        since the engine knows tokens, not tasks."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or GenerationConfig()
+        # Fail on unknown names before any work, listing the valid ones.
+        SEGMENTERS.get(self.config.segment.mode)
+        POLICIES.get(self.config.threshold.policy)
+        self.segmenter = make_segmenter(self.config.segment)
+        self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.checker = checker
+        self.answer_fn = answer_fn
+        self.device = next(model.parameters()).device
+        self.eos_ids = _eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
+        self.context = _context_length(model.config)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._has_logits_to_keep = "logits_to_keep" in params
+        self.last_stats = RunStats()
+        self.decoder = detok.Decoder(tokenizer)
+        self._token_texts: dict[int, str] = {}
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own (memoized), for top-k alternatives."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    # ----------------------------------------------------------------- prompts
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt (text is tokenized with the tokenizer's special tokens)."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise PromptError("the prompt is empty; give the model some text to continue")
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise PromptError("the prompt has no tokens; give the model some text to continue")
+        if self.context is not None and len(ids) >= self.context:
+            raise PromptError(
+                f"the prompt has {len(ids)} tokens but the model's context is {self.context}; "
+                f"shorten it to at most {self.context - 1} tokens"
+            )
+        return ids
+
+    # ---------------------------------------------------------------- public API
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], **kwargs: Any) -> list[Trace]:
+        """Run ``stream`` to the end and return one Trace per rollout (group-major order)."""
+        return group_traces(self.stream(prompts, **kwargs))
+
+    def stream(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        *,
+        group_size: int = 1,
+        seed: int | Sequence[int] | None = None,
+        golds: Sequence[str | None] | None = None,
+        trace_prefix: str | None = None,
+    ) -> Iterator[Event]:
+        """Generate ``group_size`` rollouts for each prompt, all in one batch.
+
+        seed: one int (row r of the batch uses seed + r) or one seed per row; None draws one and
+        records it in each start event. golds: the known answers, one per prompt, for ``done``."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        if not prompts:
+            raise PromptError("no prompts given")
+        if group_size < 1:
+            raise ConfigError(f"group_size must be >= 1, got {group_size}")
+        encoded = [self.encode(p) for p in prompts]
+        n_rows = len(encoded) * group_size
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little") >> 1
+        seeds = [seed + r for r in range(n_rows)] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != n_rows:
+            raise ConfigError(f"got {len(seeds)} seeds for {n_rows} rows; give one int or one per row")
+        if golds is not None and len(golds) != len(encoded):
+            raise ConfigError(f"got {len(golds)} gold answers for {len(encoded)} prompts")
+        prefix = trace_prefix or uuid.uuid4().hex[:8]
+        cfg = self.config
+        rows: list[_Row] = []
+        for g, ids in enumerate(encoded):
+            policy = make_policy(cfg.threshold)
+            for k in range(group_size):
+                r = len(rows)
+                rng = random.Random(seeds[r])
+                room = cfg.max_new_tokens if self.context is None else min(cfg.max_new_tokens, self.context - len(ids))
+                rows.append(
+                    _Row(
+                        index=r, trace_id=f"{prefix}-{g}-{k}", group=g, policy=policy, prompt_ids=ids,
+                        max_kept=room, rng=rng, gold=None if golds is None else golds[g],
+                        detok=detok.start_state(ids), pos=len(ids), seg_start_pos=len(ids),
+                    )
+                )
+        config_dict = cfg.to_dict()
+        for row in rows:
+            yield StartEvent(
+                trace_id=row.trace_id, model=self.model_name,
+                prompt=prompts[row.group] if isinstance(prompts[row.group], str) else self.tokenizer.decode(row.prompt_ids),
+                prompt_ids=row.prompt_ids, config=config_dict, seed=seeds[row.index],
+                group_index=row.index % group_size, group_id=row.group, gold=row.gold,
+            )
+        yield from _Run(self, rows).events()
+
+
+class _Run:
+    """One batch being decoded: the rows, the cache and the current logits."""
+
+    def __init__(self, gen: ErasableGenerator, rows: list[_Row]) -> None:
+        self.gen = gen
+        self.cfg = gen.config
+        self.rows = rows
+        self.kv = BatchKV(len(rows), gen.device)
+        self.signal_name = self.cfg.score.signal
+        self.window = self.cfg.smoothing_window
+        self.weights = (self.cfg.score.weight_base, self.cfg.score.weight_max, self.cfg.score.weight_delta)
+        self.cap = self.cfg.trace_erase_cap
+        self.stats = RunStats()
+        gen.last_stats = self.stats
+        self.cur: torch.Tensor | None = None  # (B, V) float32 logits for each row's next token
+        self.boundary: torch.Tensor | None = None  # (B, V) logits at each row's segment start
+
+    # ------------------------------------------------------------------ model
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, keep: int) -> torch.Tensor:
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            self.gen._cache_kw: self.kv.cache, "use_cache": True,
+        }
+        if self.gen._has_logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        logits = self.gen.model(**kwargs).logits
+        return logits[:, -keep:].float()  # (B, keep, V)
+
+    def _prefill(self) -> None:
+        B = len(self.rows)
+        longest = max(len(r.prompt_ids) for r in self.rows)
+        ids = torch.full((B, longest), self.gen.pad_id, dtype=torch.long)
+        valid = torch.zeros((B, longest), dtype=torch.long)
+        for r in self.rows:
+            n = len(r.prompt_ids)
+            ids[r.index, longest - n :] = torch.tensor(r.prompt_ids)  # left padding
+            valid[r.index, longest - n :] = 1
+        pos = (valid.cumsum(1) - 1).clamp_min(0)
+        dev = self.gen.device
+        keep = min(longest, self.window + 1) if self.cfg.score.first_reference == "prompt_tail" else 1
+        logits = self._forward(ids.to(dev), self.kv.attention_mask(valid.to(dev)), pos.to(dev), keep)
+        self.kv.advance(longest)
+        self.stats.kv_bytes_per_column = self.kv.nbytes() // max(1, self.kv.length)
+        self.stats.peak_columns = self.kv.length
+        self.cur = logits[:, -1].clone()
+        self.boundary = self.cur.clone()
+        if keep > 1:
+            # B_0: mean signal of the prompt's last tokens (those the kept logits can score).
+            ent, sur = token_signals(logits[:, :-1], ids[:, longest - keep + 1 :].to(dev))  # (B, keep-1)
+            sig = (sur if self.signal_name == "surprisal" else ent).cpu()
+            # Both the scored token and the position that predicts it must be real (not padding),
+            # or a short prompt's B_0 would depend on what else is in the batch.
+            mask = valid[:, longest - keep + 1 :].bool() & valid[:, longest - keep : -1].bool()
+            for r in self.rows:
+                vals = sig[r.index][mask[r.index]]
+                r.prev_base = float(vals.mean()) if len(vals) else 0.0
+        self._check_finite(self.rows, entropy_from_logp(log_probs(self.cur)))
+        for r in self.rows:
+            r.seg_detok = r.detok.copy()
+
+    def _check_finite(self, ready: list[_Row], entropy: torch.Tensor) -> None:
+        # The entropy is NaN exactly when the logits hold a NaN, a +inf, or only -inf (nothing
+        # can be drawn), so checking n values covers the whole (n, V) block.
+        bad = ~torch.isfinite(entropy)
+        if bool(bad.any()):
+            r = ready[int(bad.nonzero()[0])]
+            position = len(r.prompt_ids) + len(r.kept_ids) + len(r.seg_ids)
+            raise NonFiniteLogitsError(
+                f"the model produced non-finite logits for trace {r.trace_id} at step {r.step} "
+                f"(sequence position {position}); check the weights for NaN/inf or load the model "
+                f"in float32 instead of float16",
+                row=r.index, step=r.step, position=position,
+            )
+
+    # ------------------------------------------------------------------- loop
+    def events(self) -> Iterator[Event]:
+        try:
+            with torch.no_grad():
+                self._prefill()
+            while True:
+                # Draw and decide until every row either has a token to feed or is waiting, so
+                # that no row sits out a forward it could have used.
+                while True:
+                    yield from self._sample_phase()
+                    if not (yield from self._resolve_waits()):
+                        break
+                feeding = [r for r in self.rows if r.status == "feed"]
+                if not feeding:
+                    if all(r.status == "done" for r in self.rows):
+                        return
+                    waiting = [(r.trace_id, r.seg) for r in self.rows if r.status == "wait"]
+                    raise RuntimeError(f"group barrier cannot resolve; waiting rows: {waiting}")
+                with torch.no_grad():
+                    self._feed(feeding)
+        except NonFiniteLogitsError as err:
+            row = self.rows[err.row]
+            yield ErrorEvent(trace_id=row.trace_id, message=str(err), step=err.step)
+            raise
+
+    def _sample_phase(self) -> Iterator[Event]:
+        erase_cfg = self.cfg.erase
+        sampling = self.cfg.sampling
+        while True:
+            ready = [r for r in self.rows if r.status == "sample"]
+            if not ready:
+                return
+            with torch.no_grad():
+                if len(ready) == len(self.rows):
+                    logits = self.cur  # the common case: every row draws (rows are in index order)
+                else:
+                    logits = self.cur[torch.tensor([r.index for r in ready], device=self.gen.device)]  # (n, V)
+                logp = log_probs(logits)  # (n, V)
+                ent = entropy_from_logp(logp)  # (n,)
+                self._check_finite(ready, ent)
+                temps, bans = [], []
+                for r in ready:
+                    t = sampling.temperature
+                    if t > 0:
+                        t += sampling.retry_temperature_step * r.seg_erasures
+                    temps.append(t)
+                    ban_on = erase_cfg.ban_greedy if t <= 0 else erase_cfg.ban_sampling
+                    bans.append(self._bans_at(r) if ban_on and r.bans else [])
+                toks = choose_tokens(logits, temps, [r.rng for r in ready], bans, sampling.top_k, sampling.top_p)
+                for i, r in enumerate(ready):
+                    if r.replay is not None:
+                        toks[i] = r.replay[len(r.seg_ids)]
+                sur = -logp.gather(-1, toks.unsqueeze(-1)).squeeze(-1)  # (n,)
+                tops: list[Any] = [None] * len(ready)
+                if self.cfg.record_top_k:
+                    k = min(self.cfg.record_top_k, logp.shape[-1])
+                    vals, ids = logp.topk(k, dim=-1)  # (n, k)
+                    tops = [[[i, self.gen.token_text(i), round(math.exp(v), 6)] for i, v in zip(ri, rv)]
+                            for ri, rv in zip(ids.tolist(), vals.tolist())]
+            for r, t, h, s, top in zip(ready, toks.tolist(), ent.tolist(), sur.tolist(), tops):
+                yield from self._take_token(r, t, h, s, top)
+
+    def _bans_at(self, r: _Row) -> list[int]:
+        k = len(r.seg_ids)
+        prefix = tuple(r.seg_ids)
+        return [tok for pre, tok in r.bans.get(k, []) if pre == prefix]
+
+    def _take_token(self, r: _Row, tok: int, ent: float, sur: float, top: Any = None) -> Iterator[Event]:
+        delta = detok.push(self.gen.decoder, r.detok, tok)
+        yield TokenEvent(
+            trace_id=r.trace_id, step=r.step, token_id=tok, text=delta, entropy=ent, surprisal=sur,
+            segment=r.seg, attempt=r.attempt, index=len(r.kept_ids) + len(r.seg_ids), top=top,
+        )
+        r.step += 1
+        r.seg_ids.append(tok)
+        r.seg_entropy.append(ent)
+        r.seg_surprisal.append(sur)
+        r.seg_text += delta
+        length = len(r.seg_ids)
+        if r.replay is not None:
+            ended = length == len(r.replay)
+        else:
+            ended = (
+                tok in self.gen.eos_ids
+                or len(r.kept_ids) + length >= r.max_kept
+                or self.gen.segmenter.is_boundary(length, r.seg_text, delta)
+            )
+        if not ended:
+            r.to_feed, r.status = tok, "feed"
+            return
+        x = r.seg_surprisal if self.signal_name == "surprisal" else r.seg_entropy
+        feats = segment_features(x, r.kept_signal, r.prev_base, self.window)
+        score = segment_score(feats, self.weights)
+        r.attempts.append((score, r.attempt, list(r.seg_ids)))
+        r.pending = (feats, score)
+        if r.seg_erasures == 0 and r.replay is None and r.seg not in r.first_scored:
+            r.first_scored.add(r.seg)
+            r.policy.observe_first(r.index, r.seg, score)
+        if r.policy.needs_group and r.replay is None:
+            r.status = "wait"
+        else:
+            yield from self._decide(r)
+
+    def _resolve_waits(self) -> Generator[Event, None, int]:
+        """Decide the waiting rows whose group has scored every live first attempt at their
+        segment; returns how many were decided."""
+        decided = 0
+        for r in self.rows:
+            if r.status != "wait":
+                continue
+            live = [o for o in self.rows if o.group == r.group and o.status != "done"]
+            if all(r.seg in o.first_scored for o in live):
+                decided += 1
+                yield from self._decide(r)
+        return decided
+
+    # -------------------------------------------------------------- decisions
+    def _decide(self, r: _Row) -> Iterator[Event]:
+        feats, score = r.pending
+        parts = r.policy.parts(r.index, r.seg, r.seg_erasures)
+        thr = parts.threshold
+        restored = r.replay is not None
+        if restored:
+            decision, reason = "forced_accept", "restored"
+        elif thr is None:
+            decision, reason = "accept", "warmup" if self.cfg.threshold.policy != "none" else "no_threshold"
+        elif not score > thr:
+            decision, reason = "accept", "below_threshold"
+        elif not self.cfg.erase.enabled:
+            decision, reason = "accept", "disabled"
+        elif r.seg_erasures >= self.cfg.erase.budget:
+            decision, reason = "forced_accept", "budget"
+        elif r.total_erasures >= self.cap:
+            decision, reason = "forced_accept", "trace_cap"
+        else:
+            decision, reason = "erase", "above_threshold"
+        best = None
+        if reason == "budget" and self.cfg.erase.fallback == "best" and r.total_erasures < self.cap:
+            # Lowest score wins. Scores within 1e-6 are a tie (float noise between equal
+            # attempts), and a tie keeps the current attempt, which needs no replay.
+            best = min(r.attempts, key=lambda a: (a[0], -a[1]))
+            if best[0] >= score - 1e-6:
+                best = None
+            else:
+                decision, reason = "erase", "fallback"
+        start = len(r.kept_ids)
+        yield SegmentEvent(
+            trace_id=r.trace_id, segment=r.seg, attempt=r.attempt, start=start, end=start + len(r.seg_ids),
+            score=score, features=feats.to_dict(), baseline=parts.baseline, penalty=parts.penalty,
+            history=parts.history, threshold=thr, decision=decision, reason=reason,
+            restored_from=r.restored_from,
+        )
+        r.pending = None
+        if decision == "erase":
+            yield from self._erase(r, replay=best[2] if best is not None else None,
+                                   restored_from=best[1] if best is not None else None)
+        else:
+            yield from self._accept(r, feats)
+
+    def _erase(self, r: _Row, replay: list[int] | None, restored_from: int | None) -> Iterator[Event]:
+        before = self.kv.valid_count(r.index)
+        self.kv.invalidate(r.index, r.seg_cols)
+        after = self.kv.valid_count(r.index)
+        start = len(r.kept_ids)
+        yield EraseEvent(
+            trace_id=r.trace_id, segment=r.seg, attempt=r.attempt, start=start, end=start + len(r.seg_ids),
+            text=r.seg_text, cache_len_before=before, cache_len_after=after,
+        )
+        greedy = self.cfg.sampling.temperature <= 0
+        if r.replay is None and (self.cfg.erase.ban_greedy if greedy else self.cfg.erase.ban_sampling):
+            # Diverge where the doubt was: the retry may not repeat this attempt's token at its most
+            # uncertain position (given the same prefix). Never the first token blindly.
+            x = r.seg_surprisal if self.signal_name == "surprisal" else r.seg_entropy
+            k = max(range(len(x)), key=x.__getitem__)
+            r.bans.setdefault(k, []).append((tuple(r.seg_ids[:k]), r.seg_ids[k]))
+        r.total_erasures += 1
+        r.seg_erasures += 1
+        r.attempt += 1
+        r.replay, r.restored_from = replay, restored_from
+        self._reset_segment(r)
+        r.pos = r.seg_start_pos
+        r.detok = r.seg_detok.copy()
+        self.cur[r.index] = self.boundary[r.index]
+        r.status = "sample"
+        if self.kv.crop_tail():
+            self.stats.crops += 1
+
+    def _accept(self, r: _Row, feats: SegmentFeatures) -> Iterator[Event]:
+        x = r.seg_surprisal if self.signal_name == "surprisal" else r.seg_entropy
+        last = r.seg_ids[-1]
+        r.kept_ids.extend(r.seg_ids)
+        r.kept_signal.extend(x)
+        r.policy.observe_kept(r.index, x)
+        r.prev_base = feats.base
+        finished = last in self.gen.eos_ids or len(r.kept_ids) >= r.max_kept
+        r.seg_detok = r.detok.copy()
+        r.seg += 1
+        r.attempt = r.seg_erasures = 0
+        r.attempts, r.bans, r.replay, r.restored_from = [], {}, None, None
+        self._reset_segment(r)
+        if finished:
+            r.status = "done"
+            self.kv.release(r.index)
+            yield self._done(r, "eos" if last in self.gen.eos_ids else "length")
+        else:
+            r.to_feed, r.status, r.new_segment = last, "feed", True
+
+    @staticmethod
+    def _reset_segment(r: _Row) -> None:
+        r.seg_ids, r.seg_entropy, r.seg_surprisal, r.seg_cols = [], [], [], []
+        r.seg_text = ""
+
+    def _done(self, r: _Row, reason: str) -> DoneEvent:
+        text = self.gen.tokenizer.decode(r.kept_ids, skip_special_tokens=True)
+        answer = self.gen.answer_fn(text) if self.gen.answer_fn is not None else None
+        correct = None
+        if r.gold is not None and self.gen.checker is not None:
+            correct = self.gen.checker(text, r.gold)
+        return DoneEvent(
+            trace_id=r.trace_id, text=text, token_ids=list(r.kept_ids), tokens_generated=r.step,
+            erasures=r.total_erasures, answer=answer, correct=correct, finish_reason=reason,
+        )
+
+    # ------------------------------------------------------------------- feed
+    def _feed(self, feeding: list[_Row]) -> None:
+        B = len(self.rows)
+        kv = self.kv
+        if kv.length >= 64 and kv.reclaimable() > self.cfg.erase.compact_ratio * kv.length:
+            remap = kv.compact().tolist()
+            self.stats.compactions += 1
+            for r in self.rows:
+                r.seg_cols = [remap[r.index][c] for c in r.seg_cols]
+        ids = [self.gen.pad_id] * B
+        pos = [0] * B
+        valid = [0] * B
+        for r in feeding:
+            ids[r.index], pos[r.index], valid[r.index] = r.to_feed, r.pos, 1
+        dev = self.gen.device
+        mask = kv.attention_mask(torch.tensor(valid, device=dev)[:, None])
+        logits = self._forward(
+            torch.tensor(ids, device=dev)[:, None], mask, torch.tensor(pos, device=dev)[:, None], 1
+        )[:, -1]  # (B, V)
+        kv.advance(1)
+        self.stats.forwards += 1
+        self.stats.peak_columns = max(self.stats.peak_columns, kv.length)
+        col = kv.length - 1
+        idx = torch.tensor([r.index for r in feeding], device=dev)
+        self.cur[idx] = logits[idx]
+        for r in feeding:
+            r.pos += 1
+            r.to_feed, r.status = None, "sample"
+            if r.new_segment:
+                # The fed token closed the previous segment; the next one starts after it.
+                self.boundary[r.index] = self.cur[r.index]
+                r.seg_start_pos = r.pos
+                r.new_segment = False
+            else:
+                r.seg_cols.append(col)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    gen_cfg = getattr(model, "generation_config", None)
+    for source in (getattr(gen_cfg, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+def _context_length(config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,207 @@
+"""Models: loading a causal LM and its tokenizer from a local directory or (online) a hub id, with
+errors that say what to do; and random-init presets with a character tokenizer built locally from
+configs, with no download (the tests' Llama/Qwen2, ``e3rl bench``'s ``random:<preset>`` specs, the
+demo model's starting point).
+
+transformers and tokenizers are imported inside the functions, so importing the package stays light."""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import ModelLoadError
+
+if TYPE_CHECKING:  # annotations only: keep this module's imports minimal
+    from transformers import PreTrainedTokenizerFast
+
+    from .generation.config import GenerationConfig
+
+RECOMMENDED_CONFIG = "e3rl_generation.json"
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _looks_like_path(spec: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/")
+
+
+def _is_causal_lm(config: Any) -> bool:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # layout changed: let from_pretrained decide
+        return True
+    archs = getattr(config, "architectures", None) or []
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any("CausalLM" in a for a in archs)
+
+
+def load_tokenizer(spec: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+    except Exception as err:  # transformers raises OSError, ValueError or TypeError here
+        raise ModelLoadError(
+            f"no usable tokenizer in {spec!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"save one next to the model with tokenizer.save_pretrained({spec!r})"
+        ) from None
+    if not getattr(tok, "is_fast", False) and not hasattr(tok, "decode"):
+        raise ModelLoadError(f"the tokenizer in {spec!r} cannot decode; save a fast tokenizer there")
+    return tok
+
+
+def load_model(
+    spec: str, *, device: str | None = None, dtype: str = "auto", attn_implementation: str | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a directory with config.json, weights and tokenizer files, or a hub id.
+
+    ``random:<preset>`` builds a random-init model instead (see ````PRESETS`` below``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.startswith("random:"):
+        preset = spec.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise ModelLoadError(f"unknown random preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        model, tok = random_model(preset)
+        return model.to(device or "cpu"), tok
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{spec} is a file; pass the directory that holds config.json and the weights")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{spec} has no config.json; pass a directory written by model.save_pretrained(...)"
+            )
+        spec = str(path)
+    elif _looks_like_path(spec):
+        raise ModelLoadError(
+            f"model directory not found: {spec}; pass a directory with config.json, weights and tokenizer, "
+            f"or a hub id such as Qwen/Qwen3-4B when online"
+        )
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except Exception as err:
+        raise ModelLoadError(
+            f"could not load a model config from {spec!r} ({str(err).splitlines()[0][:200]}); "
+            f"check the path or hub id (hub ids need network access)"
+        ) from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(
+            f"{spec} holds a {config.model_type} encoder-decoder model; E3RL needs a decoder-only causal LM"
+        )
+    if not _is_causal_lm(config):
+        raise ModelLoadError(
+            f"{spec} holds a {config.model_type} model, which is not a causal language model; "
+            f"pass a decoder-only LM (Llama, Qwen2/3, Mistral, GPT-2, ...)"
+        )
+    tokenizer = load_tokenizer(spec)
+    kwargs: dict[str, Any] = {"dtype": DTYPES.get(dtype, dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ModelLoadError(
+                f"{spec} holds a {config.model_type} model, which is not a causal language model; "
+                f"pass a decoder-only LM (Llama, Qwen2/3, Mistral, GPT-2, ...)"
+            ) from None
+        raise ModelLoadError(f"could not load the model in {spec}: {err}") from None
+    except OSError as err:
+        raise ModelLoadError(f"could not load the weights in {spec}: {str(err).splitlines()[0][:300]}") from None
+    model.eval()
+    if device:
+        model.to(device)
+    elif torch.cuda.is_available():
+        model.to("cuda")
+    return model, tokenizer
+
+
+def recommended_config(spec: str) -> GenerationConfig:
+    """The generation settings a model directory recommends (``e3rl_generation.json``, written
+    with its model card), else the defaults. Command-line flags override either."""
+    import json
+
+    from .errors import ConfigError
+    from .generation.config import GenerationConfig
+
+    path = Path(spec).expanduser() / RECOMMENDED_CONFIG
+    if not path.is_file():
+        return GenerationConfig()
+    try:
+        return GenerationConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ConfigError) as err:
+        raise ModelLoadError(f"{path} is not a valid generation config ({err}); fix or delete it") from None
+
+
+# ------------------------------------------------------- random-init presets
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+
+# name -> (model_type, config overrides). Sizes: tiny for tests, small ~ the shipped demo model,
+# qwen3-0.6b with Qwen3-0.6B's shapes (for GPU measurements; slow on a CPU).
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)),
+    "tiny-qwen2": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)),
+    "small": ("llama", dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=4)),
+    "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                 vocab_size=151936, tie_word_embeddings=True)),
+}
+
+
+def char_tokenizer(vocab_size: int | None = None) -> "PreTrainedTokenizerFast":
+    """One token per printable ASCII character and newline, plus <pad> <bos> <eos> <unk>.
+
+    ``vocab_size`` pads the vocabulary with unused ``<x{i}>`` tokens to match a larger model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    for i in range(len(vocab), vocab_size or 0):
+        vocab[f"<x{i}>"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS_ID)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def random_model(preset: str = "tiny-llama", *, seed: int = 0, max_positions: int = 2048,
+                 init_std: float = 0.02, vocab_size: int | None = None) -> tuple[Any, "PreTrainedTokenizerFast"]:
+    """A random-init causal LM (eval mode) and a matching character tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    model_type, overrides = PRESETS[preset]
+    tokenizer = char_tokenizer()
+    vocab = vocab_size or overrides.get("vocab_size", len(tokenizer))
+    if vocab > len(tokenizer):
+        tokenizer = char_tokenizer(vocab)
+    kwargs = dict(overrides, vocab_size=vocab, max_position_embeddings=max_positions,
+                  initializer_range=init_std, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    return model, tokenizer
+
+
+def save_random_model(path: str | Path, preset: str = "tiny-llama", **kwargs: Any) -> Path:
+    """Write a random-init model + tokenizer loadable by ``from_pretrained``."""
+    model, tokenizer = random_model(preset, **kwargs)
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

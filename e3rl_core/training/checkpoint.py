@@ -1,0 +1,178 @@
+"""A training run's directory: checkpoints written atomically, run status, resume.
+
+    OUT/run.json                 status (running|finished|stopped|failed), model, data, config, step
+    OUT/log.jsonl                one row of metrics per step
+    OUT/rollouts.jsonl           event traces of a few rollouts per step (``e3rl_core.events`` format)
+    OUT/checkpoint-000050/       save_pretrained model + tokenizer (loads with plain transformers),
+                                 e3rl_generation.json, trainer_state.pt (optimizer, scheduler, RNG,
+                                 data position), trainer_state.json (the same, human-readable)
+
+A checkpoint is written under a temporary name, flushed to disk (fsync) and renamed when
+complete, so a run killed mid-save (or a machine losing power) keeps the previous checkpoint; a
+leftover temporary directory is ignored and cleaned. JSON state files are replaced the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import E3RLError
+
+RUN_FILE = "run.json"
+LOG_FILE = "log.jsonl"
+ROLLOUTS_FILE = "rollouts.jsonl"
+STATE_FILE = "trainer_state.pt"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class RunDirError(E3RLError):
+    """The output directory cannot be used as asked (holds another run, nothing to resume, ...)."""
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry list to disk (a rename is durable only once both the
+    renamed data and its directory are)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the data files were synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            _fsync(p)
+    _fsync(root)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def read_run(out: Path) -> dict[str, Any] | None:
+    path = out / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{path} is unreadable ({err}); delete it or choose another --out") from None
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = _CKPT.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """Check ``out`` against the request; returns the checkpoint to resume from (None = fresh run)."""
+    run = read_run(out) if out.is_dir() else None
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other; pass one")
+    if resume:
+        if run is None:
+            raise RunDirError(f"nothing to resume in {out}: it holds no run; drop --resume to start one")
+        ckpts = checkpoints(out)
+        if not ckpts:
+            raise RunDirError(f"the run in {out} wrote no checkpoint yet; start it again with --overwrite")
+        return ckpts[-1][1]
+    if out.is_dir() and any(out.iterdir()):
+        if run is None:
+            raise RunDirError(
+                f"{out} is not empty and holds no e3rl run; choose a new or empty --out (nothing was changed)"
+            )
+        if not overwrite:
+            raise RunDirError(
+                f"{out} holds another run ({run.get('status')}, step {run.get('step')} of {run.get('max_steps')}); "
+                f"pass --resume to continue it, --overwrite to replace it, or choose another --out"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def save_checkpoint(
+    out: Path, step: int, model: Any, tokenizer: Any, state: dict[str, Any], extra_json: dict[str, Any],
+    *, keep: int | None,
+) -> Path:
+    """Write checkpoint-<step> atomically and prune older ones beyond ``keep``."""
+    final = out / f"checkpoint-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-checkpoint-{step:06d}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, data in extra_json.items():
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
+        torch.save(state, tmp / STATE_FILE)
+        _fsync_tree(tmp)
+        if final.exists():  # a rerun of the same step (resume after a crash): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        for _, old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def clean_temporaries(out: Path) -> None:
+    """Remove half-written checkpoints left by a killed run."""
+    for p in out.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as err:  # a corrupt file: say which and what to do
+        raise RunDirError(
+            f"{checkpoint / STATE_FILE} is unreadable ({err}); delete {checkpoint} to resume from the one before"
+        ) from None
+
+
+def truncate_jsonl(path: Path, keep: Any) -> None:
+    """Keep the lines for which ``keep(row)`` is true (drops steps logged after the resumed checkpoint)."""
+    if not path.is_file():
+        return
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if keep(row):
+            lines.append(line)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("".join(l + "\n" for l in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)

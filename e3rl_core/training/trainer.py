@@ -1,0 +1,418 @@
+"""The E3RL trainer: GRPO-family RL on erasable rollouts (method section 6).
+
+One step:
+1. draw ``prompts_per_step`` prompts (this process's share of them) and generate ``num_generations``
+   rollouts each with the erasable generator, batched; erasure is on for ``e3rl``, off for the
+   baselines. The event stream is the step's record (a sample goes to rollouts.jsonl).
+2. reward each rollout with math-verify (``rewards.reward``; None abstains); DAPO's dynamic sampling
+   drops groups without reward variance and draws more prompts.
+3. advantages: group-relative per rollout (computed over the whole global batch, so every process
+   agrees), then spread over segments (``causal_attention`` for e3rl: attention mass the answer
+   segment puts on each segment, itself included, from one no-grad eager-attention forward).
+4. old-policy log-probs on the final (post-erasure) sequences (with one pass, the detached
+   log-probs of the training forward, as TRL); erased tokens are not in them. Clipped surrogate with clip-higher, optional k3 KL, aggregated by ``loss_type`` with
+   global normalisers; gradients summed across processes; clip; AdamW; scheduler.
+Departures from the paper and from TRL: dropout stays off (the model is in eval mode throughout,
+so the first-pass ratio is exactly 1); group std is the population std (see ``advantages``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import ConfigError, E3RLError, NonFiniteLogitsError
+from ..events import Trace, dumps, group_traces
+from ..generation.generator import ErasableGenerator
+from ..models import RECOMMENDED_CONFIG, load_model
+from ..tasks.datasets import DataError, Example, load_examples, render_prompt
+from ..tasks.rewards import extract_answer, reward
+from . import checkpoint as ckpt
+from . import distributed
+from .advantages import ADVANTAGES, ALLOCATORS, attention_weights
+from .config import TrainConfig
+from .losses import LOSSES, LossNorm, clipped_surrogate, token_logps
+from .rollout import RolloutBatch, build_batch, finish_metrics, group_has_signal, rollout_metrics
+
+
+class TrainingDivergedError(E3RLError):
+    """Loss, gradients or logits became NaN/inf; the weights of the last checkpoint are kept."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    status: str
+    """finished | stopped | already_finished"""
+    checkpoint: Path | None
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+class Trainer:
+    """``Trainer(config, model=..., data=..., out=...).train()``; see ``e3rl train --help``."""
+
+    def __init__(
+        self, config: TrainConfig, *, model: str, data: str, out: str | Path, resume: bool = False,
+        overwrite: bool = False, device: str | None = None, dtype: str = "float32",
+        callbacks: Sequence[StepCallback] = (), should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.cfg, self.model_spec, self.data_spec = config, model, data
+        self.out, self.callbacks = Path(out), list(callbacks)
+        self.should_stop = should_stop or (lambda: False)
+        self.dist = distributed.init(device)
+        if config.group_relative and config.num_generations < 2:
+            raise ConfigError(
+                f"--group-size {config.num_generations}: group-relative advantages ({config.advantage_estimator}) "
+                f"need at least 2 rollouts per prompt; use --group-size 2 or more"
+            )
+        if config.prompts_per_step % self.dist.world:
+            raise ConfigError(
+                f"--prompts-per-step {config.prompts_per_step} does not divide across {self.dist.world} processes; "
+                f"use a multiple of {self.dist.world}"
+            )
+        self.examples: list[Example] = load_examples(data)  # bad data fails before anything is written
+        if not self.examples:
+            raise DataError(f"--data {data} yields no prompts; check the file or loosen its filters")
+        # Rank 0 checks/creates the directory; the others learn the outcome (an error stops all).
+        created = not self.out.exists()
+        outcome: Any = None
+        if self.dist.main:
+            try:
+                outcome = ("ok", ckpt.prepare_out_dir(self.out, resume=resume, overwrite=overwrite))
+            except E3RLError as err:
+                outcome = ("error", str(err))
+        outcome = distributed.all_gather_object(outcome)[0]
+        if outcome[0] == "error":
+            raise ckpt.RunDirError(outcome[1])
+        self.resume_from: Path | None = outcome[1]
+        source = str(self.resume_from) if self.resume_from else model
+        try:
+            self.model, self.tokenizer = load_model(source, device=device, dtype=dtype)
+        except E3RLError:
+            if created and self.dist.main and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()  # leave no empty run directory behind a bad --model
+            raise
+        self.device = next(self.model.parameters()).device
+        self.ref_model = None
+        if config.beta > 0:  # the frozen initial policy, also when resuming
+            self.ref_model, _ = load_model(model, device=device, dtype=dtype)
+            self.ref_model.requires_grad_(False)
+        self.gen_config = config.effective_generation()
+        self.allocation = config.effective_allocation
+        self._reward_memo: dict[tuple[str, str | None], float | None] = {}
+        self.generator = ErasableGenerator(
+            self.model, self.tokenizer, self.gen_config, model_name=model, checker=self._correct,
+            answer_fn=extract_answer,
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step, self.position, self.tokens_total = 0, 0, 0
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        if self.resume_from:
+            self._load_state(ckpt.load_state(self.resume_from))
+
+    # ------------------------------------------------------------------ state
+    def _lr_factor(self, step: int) -> float:
+        c = self.cfg
+        if c.warmup_steps and step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+        if c.lr_scheduler_type == "linear":
+            return 1.0 - progress
+        if c.lr_scheduler_type == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "data_position": self.position, "tokens_total": self.tokens_total,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+            "config": self.cfg.to_dict(), "model": self.model_spec, "data": self.data_spec,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.step, self.position = int(state["step"]), int(state["data_position"])
+        self.tokens_total = int(state["tokens_total"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.lr_lambdas = [self._lr_factor]  # the schedule follows this run's max_steps
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def finished(self) -> bool:
+        budget = self.cfg.rollout_token_budget
+        return self.step >= self.cfg.max_steps or (budget is not None and self.tokens_total >= budget)
+
+    def _write_run(self, status: str, message: str = "", last: Path | None = None) -> None:
+        if not self.dist.main:
+            return
+        ckpt.write_json_atomic(self.out / ckpt.RUN_FILE, {
+            "status": status, "message": message, "algo": self.cfg.algo, "model": self.model_spec,
+            "data": self.data_spec, "step": self.step, "max_steps": self.cfg.max_steps,
+            "tokens_total": self.tokens_total, "world_size": self.dist.world,
+            "last_checkpoint": last.name if last else None, "updated": time.time(), "config": self.cfg.to_dict(),
+        })
+
+    def _save(self) -> Path | None:
+        path = None
+        with distributed.together("saving a checkpoint"):  # only rank 0 writes; all learn if it failed
+            if self.dist.main:
+                state = self._state()
+                extra = {RECOMMENDED_CONFIG: self.gen_config.to_dict(),
+                         "trainer_state.json": {k: v for k, v in state.items()
+                                                if k not in ("optimizer", "scheduler", "rng")}}
+                path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, extra,
+                                            keep=self.cfg.save_total_limit)
+        return path
+
+    # ------------------------------------------------------------------ data
+    def _next_prompts(self, n: int) -> list[tuple[int, Example]]:
+        """The next ``n`` (global position, example) pairs of the seeded, per-epoch shuffled stream."""
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.examples))
+            order = list(range(len(self.examples)))
+            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+            out.append((self.position, self.examples[order[i]]))
+            self.position += 1
+        return out
+
+    def _correct(self, text: str, gold: str | None) -> bool:
+        return self._reward(text, gold) == 1.0
+
+    def _reward(self, text: str, gold: str | None) -> float | None:
+        key = (text, gold)
+        if key not in self._reward_memo:
+            self._reward_memo[key] = reward(text, gold, timeout=self.cfg.reward_timeout)
+        return self._reward_memo[key]
+
+    def _rollouts(self) -> tuple[list[Trace], list[Trace], int]:
+        """(all traces generated on this process, the kept ones, global groups kept)."""
+        c, G, world, rank = self.cfg, self.cfg.num_generations, self.dist.world, self.dist.rank
+        share = c.prompts_per_step // world
+        generated: list[Trace] = []
+        kept: list[list[Trace]] = []
+        rounds = 0
+        while True:
+            batch = self._next_prompts(c.prompts_per_step)[rank * share : (rank + 1) * share]
+            seeds = [c.seed * 1_000_000_007 + pos * G + k for pos, _ in batch for k in range(G)]
+            prompts = [render_prompt(ex.question, self.tokenizer) for _, ex in batch]
+            with distributed.together("generating rollouts"):  # e.g. non-finite logits on one rank
+                try:
+                    events = list(self.generator.stream(
+                        prompts, group_size=G, seed=seeds, golds=[ex.answer for _, ex in batch],
+                        trace_prefix=f"s{self.step + 1}r{rank}d{rounds}",
+                    ))
+                except NonFiniteLogitsError as err:
+                    raise TrainingDivergedError(f"step {self.step + 1}: {err}", self.step + 1) from None
+            traces = group_traces(events)
+            generated += traces
+            groups = [traces[g * G : (g + 1) * G] for g in range(len(batch))]
+            rounds += 1
+            if not c.dynamic_sampling:
+                kept += groups
+                break
+            kept += [g for g in groups if group_has_signal([self._reward(t.done.text, t.start.gold) for t in g])]
+            total = sum(distributed.all_gather_object(len(kept)))
+            if total >= c.prompts_per_step or rounds >= c.dynamic_sampling_max_rounds:
+                break
+        counts = distributed.all_gather_object(len(kept))
+        if c.dynamic_sampling:  # keep the first prompts_per_step groups in rank order
+            quota = [max(0, min(n, c.prompts_per_step - sum(counts[:r]))) for r, n in enumerate(counts)]
+            kept, counts = kept[: quota[rank]], quota
+        return generated, [t for g in kept for t in g], sum(counts)
+
+    # ------------------------------------------------------------------ loss
+    def _forward(self, model: Any, b: RolloutBatch, attentions: bool = False) -> Any:
+        return model(input_ids=b.input_ids.to(self.device), attention_mask=b.attention_mask.to(self.device),
+                     use_cache=False, output_attentions=attentions)
+
+    def _micro(self, n: int) -> list[slice]:
+        size = self.cfg.micro_batch_size or max(n, 1)
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    @torch.no_grad()
+    def _old_logps_and_weights(self, b: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Old-policy log-probs (R, T), reference log-probs or None, segment weights (R, N)."""
+        T = self.gen_config.sampling.temperature
+        need_attn = self.allocation == "causal_attention"
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if need_attn and impl != "eager":  # output_attentions needs the eager kernel
+            self.model.set_attn_implementation("eager")
+        n_max = max(int(b.n_segments.max()), 1)
+        old, ref, weights = [], [], []
+        try:
+            for sl in self._micro(len(b)):
+                mb = b.rows(sl)
+                out = self._forward(self.model, mb, attentions=need_attn)
+                old.append(token_logps(out.logits, mb.input_ids.to(self.device), T).cpu())
+                if need_attn:  # only the layers used leave the device
+                    layers = self.cfg.attention_layers
+                    used = out.attentions[-layers:] if layers > 0 else out.attentions
+                    w = attention_weights([a.cpu() for a in used], mb.segment_ids, mb.n_segments, 0)
+                    weights.append(torch.nn.functional.pad(w, (0, n_max - w.shape[1])))
+                if self.ref_model is not None:
+                    ref.append(token_logps(self._forward(self.ref_model, mb).logits, mb.input_ids.to(self.device), T).cpu())
+        finally:
+            if need_attn and impl != "eager":
+                self.model.set_attn_implementation(impl)
+        w_all = torch.cat(weights) if weights else torch.ones(len(b), n_max)
+        return torch.cat(old), (torch.cat(ref) if ref else None), w_all
+
+    def _advantages(self, b: RolloutBatch, weights: torch.Tensor) -> torch.Tensor:
+        """Token advantages (R, T): rollout advantages over the global batch, spread over segments."""
+        gathered = distributed.all_gather_object((b.rewards.tolist(), b.group_ids.tolist()))
+        rewards, groups, offset, mine = [], [], 0, 0
+        for r, (rw, gi) in enumerate(gathered):
+            if r == self.dist.rank:
+                mine = len(rewards)
+            rewards += rw
+            groups += [g + offset for g in gi]
+            offset += (max(gi) + 1) if gi else 0
+        adv_all = ADVANTAGES.get(self.cfg.advantage_estimator)(
+            torch.tensor(rewards, dtype=torch.float32), torch.tensor(groups, dtype=torch.long), self.cfg.scale_rewards)
+        adv = adv_all[mine : mine + len(b)]
+        seg_adv = ALLOCATORS.get(self.allocation)(adv, weights, b.n_segments, self.cfg.allocation_lambda)  # (R, N)
+        tok = seg_adv.gather(1, b.segment_ids.clamp(min=0)) * (b.segment_ids >= 0)  # (R, T)
+        erased = (b.parent >= 0).nonzero().squeeze(1)
+        if erased.numel():  # erased attempts: -delta * |A| of the rollout they were erased from
+            penalty = -self.cfg.erased_advantage_delta * adv[b.parent[erased]].abs()
+            tok[erased] = penalty[:, None] * (b.segment_ids[erased] >= 0)
+        return tok
+
+    def _optimize(self, b: RolloutBatch) -> dict[str, float]:
+        c = self.cfg
+        T = self.gen_config.sampling.temperature
+        # With one pass and no attention to read, the old policy is the current one: skip a forward
+        # and take the detached log-probs of the training forward (as TRL does).
+        reuse = c.num_iterations == 1 and self.allocation != "causal_attention" and self.ref_model is None
+        if reuse or not len(b):
+            old, ref, weights = None, None, torch.ones(len(b), max(int(b.n_segments.max()), 1) if len(b) else 1)
+        else:
+            old, ref, weights = self._old_logps_and_weights(b)
+            if c.num_iterations == 1:
+                old = None  # the same policy: exact ratio 1 (the eager forward may differ in the last bits)
+        adv = self._advantages(b, weights)  # every process joins the gather, even with no rollouts
+        g = distributed.sum_floats({"seq": float(len(b)), "tok": float(b.completion_mask.sum()) if len(b) else 0.0})
+        norm = LossNorm(int(g["seq"]), int(g["tok"]), self.gen_config.max_new_tokens)
+        aggregate = LOSSES.get(c.loss_type)
+        eps_high = c.epsilon if c.epsilon_high is None else c.epsilon_high
+        sums: dict[str, float] = {}
+        for _ in range(c.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            sums = {"loss": 0.0, "kl": 0.0, "low": 0.0, "high": 0.0, "adv_abs": 0.0}
+            for sl in self._micro(len(b)):
+                mb = b.rows(sl)
+                mask = mb.completion_mask.to(self.device)
+                logp = token_logps(self._forward(self.model, mb).logits, mb.input_ids.to(self.device), T)
+                per_tok, st = clipped_surrogate(
+                    logp, logp.detach() if old is None else old[sl].to(self.device), adv[sl].to(self.device), epsilon_low=c.epsilon,
+                    epsilon_high=eps_high, ref_logp=None if ref is None else ref[sl].to(self.device), beta=c.beta)
+                loss = aggregate(per_tok, mask, norm)
+                loss.backward()
+                sums["loss"] += float(loss.detach())
+                sums["kl"] += float((st.kl * mask).sum())
+                sums["low"] += float((st.low_clipped * mask).sum())
+                sums["high"] += float((st.high_clipped * mask).sum())
+                sums["adv_abs"] += float((adv[sl].abs() * mb.completion_mask).sum())
+            distributed.sum_gradients(self.model)
+            sums = distributed.sum_floats(sums)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), c.max_grad_norm if c.max_grad_norm > 0 else float("inf")))
+            if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingDivergedError(
+                    f"step {self.step + 1}: the loss or gradient is not finite (loss {sums['loss']}, grad norm "
+                    f"{grad_norm}); lower --set learning_rate=... or raise max_grad_norm's strictness", self.step + 1)
+            self.optimizer.step()
+        self.scheduler.step()
+        tok = max(norm.tokens, 1)
+        return {"loss": sums["loss"], "kl": sums["kl"] / tok, "clip_ratio_low": sums["low"] / tok,
+                "clip_ratio_high": sums["high"] / tok, "clip_ratio": (sums["low"] + sums["high"]) / tok,
+                "advantage_abs_mean": sums["adv_abs"] / tok, "grad_norm": grad_norm,
+                "lr": self.scheduler.get_last_lr()[0]}
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self) -> dict[str, Any]:
+        """One RL step; returns its metrics row."""
+        t0 = time.perf_counter()
+        generated, kept, groups_kept = self._rollouts()
+        t_gen = time.perf_counter() - t0
+        rewards = [self._reward(t.done.text, t.start.gold) for t in kept]
+        batch = build_batch(kept, rewards, self.generator.pad_id, mask_truncated=self.cfg.mask_truncated_completions,
+                            erased_rows=self.cfg.erased_advantage_delta > 0)
+        sums = distributed.sum_floats(rollout_metrics(generated, [self._reward(t.done.text, t.start.gold) for t in generated]))
+        opt = self._optimize(batch)
+        self.step += 1
+        roll = finish_metrics(sums)
+        self.tokens_total += int(roll["tokens_generated"])
+        row = {"step": self.step, **roll, "groups_kept": groups_kept, **opt,
+               "rollout_tokens_total": self.tokens_total, "generation_time": t_gen,
+               "step_time": time.perf_counter() - t0}
+        with distributed.together("writing the step's logs"):
+            if self.dist.main:
+                with open(self.out / ckpt.LOG_FILE, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                if self.cfg.log_rollouts:
+                    with open(self.out / ckpt.ROLLOUTS_FILE, "a", encoding="utf-8") as f:
+                        for tr in generated[: self.cfg.log_rollouts]:
+                            f.write("".join(dumps(e) + "\n" for e in tr.events))
+        self._reward_memo.clear()
+        return row
+
+    def train(self) -> TrainResult:
+        """Run to ``max_steps`` (or the rollout-token budget), checkpointing; resumes if asked."""
+        last = ckpt.checkpoints(self.out)[-1][1] if self.resume_from else None
+        if self.resume_from and self.finished():
+            return TrainResult(self.out, self.step, "already_finished", last)
+        if self.dist.main:
+            ckpt.clean_temporaries(self.out)
+            step = self.step  # drop what a killed run logged after its last checkpoint
+            ckpt.truncate_jsonl(self.out / ckpt.LOG_FILE, lambda r: r.get("step", 0) <= step)
+            ckpt.truncate_jsonl(self.out / ckpt.ROLLOUTS_FILE, lambda r: _trace_step(r) <= step)
+        self._write_run("running", last=last)
+        row: dict[str, Any] = {}
+        status = "finished"
+        try:
+            while not self.finished():
+                row = self.train_step()
+                for cb in self.callbacks:
+                    cb(row)
+                stop = any(distributed.all_gather_object(bool(self.should_stop())))
+                # Every way out of this loop passes here first, so the last step is always saved.
+                if self.step % self.cfg.save_steps == 0 or self.finished() or stop:
+                    last = self._save() or last
+                    self._write_run("running", last=last)
+                if stop:
+                    status = "stopped"
+                    break
+        except BaseException as err:
+            self._write_run("failed", message=str(err) or type(err).__name__, last=last)
+            raise
+        self._write_run(status, last=last)
+        return TrainResult(self.out, self.step, status, last, row)
+
+
+def _trace_step(row: dict[str, Any]) -> int:
+    m = re.match(r"^s(\d+)r", str(row.get("trace_id", "")))
+    return int(m.group(1)) if m else 0
