@@ -17,8 +17,11 @@ import pandas as pd
 from e3rl_core.errors import E3RLError, TraceFormatError
 from e3rl_core.events import SegmentEvent, StartEvent, Trace, event_to_dict, group_traces, read_events
 from e3rl_core.generation.config import GenerationConfig
+from e3rl_core.generation.decision import ScoredAttempt, decide
+from e3rl_core.generation.schedule import decision_order
 from e3rl_core.generation.scoring import SegmentFeatures, segment_score
 from e3rl_core.generation.thresholds import make_policy
+from e3rl_core.overrides import with_values
 
 COLUMNS = ["trace", "source", "segment", "attempt", "base", "max", "delta", "score", "baseline", "penalty",
            "history", "threshold", "decision", "reason", "erased_text", "replacement", "answer", "correct",
@@ -123,7 +126,7 @@ def traces_to_jsonl(traces: Iterable[Trace]) -> str:
 
 
 WHAT_IF_COLUMNS = ["trace", "segment", "attempt", "score", "new_score", "threshold", "new_threshold", "decision",
-                   "new_decision", "changed"]
+                   "new_decision", "reason", "new_reason", "changed"]
 
 
 def what_if(group: Sequence[Trace], overrides: dict[str, Any]) -> pd.DataFrame:
@@ -131,61 +134,46 @@ def what_if(group: Sequence[Trace], overrides: dict[str, Any]) -> pd.DataFrame:
 
     overrides: ``{"threshold.kappa": 0.5, "threshold.policy": "fixed", "threshold.value": 1.0,
     "score.weight_base": 0.5, "erase.budget": 3, ...}``. Returns one row per recorded attempt with
-    the recorded and the re-judged threshold and decision and whether it changed."""
-    start = group[0].start
-    cfg = GenerationConfig.from_dict(start.config)
-    for key, value in overrides.items():
-        section, name = key.split(".", 1)
-        setattr(getattr(cfg, section), name, value)
-    cfg = GenerationConfig.from_dict(cfg.to_dict())  # validate
+    the recorded and the re-judged threshold, decision and reason, and whether erasing changed.
+    The attempts are replayed in the order the generator decided them and judged by the rule it
+    ran (``generation.decision``), so unchanged settings give back every recorded decision."""
+    cfg = with_values(GenerationConfig.from_dict(group[0].start.config), overrides)
     weights = (cfg.score.weight_base, cfg.score.weight_max, cfg.score.weight_delta)
     policy = make_policy(cfg.threshold)
-    signal = cfg.score.signal
-    by_row = {i: tr for i, tr in enumerate(group)}
-    segs = {i: tr.segments for i, tr in by_row.items()}
-    kept_signal: dict[int, dict[int, list[float]]] = {}
-    for i, tr in by_row.items():
-        per: dict[int, list[float]] = {}
-        for t in tr.kept_tokens():
-            per.setdefault(t.segment, []).append(t.entropy if signal == "entropy" else t.surprisal)
-        kept_signal[i] = per
-    n_max = max((s.segment for ss in segs.values() for s in ss), default=-1)
-    cap = cfg.trace_erase_cap
-    total = {i: 0 for i in by_row}  # erasures spent per trace (the per-trace cap)
+    kept = [_kept_signal(tr, cfg.score.signal) for tr in group]
+    total = [0] * len(group)  # erasures spent per trace under the new rules (the per-trace cap)
+    tried: dict[tuple[int, int], list[ScoredAttempt]] = {}  # (row, segment) -> attempts so far
     rows = []
-    for n in range(n_max + 1):
-        at_n = {i: [s for s in ss if s.segment == n] for i, ss in segs.items()}
-        for i, ss in at_n.items():
-            first = next((s for s in ss if s.attempt == 0), None)
-            if first is not None:
-                policy.observe_first(i, n, _rescore(first, weights))
-        for i, ss in at_n.items():
-            tried: list[float] = []
-            for e, s in enumerate(ss):
-                score = _rescore(s, weights)
-                tried.append(score)
-                parts = policy.parts(i, n, e)
-                thr = parts.threshold
-                # The same rules, in the same order, as the generator's decision (generator._decide).
-                if s.reason == "restored":
-                    new = "forced_accept"
-                elif thr is None or not score > thr or not cfg.erase.enabled:
-                    new = "accept"
-                elif e >= cfg.erase.budget:
-                    better = cfg.erase.fallback == "best" and total[i] < cap and min(tried) < score - 1e-6
-                    new = "erase" if better else "forced_accept"  # erase = fall back to a better attempt
-                elif total[i] >= cap:
-                    new = "forced_accept"
-                else:
-                    new = "erase"
-                if new == "erase":
-                    total[i] += 1
-                rows.append(dict(zip(WHAT_IF_COLUMNS, (
-                    by_row[i].trace_id, n, s.attempt, s.score, score, s.threshold, thr, s.decision, new,
-                    (s.decision == "erase") != (new == "erase")))))
-            if i in kept_signal and n in kept_signal[i]:
-                policy.observe_kept(i, kept_signal[i][n])
+    for step, i, s in decision_order([tr.segments for tr in group], policy.needs_group):
+        score = _rescore(s, weights)
+        if step == "score":
+            if s.attempt == 0:
+                policy.observe_first(i, s.segment, score)
+            continue
+        attempts = tried.setdefault((i, s.segment), [])
+        attempts.append(ScoredAttempt(score, s.attempt))
+        thr = policy.parts(i, s.segment, s.attempt).threshold
+        d = decide(score, thr, policy=cfg.threshold.policy, attempts=attempts, segment_erasures=s.attempt,
+                   trace_erasures=total[i], restored=s.reason == "restored", erase=cfg.erase,
+                   cap=cfg.trace_erase_cap)
+        if d.decision == "erase":
+            total[i] += 1
+        rows.append(dict(zip(WHAT_IF_COLUMNS, (
+            group[i].trace_id, s.segment, s.attempt, s.score, score, s.threshold, thr, s.decision, d.decision,
+            s.reason, d.reason, (s.decision == "erase") != (d.decision == "erase")))))
+        if s.decision != "erase" and s.segment in kept[i]:
+            # What was recorded as kept, whatever the new decision: later attempts were generated
+            # after it, and the policy's history term must see what the generator's saw.
+            policy.observe_kept(i, kept[i][s.segment])
     return pd.DataFrame(rows, columns=WHAT_IF_COLUMNS)
+
+
+def _kept_signal(trace: Trace, signal: str) -> dict[int, list[float]]:
+    """The kept tokens' signal (entropy or surprisal) by segment."""
+    per: dict[int, list[float]] = {}
+    for t in trace.kept_tokens():
+        per.setdefault(t.segment, []).append(t.entropy if signal == "entropy" else t.surprisal)
+    return per
 
 
 def _rescore(s: SegmentEvent, weights: tuple[float, float, float]) -> float:
@@ -198,6 +186,6 @@ def group_of(traces: Sequence[Trace], trace_id: str) -> list[Trace]:
     target = next((t for t in traces if t.trace_id == trace_id), None)
     if target is None:
         raise E3RLError(f"no trace {trace_id!r} loaded")
-    prefix = target.trace_id.rsplit("-", 1)[0]
-    return [t for t in traces if t.trace_id.rsplit("-", 1)[0] == prefix]
+    key = (target.start.batch, target.start.group_id)
+    return [t for t in traces if (t.start.batch, t.start.group_id) == key]
 

@@ -211,6 +211,10 @@ def _worker_main(context: Any, jobs: Any, send: Any, halt: Any) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the parent handles it, and its
     # workers end with it (their job pipe ends), without a traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM ends a worker, whatever handler the parent had when it forked (``e3rl train`` run
+    # in-process installs a stop-after-this-step handler): multiprocessing terminates daemonic
+    # children at exit and then joins them, which would otherwise wait forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):  # /proc/self/fd
         _release_inherited_fds({jobs.fileno(), send.fileno()})

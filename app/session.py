@@ -4,13 +4,17 @@
 generation gets its own ``ErasableGenerator`` and event list, so two users never see each other's
 tokens). ``stream_generation`` turns the engine's event stream into rendered frames at a bounded
 rate, so the browser is not flooded with one update per token.
+
+A request travels once: ``GenRequest`` is what the Generate tab sends (its field defaults are the
+tab's starting values), ``Job.of`` resolves its model path and builds its config where it enters,
+and everything downstream (the store, the engine, the producers, ``same_run``) takes the ``Job``.
 """
 from __future__ import annotations
 
 import functools
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +23,7 @@ from e3rl_core.events import Event, Trace
 from e3rl_core.generation.config import GenerationConfig
 from e3rl_core.generation.generator import ErasableGenerator
 from e3rl_core.models import load_model, recommended_config
-from e3rl_core.overrides import apply_overrides
+from e3rl_core.overrides import apply_overrides, with_values
 from e3rl_core.tasks.rewards import extract_answer, is_correct
 
 from .producer import ENGINES, ProcessProducer, Producer, Workers, fork_available
@@ -60,8 +64,9 @@ class ModelStore:
         """Called first in a forked worker: a parent thread may have held the lock at the fork."""
         self._lock = threading.Lock()
 
-    def get(self, model: str) -> tuple[Any, Any]:
-        path = resolve(model)
+    def get(self, path: str) -> tuple[Any, Any]:
+        """The model and tokenizer at ``path``, a loadable path (``resolve`` makes one of a display
+        path); loaded on first use."""
         with self._lock:
             if path not in self._models:
                 self._models[path] = load_model(path, device="cpu")
@@ -70,9 +75,19 @@ class ModelStore:
 
 @dataclass
 class GenRequest:
-    """Everything the Generate tab sends; field names follow ``GenerationConfig``."""
+    """Everything the Generate tab sends; field names follow ``GenerationConfig``. The field
+    defaults are the tab's starting values (``defaults()``), written here only.
+
+    They are where erasure measurably helps the shipped model (docs/results/demo-model.json):
+    sampling at T=1 with the group policy, G=4, Erase@3: 0.469 -> 0.550 accuracy. With them, the
+    first example's rollout 0 slips, erases three segments and ends correct, while the same seed
+    with erasure off ends wrong, with 1, 2 or 4 torch threads alike (float sums differ with the
+    thread count, and some seeds' decisions sit close enough to the threshold to flip; checked by
+    tests/app/test_render.py)."""
 
     model: str
+    """As the user typed or picked it (a path relative to the repository, or absolute); traces
+    record it so. ``Job.of`` resolves it."""
     prompt: str
     gold: str | None = None
     temperature: float = 1.0
@@ -88,24 +103,63 @@ class GenRequest:
     erase_budget: int = 3
     erase: bool = True
     group_size: int = 4
-    seed: int = 0
+    seed: int = 8
     extra: list[str] = field(default_factory=list)
+    """Further ``section.field=value`` settings, applied last."""
+
+    def __post_init__(self) -> None:
+        # Sliders and API clients send whole numbers as floats (256.0) or text: each numeric field
+        # takes its own type here, once, so the config, the seeds and the group size agree.
+        for f in fields(self):
+            cast = {"int": int, "float": float}.get(str(f.type))
+            value = getattr(self, f.name)
+            if cast is None or type(value) is cast:
+                continue
+            try:
+                setattr(self, f.name, cast(value))
+            except (TypeError, ValueError):
+                raise E3RLError(f"{f.name} expects a number, got {value!r}") from None
 
     def gold_answer(self) -> str | None:
         """The gold answer as checked (blank means none)."""
         return self.gold.strip() if self.gold and self.gold.strip() else None
 
-    def config(self) -> GenerationConfig:
-        base = recommended_config(resolve(self.model))
-        return apply_overrides(base, [
-            f"sampling.temperature={self.temperature}", f"sampling.top_p={self.top_p}",
-            f"max_new_tokens={int(self.max_new_tokens)}", f"score.signal={self.signal}",
-            f"segment.mode={self.segment_mode}", f"segment.segment_tokens={int(self.segment_tokens)}",
-            f"threshold.policy={self.policy}", f"threshold.kappa={self.kappa}",
-            f"threshold.value={self.threshold_value}", f"threshold.warmup_segments={int(self.warmup_segments)}",
-            f"erase.budget={int(self.erase_budget)}", f"erase.enabled={self.erase}", "record_top_k=5",
-            *self.extra,
-        ])
+    def config(self, path: str | None = None) -> GenerationConfig:
+        """The model's recommended config with this request's settings. ``path``: the model's
+        resolved path, when the caller has it (``Job.of`` does)."""
+        config = with_values(recommended_config(path or resolve(self.model)), {
+            "sampling.temperature": self.temperature, "sampling.top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens, "score.signal": self.signal,
+            "segment.mode": self.segment_mode, "segment.segment_tokens": self.segment_tokens,
+            "threshold.policy": self.policy, "threshold.kappa": self.kappa, "threshold.value": self.threshold_value,
+            "threshold.warmup_segments": self.warmup_segments, "erase.budget": self.erase_budget,
+            "erase.enabled": self.erase, "record_top_k": 5,
+        })
+        return apply_overrides(config, self.extra) if self.extra else config
+
+
+def defaults() -> dict[str, Any]:
+    """The Generate tab's starting values: ``GenRequest``'s field defaults."""
+    return {f.name: f.default for f in fields(GenRequest) if f.default is not MISSING}
+
+
+@dataclass(frozen=True)
+class Job:
+    """A request as it runs: its model path resolved and its config built once, where it enters."""
+
+    req: GenRequest
+    path: str
+    """The loadable model path (``req.model`` stays as typed, for display and the traces)."""
+    config: GenerationConfig
+
+    @classmethod
+    def of(cls, req: GenRequest | Job) -> Job:
+        if isinstance(req, Job):
+            return req
+        if not req.model:
+            raise E3RLError("no model chosen; pick one in the model box")
+        path = resolve(req.model)
+        return cls(req, path, req.config(path))
 
 
 def check_prompt(prompt: str) -> str:
@@ -127,7 +181,7 @@ class Frame:
     finished: bool
 
 
-def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float = 0.08,
+def stream_generation(store: ModelStore, req: GenRequest | Job, *, min_interval: float = 0.08,
                       stop: threading.Event | None = None, engine: str = "thread") -> Iterator[Frame]:
     """Run one generation and yield frames at most every ``min_interval`` seconds (the first
     token at once, and the last frame when the generation ends). Closing the iterator, or setting
@@ -137,16 +191,22 @@ def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float
         raise E3RLError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     if engine == "process" and not fork_available():
         raise E3RLError("engine 'process' needs fork (Linux); use engine 'thread'")
-    check_prompt(req.prompt)
-    if not 1 <= int(req.group_size) <= 16:
+    asked = req.req if isinstance(req, Job) else req
+    check_prompt(asked.prompt)
+    if not 1 <= asked.group_size <= 16:
         raise E3RLError("group size must be between 1 and 16")
-    req.config()  # a bad setting fails here, in the handler
-    store.get(req.model)  # loaded here, so a worker forked now shares it
-    job = functools.partial(engine_events, req)
+    job = Job.of(req)  # a bad setting fails here, in the handler
+    store.get(job.path)  # loaded here, so a worker forked now shares it
+    run = functools.partial(engine_events, job)
     if engine == "process":
-        producer: Producer = ProcessProducer(job, store.workers, resolve(req.model))
+        producer: Producer = ProcessProducer(run, store.workers, job.path)
     else:
-        producer = Producer(lambda: job(store))
+        producer = Producer(lambda: run(store))
+    yield from _frames(producer, min_interval, stop)
+
+
+def _frames(producer: Producer, min_interval: float, stop: threading.Event | None) -> Iterator[Frame]:
+    """Start ``producer`` and fold its events into frames, as ``stream_generation`` describes."""
     views: dict[str, TraceView] = {}
     t0 = time.perf_counter()
     first: float | None = None
@@ -186,13 +246,14 @@ def stream_generation(store: ModelStore, req: GenRequest, *, min_interval: float
         producer.join(timeout=30)
 
 
-def engine_events(req: GenRequest, store: ModelStore) -> Iterator[Event]:
+def engine_events(job: Job, store: ModelStore) -> Iterator[Event]:
     """The engine's event stream for one request (run in a thread, or in a forked worker with its
     copy of the store)."""
-    model, tok = store.get(req.model)
-    gen = ErasableGenerator(model, tok, req.config(), model_name=req.model, checker=is_correct, answer_fn=extract_answer)
+    req = job.req
+    model, tok = store.get(job.path)
+    gen = ErasableGenerator(model, tok, job.config, model_name=req.model, checker=is_correct, answer_fn=extract_answer)
     gold = req.gold_answer()
-    return gen.stream(prompt_text(req, tok), group_size=int(req.group_size), seed=int(req.seed),
+    return gen.stream(prompt_text(req, tok), group_size=req.group_size, seed=req.seed,
                       golds=None if gold is None else [gold])
 
 
@@ -206,18 +267,20 @@ def prompt_text(req: GenRequest, tokenizer: Any) -> str:
     return prompt
 
 
-def same_run(events: list[Event], req: GenRequest, tokenizer: Any) -> bool:
+def same_run(events: list[Event], req: GenRequest | Job, tokenizer: Any) -> bool:
     """Whether ``events`` are a finished generation of exactly ``req`` (model, prompt, settings,
     seed, group size, gold), so the Counterfactual can reuse them instead of generating again."""
+    job = Job.of(req)
+    req = job.req
     starts = [e for e in events if e.kind == "start"]
     done = {e.trace_id for e in events if e.kind == "done"}
-    if not starts or len(starts) != int(req.group_size) or {s.trace_id for s in starts} != done:
+    if not starts or len(starts) != req.group_size or {s.trace_id for s in starts} != done:
         return False
     first = starts[0]
     return (first.model == req.model and first.prompt == prompt_text(req, tokenizer)
             and first.gold == req.gold_answer()
-            and first.config == req.config().to_dict()
-            and sorted(s.seed for s in starts) == [int(req.seed) + r for r in range(int(req.group_size))])
+            and first.config == job.config.to_dict()
+            and sorted(s.seed for s in starts) == [req.seed + r for r in range(req.group_size)])
 
 
 def replay_view(trace: Trace, upto: int) -> TraceView:

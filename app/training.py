@@ -11,13 +11,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from e3rl_core.cli.train import train_command
 from e3rl_core.errors import E3RLError
 from e3rl_core.training.checkpoint import LOG_FILE, RUN_FILE, checkpoints
 
@@ -26,9 +26,11 @@ LOCK = "active-run.json"
 
 @dataclass
 class RunRequest:
+    """One training run as the Train tab asks for it; the field defaults are the tab's starting values."""
+
     model: str
     algo: str = "e3rl"
-    steps: int = 20
+    steps: int = 10
     group_size: int = 4
     prompts_per_step: int = 4
     learning_rate: float = 5e-5
@@ -100,10 +102,10 @@ class TrainingManager:
         except FileExistsError:
             raise E3RLError("a training run is already in progress; stop it or wait for it to finish") from None
         out = self.root / f"{req.algo}-{time.strftime('%Y%m%d-%H%M%S')}-s{req.seed}"
-        cmd = [sys.executable, "-m", "e3rl_core.cli", "train", "--model", req.model, "--data", req.data,
-               "--algo", req.algo, "--out", str(out), "--steps", str(req.steps), "--group-size", str(req.group_size),
-               "--prompts-per-step", str(req.prompts_per_step), "--learning-rate", str(req.learning_rate),
-               "--seed", str(req.seed), "--save-steps", str(req.save_steps), "--quiet", "--device", "cpu"]
+        cmd = train_command(model=req.model, data=req.data, algo=req.algo, out=out, steps=req.steps,
+                            group_size=req.group_size, prompts_per_step=req.prompts_per_step,
+                            learning_rate=req.learning_rate, seed=req.seed, save_steps=req.save_steps,
+                            quiet=True, device="cpu")
         try:
             with open(_console(out), "w") as log:  # beside the run: the trainer wants an empty --out
                 self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -168,6 +170,18 @@ def latest_trace_events(run: Path, max_bytes: int = 256 * 1024) -> list:
 
 def _console(run: Path) -> Path:
     return run.with_name(run.name + ".console.log")
+
+
+def status_markdown(run: Path, status: dict[str, Any], active: bool) -> str:
+    """One run's state for the Train tab: its name, status and step, and the error if it failed
+    (or the console's last line, when it died before writing run.json)."""
+    msg = (f"**{run.name}**: {status.get('status')} — step {status.get('step', len(status.get('rows', [])))} of "
+           f"{status.get('max_steps', '?')}" + (" (running)" if active else ""))
+    if status.get("status") == "failed":
+        msg += f"\n\n⚠️ {status.get('message')}"
+    elif not active and status.get("status") == "starting" and "error" in status.get("console", ""):
+        msg += "\n\n⚠️ " + status["console"].strip().splitlines()[-1]
+    return msg
 
 
 def read_status(run: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, TextIO, Union
@@ -29,6 +30,12 @@ class StartEvent:
     group_id: int = 0
     """Which group (prompt) of the batch this rollout belongs to."""
     gold: str | None = None
+    batch: str = ""
+    """The id of the ``stream()`` call that produced this rollout, shared by every row of it: a
+    group is the rollouts with the same ``batch`` and ``group_id``."""
+    train_step: int | None = None
+    """The training step whose rollouts these are (1-based); None outside training. Not the
+    token events' ``step``, which orders tokens within one trace."""
 
 
 @dataclass
@@ -138,7 +145,29 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     unknown = sorted(set(payload) - set(fields))
     if unknown:
         raise TraceFormatError(f"{kind} event has unknown field(s) {unknown}")
+    if cls is StartEvent and "batch" not in payload:
+        payload.update(_legacy_start_fields(str(payload["trace_id"]), payload))
     return cls(**payload)
+
+
+# Trace ids written before start events carried batch/train_step: "<batch>-<group>-<index>", and
+# the trainer's batches were "s<step>r<rank>d<round>". Only files of that age are read this way.
+_LEGACY_ID = re.compile(r"^(?P<batch>.+)-(?P<group>\d+)-(?P<index>\d+)$")
+_LEGACY_TRAIN_BATCH = re.compile(r"^s(?P<step>\d+)r\d+d\d+$")
+
+
+def _legacy_start_fields(trace_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """batch, group_id and train_step of a start event from an old file, recovered from its id."""
+    m = _LEGACY_ID.match(trace_id)
+    if m is None:  # not a generator id: the rollout is a batch of its own
+        return {"batch": trace_id}
+    out: dict[str, Any] = {"batch": m["batch"]}
+    if "group_id" not in payload:
+        out["group_id"] = int(m["group"])
+    if "train_step" not in payload:
+        t = _LEGACY_TRAIN_BATCH.match(m["batch"])
+        out["train_step"] = int(t["step"]) if t else None
+    return out
 
 
 def dumps(event: Event) -> str:

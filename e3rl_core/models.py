@@ -53,20 +53,8 @@ def load_tokenizer(spec: str) -> Any:
     return tok
 
 
-def load_model(
-    spec: str, *, device: str | None = None, dtype: str = "auto", attn_implementation: str | None = None
-) -> tuple[Any, Any]:
-    """(model, tokenizer) from a directory with config.json, weights and tokenizer files, or a hub id.
-
-    ``random:<preset>`` builds a random-init model instead (see ````PRESETS`` below``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if spec.startswith("random:"):
-        preset = spec.split(":", 1)[1]
-        if preset not in PRESETS:
-            raise ModelLoadError(f"unknown random preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        model, tok = random_model(preset)
-        return model.to(device or "cpu"), tok
+def _resolve_local(spec: str) -> str:
+    """The spec to hand to from_pretrained: a checked local directory, or the hub id unchanged."""
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -75,12 +63,26 @@ def load_model(
             raise ModelLoadError(
                 f"{spec} has no config.json; pass a directory written by model.save_pretrained(...)"
             )
-        spec = str(path)
-    elif _looks_like_path(spec):
+        return str(path)
+    if _looks_like_path(spec):
         raise ModelLoadError(
             f"model directory not found: {spec}; pass a directory with config.json, weights and tokenizer, "
             f"or a hub id such as Qwen/Qwen3-4B when online"
         )
+    return spec
+
+
+def _not_causal_lm(spec: str, config: Any) -> ModelLoadError:
+    return ModelLoadError(
+        f"{spec} holds a {config.model_type} model, which is not a causal language model; "
+        f"pass a decoder-only LM (Llama, Qwen2/3, Mistral, GPT-2, ...)"
+    )
+
+
+def _load_causal_config(spec: str) -> Any:
+    """The model config, refused before any weights load unless it is a decoder-only causal LM."""
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(spec)
     except Exception as err:
@@ -93,25 +95,42 @@ def load_model(
             f"{spec} holds a {config.model_type} encoder-decoder model; E3RL needs a decoder-only causal LM"
         )
     if not _is_causal_lm(config):
-        raise ModelLoadError(
-            f"{spec} holds a {config.model_type} model, which is not a causal language model; "
-            f"pass a decoder-only LM (Llama, Qwen2/3, Mistral, GPT-2, ...)"
-        )
-    tokenizer = load_tokenizer(spec)
+        raise _not_causal_lm(spec, config)
+    return config
+
+
+def _load_weights(spec: str, config: Any, dtype: str, attn_implementation: str | None) -> Any:
+    from transformers import AutoModelForCausalLM
+
     kwargs: dict[str, Any] = {"dtype": DTYPES.get(dtype, dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(spec, **kwargs)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
-            raise ModelLoadError(
-                f"{spec} holds a {config.model_type} model, which is not a causal language model; "
-                f"pass a decoder-only LM (Llama, Qwen2/3, Mistral, GPT-2, ...)"
-            ) from None
+            raise _not_causal_lm(spec, config) from None
         raise ModelLoadError(f"could not load the model in {spec}: {err}") from None
     except OSError as err:
         raise ModelLoadError(f"could not load the weights in {spec}: {str(err).splitlines()[0][:300]}") from None
+
+
+def load_model(
+    spec: str, *, device: str | None = None, dtype: str = "auto", attn_implementation: str | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a directory with config.json, weights and tokenizer files, or a hub id.
+
+    ``random:<preset>`` builds a random-init model instead (see ``PRESETS`` below)."""
+    if spec.startswith("random:"):
+        preset = spec.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise ModelLoadError(f"unknown random preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        model, tok = random_model(preset)
+        return model.to(device or "cpu"), tok
+    spec = _resolve_local(spec)
+    config = _load_causal_config(spec)
+    tokenizer = load_tokenizer(spec)
+    model = _load_weights(spec, config, dtype, attn_implementation)
     model.eval()
     if device:
         model.to(device)

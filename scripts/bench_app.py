@@ -145,7 +145,7 @@ def paused(pids: list[int]) -> Iterator[None]:
 def start_app(port: int, threads: int | None = None, engine: str | None = None) -> subprocess.Popen:
     """``e3rl app`` as its own process, as a user runs it; returns once it answers."""
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    cmd = [sys.executable, "-m", "app.launcher", "app", "--port", str(port)]
+    cmd = [sys.executable, "-m", "e3rl_core.cli", "app", "--port", str(port)]
     cmd += ["--threads", str(threads)] if threads else []
     cmd += ["--engine", engine] if engine else []
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from e3rl_core.cli import main
 from e3rl_core.events import group_traces, read_events
 
@@ -55,3 +57,32 @@ def test_question_is_rendered_with_the_plain_template(model_dir, tmp_path, capsy
     assert start.prompt == "Question: a = 1 + 2. What is a?\nAnswer:\n"
     assert main(["generate", "--model", str(model_dir), "--question", "x", "--prompt", "y"]) == 2
     assert "exactly one of" in capsys.readouterr().err
+
+
+def test_app_is_a_subcommand_that_hands_its_arguments_to_the_workbench(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["app", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: e3rl app" in out and "--engine" in out and "--threads" in out  # the workbench's own flags
+    assert main(["app", "--threads", "0"]) == 2  # parsed and refused by app.main, before any server starts
+    assert "--threads must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # every other subcommand still refuses arguments it does not know
+        main(["bench", "generate", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_train_command_is_read_back_by_the_train_parser():
+    from e3rl_core.cli import build_parser
+    from e3rl_core.cli.train import train_command
+
+    cmd = train_command(model="m", data="synthetic:train?n=8", algo="grpo", out="runs/x", steps=3, group_size=2,
+                        learning_rate=1e-4, overrides=["beta=0.01", "generation.erase.budget=1"], device="cpu",
+                        quiet=True, overwrite=True)
+    assert cmd[:4] == [sys.executable, "-m", "e3rl_core.cli", "train"]
+    args = build_parser().parse_args(cmd[3:])
+    assert (args.model, args.data, args.algo, args.out, args.steps, args.group_size, args.learning_rate) == (
+        "m", "synthetic:train?n=8", "grpo", "runs/x", 3, 2, 1e-4)
+    assert args.overrides == ["beta=0.01", "generation.erase.budget=1"]
+    assert args.quiet and args.overwrite and not args.resume and args.device == "cpu"
+    assert args.seed is None and args.save_steps is None  # left out: the preset's defaults

@@ -90,3 +90,42 @@ def test_kept_tokens_view():
     from e3rl_core.events import EraseEvent
     t.events.insert(1, EraseEvent("a", 0, 0, 0, 1, "x", 3, 2))
     assert [k.token_id for k in t.kept_tokens()] == [6]
+
+
+def test_start_events_carry_batch_group_and_step(events, tiny_llama):
+    starts = [e for e in events if isinstance(e, StartEvent)]
+    assert len({s.batch for s in starts}) == 1 and starts[0].batch  # one stream() call, one batch
+    assert [(s.group_id, s.group_index) for s in starts] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(s.train_step is None for s in starts)  # not a training rollout
+    model, tok = tiny_llama
+    gen = ErasableGenerator(model, tok, make_config("max_new_tokens=4"))
+    traces = gen.generate(["1 + 1 = "], group_size=2, seed=0, trace_prefix="my-run-1", train_step=7)
+    assert [(t.start.batch, t.start.group_id, t.start.train_step) for t in traces] == [("my-run-1", 0, 7)] * 2
+
+
+def _old_start(trace_id: str, **extra) -> dict:
+    return {"event": "start", "trace_id": trace_id, "model": "m", "prompt": "p", "prompt_ids": [1],
+            "config": {}, "seed": 0, "group_index": int(trace_id.rsplit("-", 1)[-1]) if "-" in trace_id else 0,
+            "gold": None, **extra}
+
+
+def test_old_files_without_batch_and_step_still_load(tmp_path):
+    """Start events written before batch/train_step were fields: the loader fills them in from the id."""
+    rows = [
+        _old_start("s12r0d1-0-1", group_id=0),
+        {"event": "token", "trace_id": "s12r0d1-0-1", "step": 0, "token_id": 5, "text": "x",
+         "entropy": 0.1, "surprisal": 0.2, "segment": 0, "attempt": 0},
+        _old_start("my-run-1-1-0"),  # older still: no group_id either
+        _old_start("custom"),
+    ]
+    path = tmp_path / "old.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    starts = [e for e in read_events(path) if isinstance(e, StartEvent)]
+    assert [(s.batch, s.group_id, s.train_step) for s in starts] == [
+        ("s12r0d1", 0, 12), ("my-run-1", 1, None), ("custom", 0, None)]
+    # a new file keeps what it says, even where the id would suggest otherwise
+    new = event_from_dict(_old_start("s3r0d0-0-0", batch="b", train_step=None))
+    assert (new.batch, new.train_step) == ("b", None)
+    again = tmp_path / "again.jsonl"
+    write_events(starts, again)
+    assert read_events(again) == starts

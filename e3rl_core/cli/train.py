@@ -7,19 +7,44 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import E3RLError
 from ..overrides import apply_overrides
+from . import e3rl_command
 
 # flag -> TrainConfig field; each flag is a shortcut for --set FIELD=VALUE
 FLAGS = {"steps": "max_steps", "group_size": "num_generations", "prompts_per_step": "prompts_per_step",
          "learning_rate": "learning_rate", "seed": "seed", "token_budget": "rollout_token_budget",
          "erase_budget": "generation.erase.budget", "save_steps": "save_steps"}
+
+
+def train_command(*, out: str | os.PathLike[str], model: str | None = None, data: str | None = None,
+                  algo: str | None = None, steps: int | None = None, group_size: int | None = None,
+                  prompts_per_step: int | None = None, learning_rate: float | None = None, seed: int | None = None,
+                  token_budget: int | None = None, erase_budget: int | None = None, save_steps: int | None = None,
+                  overrides: Sequence[str] = (), device: str | None = None, quiet: bool = False,
+                  overwrite: bool = False, resume: bool = False) -> list[str]:
+    """The ``e3rl train`` command line for a subprocess (the app's Train tab, the reproduction), from
+    named settings: a setting left None is left out (the preset's default), ``overrides`` become
+    ``--set`` items. The one place outside the parser below that knows its flags."""
+    named = {"model": model, "data": data, "algo": algo, "out": out, "steps": steps, "group_size": group_size,
+             "prompts_per_step": prompts_per_step, "learning_rate": learning_rate, "seed": seed,
+             "token_budget": token_budget, "erase_budget": erase_budget, "save_steps": save_steps,
+             "device": device}
+    cmd = e3rl_command("train")
+    for name, value in named.items():
+        if value is not None:
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    cmd += [flag for flag, on in (("--quiet", quiet), ("--overwrite", overwrite), ("--resume", resume)) if on]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
 
 
 def add_parser(sub: Any) -> None:
@@ -76,10 +101,6 @@ def _config(args: argparse.Namespace) -> tuple[Any, str, str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from ..training.trainer import Trainer
-
     config, model, data = _config(args)
     stop = threading.Event()
 
@@ -90,8 +111,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("\n[e3rl] stopping after this step (a checkpoint will be written); press Ctrl-C again to abort",
               file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # Restored on the way out, so that ``main(["train", ...])`` called from Python (tests, notebooks)
+    # leaves the caller's handlers as they were.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _train(args, config, model, data, stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _train(args: argparse.Namespace, config: Any, model: str, data: str, stop: threading.Event) -> int:
+    from tqdm import tqdm
+
+    from ..training.trainer import Trainer
+
     trainer = Trainer(config, model=model, data=data, out=args.out, resume=args.resume, overwrite=args.overwrite,
                       device=args.device, dtype=args.dtype, should_stop=stop.is_set)
     bar = tqdm(total=config.max_steps, initial=trainer.step, desc=f"train {config.algo}", unit="step",

@@ -109,6 +109,144 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return slope, intercept, 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
 
 
+@dataclass
+class _Bench:
+    """What the four parts share: the model, its device, the timing settings."""
+
+    model: Any
+    tok: Any
+    spec: str
+    dev: torch.device
+    repeats: int
+    progress: Callable[[str], None]
+
+    def engine(self, *overrides: str) -> ErasableGenerator:
+        g = ErasableGenerator(self.model, self.tok, _config(*overrides), model_name=self.spec)
+        # The engine and model.generate must do the same work: no early stop at EOS on either side.
+        g.eos_ids = set()
+        return g
+
+
+def _bench_throughput(b: _Bench, p32: list[int], gen_tokens: int) -> list[BenchRow]:
+    """(a) tokens/s of the loop with erasure off vs ``model.generate``, sampling at T=1."""
+    plain = b.engine(f"max_new_tokens={gen_tokens}", "erase.enabled=false", "threshold.policy=none",
+                     "segment.segment_tokens=64")
+    rows = []
+    for batch in (1, 8):
+        b.progress(f"(a) throughput, batch {batch}")
+        ids = torch.tensor([p32] * batch, device=b.dev)
+
+        def hf() -> Any:
+            with torch.no_grad():
+                return b.model.generate(
+                    ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                    top_p=1.0, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, eos_token_id=None,
+                    pad_token_id=b.tok.pad_token_id or 0,
+                )
+
+        t_e3rl, t_hf, ratio, _, _ = _paired(lambda: _run(plain, p32, batch), hf, b.repeats, b.dev)
+        n = batch * gen_tokens
+        rows.append(BenchRow(
+            "(a) throughput", f"batch {batch}, {gen_tokens} new tokens, T=1",
+            f"{n / t_e3rl:,.0f} tok/s", f"{n / t_hf:,.0f} tok/s (model.generate)",
+            f"{ratio:.2f}x", ">= 0.9x",
+        ))
+    return rows
+
+
+def _bench_erase_cost(b: _Bench, prompts: dict[int, list[int]], seg: int) -> list[BenchRow]:
+    """(b) cost of one erase + regenerate of an L-token segment at prefix P, timed inside one run
+    from the event stream: attempt 0 (decode L) and erase -> attempt 1 done (rollback + redo L)."""
+    # Threshold -inf erases the first attempt; budget 1 then keeps the retry (fallback=last).
+    erase1 = b.engine(f"max_new_tokens={seg}", "threshold.policy=fixed", "threshold.value=-1e9",
+                      "erase.budget=1", "erase.fallback=last", f"segment.segment_tokens={seg}")
+    rows = []
+    for P, pp in prompts.items():
+        b.progress(f"(b) erase cost at prefix {P}")
+
+        def timed_run() -> tuple[float, float]:
+            marks: dict[str, float] = {}
+            for ev in erase1.stream([pp], seed=0):
+                _sync(b.dev)
+                now = time.perf_counter()
+                if isinstance(ev, TokenEvent) and ev.step == 0:
+                    marks["first"] = now
+                elif isinstance(ev, SegmentEvent):
+                    marks[f"seg{ev.attempt}"] = now
+                elif isinstance(ev, EraseEvent):
+                    marks["erase"] = now
+                    if ev.cache_len_after != len(pp):  # the rollback must land on the segment start
+                        raise RuntimeError(f"rollback left {ev.cache_len_after} entries, expected {len(pp)}")
+            return marks["seg0"] - marks["first"], marks["seg1"] - marks["erase"]
+
+        timed_run()  # warm-up
+        pairs = [timed_run() for _ in range(b.repeats)]
+        decode = statistics.median(p[0] for p in pairs)
+        redo = statistics.median(p[1] for p in pairs)
+
+        def prefill() -> Any:
+            with torch.no_grad():
+                return b.model(torch.tensor([pp], device=b.dev), logits_to_keep=1)
+
+        t_prefill, _ = _median_time(prefill, b.repeats, b.dev)
+        naive = t_prefill + decode
+        rows.append(BenchRow(
+            "(b) erase+regenerate", f"P={P}, L={seg}",
+            f"{redo * 1e3:.1f} ms", f"decode L: {decode * 1e3:.1f} ms; naive re-prefill+decode: {naive * 1e3:.1f} ms",
+            f"{redo / decode:.2f}x decode; {redo / naive:.2f}x naive", "<= 1.1x decode",
+        ))
+    return rows
+
+
+def _bench_memory(b: _Bench, p32: list[int], lengths: list[int]) -> BenchRow:
+    """(c) peak KV memory vs tokens generated, erasures on, G=8 batch with holes and compaction."""
+    xs, ys, details = [], [], []
+    for n_new in lengths:
+        b.progress(f"(c) memory, {n_new} new tokens")
+        g = b.engine(f"max_new_tokens={n_new}", "segment.mode=fixed", "segment.segment_tokens=32",
+                     "threshold.policy=e3rl", "threshold.kappa=0.0", "sampling.temperature=1.0")
+        dones = _run(g, p32, 8)
+        generated = sum(d.tokens_generated for d in dones)
+        erasures = sum(d.erasures for d in dones)
+        if b.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(b.dev)
+            dones = _run(g, p32, 8)
+            peak = torch.cuda.max_memory_allocated(b.dev)
+        else:
+            peak = g.last_stats.peak_kv_bytes
+        xs.append(float(generated))
+        ys.append(float(peak))
+        details.append(f"{n_new}/row: {generated} tok, {erasures} erasures, {peak / 2**20:.2f} MiB")
+    slope, intercept, r2 = linear_fit(xs, ys)
+    what = "peak CUDA memory" if b.dev.type == "cuda" else "peak KV-cache bytes"
+    return BenchRow(
+        "(c) memory", f"G=8, {what}; " + "; ".join(details),
+        f"{slope:,.0f} B/token", f"intercept {intercept / 2**20:.2f} MiB", f"R^2 = {r2:.4f}", "linear (R^2 ~ 1)",
+    )
+
+
+def _bench_group(b: _Bench, p32: list[int], gen_tokens: int) -> BenchRow:
+    """(d) G=8 lockstep with erasure vs the same 8 rollouts one after another."""
+    b.progress("(d) batched group vs sequential")
+    group = b.engine(f"max_new_tokens={gen_tokens}", "segment.mode=fixed", "segment.segment_tokens=32",
+                     "threshold.policy=e3rl", "threshold.kappa=0.5", "sampling.temperature=1.0")
+
+    def sequential() -> list[DoneEvent]:
+        return [d for s in range(8) for d in _run(group, p32, 1, seed=s)]
+
+    t_group, t_seq, _, dones, dones_seq = _paired(lambda: _run(group, p32, 8, seed=0), sequential, b.repeats, b.dev)
+    n_group = sum(d.tokens_generated for d in dones)
+    e_group = sum(d.erasures for d in dones)
+    n_seq = sum(d.tokens_generated for d in dones_seq)
+    e_seq = sum(d.erasures for d in dones_seq)
+    return BenchRow(
+        "(d) group lockstep", f"G=8, {gen_tokens} kept/row, e3rl policy",
+        f"{n_group / t_group:,.0f} tok/s ({e_group} erasures)",
+        f"{n_seq / t_seq:,.0f} tok/s sequential ({e_seq} erasures)",
+        f"{(n_group / t_group) / (n_seq / t_seq):.2f}x", ">= 3x",
+    )
+
+
 def run_generate_bench(
     model_spec: str = "random:small",
     *,
@@ -127,125 +265,14 @@ def run_generate_bench(
         # Ordinary tokens only (ids past the specials), so the prompt is valid for any tokenizer.
         return torch.randint(min(8, vocab - 1), min(vocab, 1000), (n,), generator=rng).tolist()
 
-    result = BenchResult(machine=machine_description(dev), model=model_spec)
-    def engine(cfg: GenerationConfig) -> ErasableGenerator:
-        g = ErasableGenerator(model, tok, cfg, model_name=model_spec)
-        # The engine and model.generate must do the same work: no early stop at EOS on either side.
-        g.eos_ids = set()
-        return g
-
-    # (a) throughput, erasure off, sampling at T=1.
-    plain = engine(_config(f"max_new_tokens={gen_tokens}", "erase.enabled=false", "threshold.policy=none",
-                           "segment.segment_tokens=64"))
     p32 = prompt(32)
-    for batch in (1, 8):
-        progress(f"(a) throughput, batch {batch}")
-        ids = torch.tensor([p32] * batch, device=dev)
-
-        def hf() -> Any:
-            with torch.no_grad():
-                return model.generate(
-                    ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                    top_p=1.0, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, eos_token_id=None,
-                    pad_token_id=tok.pad_token_id or 0,
-                )
-
-        t_e3rl, t_hf, ratio, _, _ = _paired(lambda: _run(plain, p32, batch), hf, repeats, dev)
-        n = batch * gen_tokens
-        result.rows.append(BenchRow(
-            "(a) throughput", f"batch {batch}, {gen_tokens} new tokens, T=1",
-            f"{n / t_e3rl:,.0f} tok/s", f"{n / t_hf:,.0f} tok/s (model.generate)",
-            f"{ratio:.2f}x", ">= 0.9x",
-        ))
-
-    # (b) cost of one erase + regenerate of an L-token segment at prefix P, timed inside one run
-    # from the event stream: attempt 0 (decode L) and erase -> attempt 1 done (rollback + redo L).
-    seg = 32 if quick else 64
-    # Threshold -inf erases the first attempt; budget 1 then keeps the retry (fallback=last).
-    erase1 = engine(_config(f"max_new_tokens={seg}", "threshold.policy=fixed", "threshold.value=-1e9",
-                            "erase.budget=1", "erase.fallback=last", f"segment.segment_tokens={seg}"))
-    for P in (256, 1024):
-        progress(f"(b) erase cost at prefix {P}")
-        pp = prompt(P)
-
-        def timed_run() -> tuple[float, float]:
-            marks: dict[str, float] = {}
-            for ev in erase1.stream([pp], seed=0):
-                _sync(dev)
-                now = time.perf_counter()
-                if isinstance(ev, TokenEvent) and ev.step == 0:
-                    marks["first"] = now
-                elif isinstance(ev, SegmentEvent):
-                    marks[f"seg{ev.attempt}"] = now
-                elif isinstance(ev, EraseEvent):
-                    marks["erase"] = now
-                    if ev.cache_len_after != len(pp):  # the rollback must land on the segment start
-                        raise RuntimeError(f"rollback left {ev.cache_len_after} entries, expected {len(pp)}")
-            return marks["seg0"] - marks["first"], marks["seg1"] - marks["erase"]
-
-        timed_run()  # warm-up
-        pairs = [timed_run() for _ in range(repeats)]
-        decode = statistics.median(p[0] for p in pairs)
-        redo = statistics.median(p[1] for p in pairs)
-
-        def prefill() -> Any:
-            with torch.no_grad():
-                return model(torch.tensor([pp], device=dev), logits_to_keep=1)
-
-        t_prefill, _ = _median_time(prefill, repeats, dev)
-        naive = t_prefill + decode
-        result.rows.append(BenchRow(
-            "(b) erase+regenerate", f"P={P}, L={seg}",
-            f"{redo * 1e3:.1f} ms", f"decode L: {decode * 1e3:.1f} ms; naive re-prefill+decode: {naive * 1e3:.1f} ms",
-            f"{redo / decode:.2f}x decode; {redo / naive:.2f}x naive", "<= 1.1x decode",
-        ))
-
-    # (c) peak KV memory vs tokens generated, erasures on, G=8 batch with holes and compaction.
-    lengths = [64, 128, 192, 256] if quick else [128, 256, 512, 768, 1024]
-    xs, ys, details = [], [], []
-    for n_new in lengths:
-        progress(f"(c) memory, {n_new} new tokens")
-        g = engine(_config(f"max_new_tokens={n_new}", "segment.mode=fixed", "segment.segment_tokens=32",
-                           "threshold.policy=e3rl", "threshold.kappa=0.0", "sampling.temperature=1.0"))
-        dones = _run(g, p32, 8)
-        generated = sum(d.tokens_generated for d in dones)
-        erasures = sum(d.erasures for d in dones)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-            dones = _run(g, p32, 8)
-            peak = torch.cuda.max_memory_allocated(dev)
-        else:
-            peak = g.last_stats.peak_kv_bytes
-        xs.append(float(generated))
-        ys.append(float(peak))
-        details.append(f"{n_new}/row: {generated} tok, {erasures} erasures, {peak / 2**20:.2f} MiB")
-    slope, intercept, r2 = linear_fit(xs, ys)
-    what = "peak CUDA memory" if dev.type == "cuda" else "peak KV-cache bytes"
-    result.rows.append(BenchRow(
-        "(c) memory", f"G=8, {what}; " + "; ".join(details),
-        f"{slope:,.0f} B/token", f"intercept {intercept / 2**20:.2f} MiB", f"R^2 = {r2:.4f}", "linear (R^2 ~ 1)",
-    ))
-
-    # (d) G=8 lockstep with erasure vs 8 sequential rollouts.
-    progress("(d) batched group vs sequential")
-    cfg = _config(f"max_new_tokens={gen_tokens}", "segment.mode=fixed", "segment.segment_tokens=32",
-                  "threshold.policy=e3rl", "threshold.kappa=0.5", "sampling.temperature=1.0")
-    group = engine(cfg)
-
-    def sequential() -> list[DoneEvent]:
-        return [d for s in range(8) for d in _run(group, p32, 1, seed=s)]
-
-    t_group, t_seq, _, dones, dones_seq = _paired(lambda: _run(group, p32, 8, seed=0), sequential, repeats, dev)
-    n_group = sum(d.tokens_generated for d in dones)
-    e_group = sum(d.erasures for d in dones)
-    n_seq = sum(d.tokens_generated for d in dones_seq)
-    e_seq = sum(d.erasures for d in dones_seq)
-    result.rows.append(BenchRow(
-        "(d) group lockstep", f"G=8, {gen_tokens} kept/row, e3rl policy",
-        f"{n_group / t_group:,.0f} tok/s ({e_group} erasures)",
-        f"{n_seq / t_seq:,.0f} tok/s sequential ({e_seq} erasures)",
-        f"{(n_group / t_group) / (n_seq / t_seq):.2f}x", ">= 3x",
-    ))
+    long_prompts = {P: prompt(P) for P in (256, 1024)}
+    b = _Bench(model, tok, model_spec, dev, repeats, progress)
+    result = BenchResult(machine=machine_description(dev), model=model_spec)
+    result.rows += _bench_throughput(b, p32, gen_tokens)
+    result.rows += _bench_erase_cost(b, long_prompts, seg=32 if quick else 64)
+    result.rows.append(_bench_memory(b, p32, [64, 128, 192, 256] if quick else [128, 256, 512, 768, 1024]))
+    result.rows.append(_bench_group(b, p32, gen_tokens))
     return result
 
 

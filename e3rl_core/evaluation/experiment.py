@@ -12,13 +12,14 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..cli import e3rl_command
+from ..cli.train import train_command
 from ..errors import E3RLError
 
 # Two-sided 95% Student t quantiles by degrees of freedom (n - 1); beyond 10, 1.96 is close enough.
@@ -70,13 +71,9 @@ def plan(seeds: int = 3, ablations: bool = True) -> list[RunSpec]:
     return runs
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "e3rl_core.cli", *args]
-
-
 def _eval_cmd(model: str, st: Settings, mode: str) -> list[str]:
     """Every model is scored the same way: the test set, K samples, seed 0, erasure off or on."""
-    return _cli("eval", "--model", model, "--data", st.test_data, "--samples", str(st.eval_samples),
+    return e3rl_command("eval", "--model", model, "--data", st.test_data, "--samples", str(st.eval_samples),
                 "--seed", "0", "--json", "--device", "cpu", "--erase" if mode == "on" else "--no-erase")
 
 
@@ -101,13 +98,11 @@ def run_one(spec: RunSpec, st: Settings, root: Path, threads: int = 1) -> dict[s
     log = out / "commands.log"
     run_dir = out / "run"
     t0 = time.time()
-    train = _cli("train", "--model", st.model, "--data", st.train_data, "--algo", spec.algo, "--out", str(run_dir),
-                 "--seed", str(spec.seed), "--group-size", str(st.group_size), "--prompts-per-step",
-                 str(st.prompts_per_step), "--learning-rate", str(st.learning_rate), "--token-budget",
-                 str(st.token_budget), "--steps", str(st.max_steps), "--save-steps", str(st.max_steps), "--quiet",
-                 "--overwrite", "--device", "cpu")
-    for item in st.common + spec.overrides:
-        train += ["--set", item]
+    train = train_command(model=st.model, data=st.train_data, algo=spec.algo, out=run_dir, seed=spec.seed,
+                          group_size=st.group_size, prompts_per_step=st.prompts_per_step,
+                          learning_rate=st.learning_rate, token_budget=st.token_budget, steps=st.max_steps,
+                          save_steps=st.max_steps, overrides=st.common + spec.overrides, device="cpu",
+                          quiet=True, overwrite=True)
     _run(train, log, env)
     train_seconds = time.time() - t0
     run = json.loads((run_dir / "run.json").read_text())

@@ -18,7 +18,8 @@ import os
 import random
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterator, Sequence
+from enum import Enum
+from typing import Any, Callable, Generator, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -26,6 +27,7 @@ from ..errors import ConfigError, NonFiniteLogitsError, PromptError
 from ..events import DoneEvent, EraseEvent, ErrorEvent, Event, SegmentEvent, StartEvent, TokenEvent, Trace, group_traces
 from . import detok
 from .config import GenerationConfig
+from .decision import decide
 from .kvcache import BatchKV
 from .sampling import choose_tokens
 from .scoring import SegmentFeatures, segment_features, segment_score
@@ -35,6 +37,38 @@ from .thresholds import POLICIES, ThresholdPolicy, make_policy
 
 Checker = Callable[[str, str], "bool | None"]
 AnswerFn = Callable[[str], "str | None"]
+
+
+class RowStatus(Enum):
+    """Where a row is in the step loop."""
+
+    SAMPLE = "sample"  # has fresh logits: draws its next token
+    FEED = "feed"  # has a token to feed at the next forward
+    WAIT = "wait"  # scored a segment; its decision waits for the group (needs_group policies)
+    DONE = "done"
+
+
+class Attempt(NamedTuple):
+    """One scored attempt of the current segment (a ``decision.Scored``), kept for the fallback."""
+
+    score: float
+    attempt: int
+    ids: list[int]
+
+
+class Ban(NamedTuple):
+    """Left by an erasure (``erase.ban_greedy`` / ``ban_sampling``): the retry may not draw
+    ``token`` right after ``prefix``, the erased attempt's tokens before its most uncertain one."""
+
+    prefix: tuple[int, ...]
+    token: int
+
+
+class Pending(NamedTuple):
+    """A scored segment whose decision is still to be made."""
+
+    features: SegmentFeatures
+    score: float
 
 
 @dataclass
@@ -51,7 +85,7 @@ class _Row:
     gold: str | None
     detok: detok.DetokState
     prev_base: float = 0.0
-    status: str = "sample"  # sample (fresh logits) | feed (token to feed) | wait | done
+    status: RowStatus = RowStatus.SAMPLE
     to_feed: int | None = None
     pos: int = 0  # position id of the next fed token
     step: int = 0
@@ -70,12 +104,12 @@ class _Row:
     seg_text: str = ""
     seg_cols: list[int] = field(default_factory=list)
     seg_detok: detok.DetokState | None = None
-    attempts: list[tuple[float, int, list[int]]] = field(default_factory=list)  # (score, attempt, ids)
-    bans: dict[int, list[tuple[tuple[int, ...], int]]] = field(default_factory=dict)
+    attempts: list[Attempt] = field(default_factory=list)
+    bans: dict[int, list[Ban]] = field(default_factory=dict)  # by position in the segment
     replay: list[int] | None = None
     restored_from: int | None = None
     new_segment: bool = False
-    pending: tuple[SegmentFeatures, float] | None = None
+    pending: Pending | None = None
 
 
 @dataclass
@@ -172,11 +206,14 @@ class ErasableGenerator:
         seed: int | Sequence[int] | None = None,
         golds: Sequence[str | None] | None = None,
         trace_prefix: str | None = None,
+        train_step: int | None = None,
     ) -> Iterator[Event]:
         """Generate ``group_size`` rollouts for each prompt, all in one batch.
 
         seed: one int (row r of the batch uses seed + r) or one seed per row; None draws one and
-        records it in each start event. golds: the known answers, one per prompt, for ``done``."""
+        records it in each start event. golds: the known answers, one per prompt, for ``done``.
+        trace_prefix: the batch id (random if None); trace ids are ``<batch>-<group>-<index>``.
+        train_step: recorded in each start event by the trainer."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         if not prompts:
@@ -215,12 +252,19 @@ class ErasableGenerator:
                 prompt=prompts[row.group] if isinstance(prompts[row.group], str) else self.tokenizer.decode(row.prompt_ids),
                 prompt_ids=row.prompt_ids, config=config_dict, seed=seeds[row.index],
                 group_index=row.index % group_size, group_id=row.group, gold=row.gold,
+                batch=prefix, train_step=train_step,
             )
         yield from _Run(self, rows).events()
 
 
 class _Run:
-    """One batch being decoded: the rows, the cache and the current logits."""
+    """One batch being decoded: the rows, the cache and the current logits.
+
+    Per step: rows with fresh logits draw (a retry draws at once), waiting rows whose group is
+    complete are decided in row order, repeat until nothing changes, then one forward feeds every
+    row that has a token. ``schedule.decision_order`` rebuilds this order (the audit's what-if)
+    from recorded traces, so a change here shows in tests/app/test_audit.py.
+    """
 
     def __init__(self, gen: ErasableGenerator, rows: list[_Row]) -> None:
         self.gen = gen
@@ -305,11 +349,11 @@ class _Run:
                     yield from self._sample_phase()
                     if not (yield from self._resolve_waits()):
                         break
-                feeding = [r for r in self.rows if r.status == "feed"]
+                feeding = [r for r in self.rows if r.status is RowStatus.FEED]
                 if not feeding:
-                    if all(r.status == "done" for r in self.rows):
+                    if all(r.status is RowStatus.DONE for r in self.rows):
                         return
-                    waiting = [(r.trace_id, r.seg) for r in self.rows if r.status == "wait"]
+                    waiting = [(r.trace_id, r.seg) for r in self.rows if r.status is RowStatus.WAIT]
                     raise RuntimeError(f"group barrier cannot resolve; waiting rows: {waiting}")
                 with torch.no_grad():
                     self._feed(feeding)
@@ -319,46 +363,58 @@ class _Run:
             raise
 
     def _sample_phase(self) -> Iterator[Event]:
-        erase_cfg = self.cfg.erase
-        sampling = self.cfg.sampling
+        """Every row with fresh logits draws a token, until none has: a retry draws its first
+        token in the same phase as the erasure, from the boundary logits."""
         while True:
-            ready = [r for r in self.rows if r.status == "sample"]
+            ready = [r for r in self.rows if r.status is RowStatus.SAMPLE]
             if not ready:
                 return
             with torch.no_grad():
-                if len(ready) == len(self.rows):
-                    logits = self.cur  # the common case: every row draws (rows are in index order)
-                else:
-                    logits = self.cur[torch.tensor([r.index for r in ready], device=self.gen.device)]  # (n, V)
-                logp = log_probs(logits)  # (n, V)
-                ent = entropy_from_logp(logp)  # (n,)
-                self._check_finite(ready, ent)
-                temps, bans = [], []
-                for r in ready:
-                    t = sampling.temperature
-                    if t > 0:
-                        t += sampling.retry_temperature_step * r.seg_erasures
-                    temps.append(t)
-                    ban_on = erase_cfg.ban_greedy if t <= 0 else erase_cfg.ban_sampling
-                    bans.append(self._bans_at(r) if ban_on and r.bans else [])
-                toks = choose_tokens(logits, temps, [r.rng for r in ready], bans, sampling.top_k, sampling.top_p)
-                for i, r in enumerate(ready):
-                    if r.replay is not None:
-                        toks[i] = r.replay[len(r.seg_ids)]
-                sur = -logp.gather(-1, toks.unsqueeze(-1)).squeeze(-1)  # (n,)
-                tops: list[Any] = [None] * len(ready)
-                if self.cfg.record_top_k:
-                    k = min(self.cfg.record_top_k, logp.shape[-1])
-                    vals, ids = logp.topk(k, dim=-1)  # (n, k)
-                    tops = [[[i, self.gen.token_text(i), round(math.exp(v), 6)] for i, v in zip(ri, rv)]
-                            for ri, rv in zip(ids.tolist(), vals.tolist())]
-            for r, t, h, s, top in zip(ready, toks.tolist(), ent.tolist(), sur.tolist(), tops):
+                toks, ent, sur, tops = self._draw(ready)
+            for r, t, h, s, top in zip(ready, toks, ent, sur, tops):
                 yield from self._take_token(r, t, h, s, top)
+
+    def _draw(self, ready: list[_Row]) -> tuple[list[int], list[float], list[float], list[Any]]:
+        """One token per ready row, with its entropy, surprisal and (optionally) top-k."""
+        if len(ready) == len(self.rows):
+            logits = self.cur  # the common case: every row draws (rows are in index order)
+        else:
+            logits = self.cur[torch.tensor([r.index for r in ready], device=self.gen.device)]  # (n, V)
+        logp = log_probs(logits)  # (n, V)
+        ent = entropy_from_logp(logp)  # (n,)
+        self._check_finite(ready, ent)
+        temps, bans = self._draw_settings(ready)
+        sampling = self.cfg.sampling
+        toks = choose_tokens(logits, temps, [r.rng for r in ready], bans, sampling.top_k, sampling.top_p)
+        for i, r in enumerate(ready):
+            if r.replay is not None:
+                toks[i] = r.replay[len(r.seg_ids)]
+        sur = -logp.gather(-1, toks.unsqueeze(-1)).squeeze(-1)  # (n,)
+        tops: list[Any] = [None] * len(ready)
+        if self.cfg.record_top_k:
+            k = min(self.cfg.record_top_k, logp.shape[-1])
+            vals, ids = logp.topk(k, dim=-1)  # (n, k)
+            tops = [[[i, self.gen.token_text(i), round(math.exp(v), 6)] for i, v in zip(ri, rv)]
+                    for ri, rv in zip(ids.tolist(), vals.tolist())]
+        return toks.tolist(), ent.tolist(), sur.tolist(), tops
+
+    def _draw_settings(self, ready: list[_Row]) -> tuple[list[float], list[list[int]]]:
+        """Each row's temperature (raised per retry when sampling) and banned token ids."""
+        sampling, erase_cfg = self.cfg.sampling, self.cfg.erase
+        temps, bans = [], []
+        for r in ready:
+            t = sampling.temperature
+            if t > 0:
+                t += sampling.retry_temperature_step * r.seg_erasures
+            temps.append(t)
+            ban_on = erase_cfg.ban_greedy if t <= 0 else erase_cfg.ban_sampling
+            bans.append(self._bans_at(r) if ban_on and r.bans else [])
+        return temps, bans
 
     def _bans_at(self, r: _Row) -> list[int]:
         k = len(r.seg_ids)
         prefix = tuple(r.seg_ids)
-        return [tok for pre, tok in r.bans.get(k, []) if pre == prefix]
+        return [ban.token for ban in r.bans.get(k, []) if ban.prefix == prefix]
 
     def _take_token(self, r: _Row, tok: int, ent: float, sur: float, top: Any = None) -> Iterator[Event]:
         delta = detok.push(self.gen.decoder, r.detok, tok)
@@ -371,28 +427,32 @@ class _Run:
         r.seg_entropy.append(ent)
         r.seg_surprisal.append(sur)
         r.seg_text += delta
+        if not self._segment_ended(r, tok, delta):
+            r.to_feed, r.status = tok, RowStatus.FEED
+            return
+        yield from self._score_segment(r)
+
+    def _segment_ended(self, r: _Row, tok: int, delta: str) -> bool:
         length = len(r.seg_ids)
         if r.replay is not None:
-            ended = length == len(r.replay)
-        else:
-            ended = (
-                tok in self.gen.eos_ids
-                or len(r.kept_ids) + length >= r.max_kept
-                or self.gen.segmenter.is_boundary(length, r.seg_text, delta)
-            )
-        if not ended:
-            r.to_feed, r.status = tok, "feed"
-            return
+            return length == len(r.replay)
+        return (
+            tok in self.gen.eos_ids
+            or len(r.kept_ids) + length >= r.max_kept
+            or self.gen.segmenter.is_boundary(length, r.seg_text, delta)
+        )
+
+    def _score_segment(self, r: _Row) -> Iterator[Event]:
         x = r.seg_surprisal if self.signal_name == "surprisal" else r.seg_entropy
         feats = segment_features(x, r.kept_signal, r.prev_base, self.window)
         score = segment_score(feats, self.weights)
-        r.attempts.append((score, r.attempt, list(r.seg_ids)))
-        r.pending = (feats, score)
+        r.attempts.append(Attempt(score, r.attempt, list(r.seg_ids)))
+        r.pending = Pending(feats, score)
         if r.seg_erasures == 0 and r.replay is None and r.seg not in r.first_scored:
             r.first_scored.add(r.seg)
             r.policy.observe_first(r.index, r.seg, score)
         if r.policy.needs_group and r.replay is None:
-            r.status = "wait"
+            r.status = RowStatus.WAIT
         else:
             yield from self._decide(r)
 
@@ -401,9 +461,9 @@ class _Run:
         segment; returns how many were decided."""
         decided = 0
         for r in self.rows:
-            if r.status != "wait":
+            if r.status is not RowStatus.WAIT:
                 continue
-            live = [o for o in self.rows if o.group == r.group and o.status != "done"]
+            live = [o for o in self.rows if o.group == r.group and o.status is not RowStatus.DONE]
             if all(r.seg in o.first_scored for o in live):
                 decided += 1
                 yield from self._decide(r)
@@ -413,44 +473,26 @@ class _Run:
     def _decide(self, r: _Row) -> Iterator[Event]:
         feats, score = r.pending
         parts = r.policy.parts(r.index, r.seg, r.seg_erasures)
-        thr = parts.threshold
-        restored = r.replay is not None
-        if restored:
-            decision, reason = "forced_accept", "restored"
-        elif thr is None:
-            decision, reason = "accept", "warmup" if self.cfg.threshold.policy != "none" else "no_threshold"
-        elif not score > thr:
-            decision, reason = "accept", "below_threshold"
-        elif not self.cfg.erase.enabled:
-            decision, reason = "accept", "disabled"
-        elif r.seg_erasures >= self.cfg.erase.budget:
-            decision, reason = "forced_accept", "budget"
-        elif r.total_erasures >= self.cap:
-            decision, reason = "forced_accept", "trace_cap"
-        else:
-            decision, reason = "erase", "above_threshold"
-        best = None
-        if reason == "budget" and self.cfg.erase.fallback == "best" and r.total_erasures < self.cap:
-            # Lowest score wins. Scores within 1e-6 are a tie (float noise between equal
-            # attempts), and a tie keeps the current attempt, which needs no replay.
-            best = min(r.attempts, key=lambda a: (a[0], -a[1]))
-            if best[0] >= score - 1e-6:
-                best = None
-            else:
-                decision, reason = "erase", "fallback"
+        d = decide(
+            score, parts.threshold, policy=self.cfg.threshold.policy, attempts=r.attempts,
+            segment_erasures=r.seg_erasures, trace_erasures=r.total_erasures,
+            restored=r.replay is not None, erase=self.cfg.erase, cap=self.cap,
+        )
         start = len(r.kept_ids)
         yield SegmentEvent(
             trace_id=r.trace_id, segment=r.seg, attempt=r.attempt, start=start, end=start + len(r.seg_ids),
             score=score, features=feats.to_dict(), baseline=parts.baseline, penalty=parts.penalty,
-            history=parts.history, threshold=thr, decision=decision, reason=reason,
+            history=parts.history, threshold=parts.threshold, decision=d.decision, reason=d.reason,
             restored_from=r.restored_from,
         )
         r.pending = None
-        if decision == "erase":
-            yield from self._erase(r, replay=best[2] if best is not None else None,
-                                   restored_from=best[1] if best is not None else None)
-        else:
+        if d.decision != "erase":
             yield from self._accept(r, feats)
+        elif d.restore is None:
+            yield from self._erase(r, replay=None, restored_from=None)
+        else:
+            best = next(a for a in r.attempts if a.attempt == d.restore)
+            yield from self._erase(r, replay=best.ids, restored_from=best.attempt)
 
     def _erase(self, r: _Row, replay: list[int] | None, restored_from: int | None) -> Iterator[Event]:
         before = self.kv.valid_count(r.index)
@@ -467,7 +509,7 @@ class _Run:
             # uncertain position (given the same prefix). Never the first token blindly.
             x = r.seg_surprisal if self.signal_name == "surprisal" else r.seg_entropy
             k = max(range(len(x)), key=x.__getitem__)
-            r.bans.setdefault(k, []).append((tuple(r.seg_ids[:k]), r.seg_ids[k]))
+            r.bans.setdefault(k, []).append(Ban(tuple(r.seg_ids[:k]), r.seg_ids[k]))
         r.total_erasures += 1
         r.seg_erasures += 1
         r.attempt += 1
@@ -476,7 +518,7 @@ class _Run:
         r.pos = r.seg_start_pos
         r.detok = r.seg_detok.copy()
         self.cur[r.index] = self.boundary[r.index]
-        r.status = "sample"
+        r.status = RowStatus.SAMPLE
         if self.kv.crop_tail():
             self.stats.crops += 1
 
@@ -494,11 +536,11 @@ class _Run:
         r.attempts, r.bans, r.replay, r.restored_from = [], {}, None, None
         self._reset_segment(r)
         if finished:
-            r.status = "done"
+            r.status = RowStatus.DONE
             self.kv.release(r.index)
             yield self._done(r, "eos" if last in self.gen.eos_ids else "length")
         else:
-            r.to_feed, r.status, r.new_segment = last, "feed", True
+            r.to_feed, r.status, r.new_segment = last, RowStatus.FEED, True
 
     @staticmethod
     def _reset_segment(r: _Row) -> None:
@@ -543,7 +585,7 @@ class _Run:
         self.cur[idx] = logits[idx]
         for r in feeding:
             r.pos += 1
-            r.to_feed, r.status = None, "sample"
+            r.to_feed, r.status = None, RowStatus.SAMPLE
             if r.new_segment:
                 # The fed token closed the previous segment; the next one starts after it.
                 self.boundary[r.index] = self.cur[r.index]

@@ -56,9 +56,14 @@ def choose_tokens(
     probs = torch.softmax(warp_logits(work, temps, top_k, top_p), dim=-1)  # (n, V)
     cdf = probs.cumsum(-1)  # (n, V)
     u = torch.tensor([g.random() for g in generators], device=work.device)  # (n,) in [0, 1)
-    # Inverse-CDF draw: the first index whose cdf exceeds u * total always has positive mass.
-    picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    picks = picks.clamp_max(work.shape[-1] - 1)
+    # Inverse-CDF draw: the first index whose cdf exceeds the target has positive mass (the cdf only
+    # rises at such tokens). A u within 2**-24 of 1 rounds the float32 product up to the total, which
+    # no cdf value exceeds; keeping the target just below the total lands on the last token with mass
+    # instead of falling through to the end of the vocabulary (a banned or masked id).
+    total = cdf[:, -1]  # (n,)
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    picks = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+    picks = picks.clamp_max(work.shape[-1] - 1)  # kept as a guard; no longer reached
     if any(greedy):
         picks = torch.where(torch.tensor(greedy, device=work.device), work.argmax(-1), picks)
     return picks[:n]

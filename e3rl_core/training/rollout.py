@@ -83,7 +83,7 @@ def build_batch(
     erased tokens in the mask), for the optional negative advantage on erased attempts."""
     seqs, comps, segs, groups, trunc = [], [], [], [], []
     extra: list[tuple[list[int], int, int, int]] = []  # (ids, loss start, parent row, group)
-    group_index: dict[str, int] = {}
+    group_index: dict[tuple[str, int], int] = {}
     if not traces:
         z = torch.zeros(0, 1, dtype=torch.long)
         return RolloutBatch(z, z, z.float(), z - 1, torch.zeros(0, dtype=torch.long), torch.zeros(0),
@@ -97,9 +97,9 @@ def build_batch(
         seqs.append(list(start.prompt_ids) + list(done.token_ids))
         comps.append(len(start.prompt_ids))
         segs.append(seg)
-        # A group is one prompt of one generate call: the trace id without its row index (group_id
-        # alone restarts at 0 in every call, e.g. in each round of dynamic sampling).
-        groups.append(group_index.setdefault(tr.trace_id.rsplit("-", 1)[0], len(group_index)))
+        # A group is one prompt of one generate call (group_id alone restarts at 0 in every call,
+        # e.g. in each round of dynamic sampling).
+        groups.append(group_index.setdefault((start.batch, start.group_id), len(group_index)))
         trunc.append(done.finish_reason == "length")
         if erased_rows:
             for prefix, tokens in erased_attempts(tr):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import ConfigError, E3RLError, NonFiniteLogitsError
-from ..events import Trace, dumps, group_traces
+from ..errors import ConfigError, E3RLError, NonFiniteLogitsError, TraceFormatError
+from ..events import Trace, dumps, event_from_dict, group_traces
 from ..generation.generator import ErasableGenerator
 from ..models import RECOMMENDED_CONFIG, load_model
 from ..tasks.datasets import DataError, Example, load_examples, render_prompt
@@ -75,43 +74,13 @@ class Trainer:
         self.out, self.callbacks = Path(out), list(callbacks)
         self.should_stop = should_stop or (lambda: False)
         self.dist = distributed.init(device)
-        if config.group_relative and config.num_generations < 2:
-            raise ConfigError(
-                f"--group-size {config.num_generations}: group-relative advantages ({config.advantage_estimator}) "
-                f"need at least 2 rollouts per prompt; use --group-size 2 or more"
-            )
-        if config.prompts_per_step % self.dist.world:
-            raise ConfigError(
-                f"--prompts-per-step {config.prompts_per_step} does not divide across {self.dist.world} processes; "
-                f"use a multiple of {self.dist.world}"
-            )
+        self._check_config()
         self.examples: list[Example] = load_examples(data)  # bad data fails before anything is written
         if not self.examples:
             raise DataError(f"--data {data} yields no prompts; check the file or loosen its filters")
-        # Rank 0 checks/creates the directory; the others learn the outcome (an error stops all).
         created = not self.out.exists()
-        outcome: Any = None
-        if self.dist.main:
-            try:
-                outcome = ("ok", ckpt.prepare_out_dir(self.out, resume=resume, overwrite=overwrite))
-            except E3RLError as err:
-                outcome = ("error", str(err))
-        outcome = distributed.all_gather_object(outcome)[0]
-        if outcome[0] == "error":
-            raise ckpt.RunDirError(outcome[1])
-        self.resume_from: Path | None = outcome[1]
-        source = str(self.resume_from) if self.resume_from else model
-        try:
-            self.model, self.tokenizer = load_model(source, device=device, dtype=dtype)
-        except E3RLError:
-            if created and self.dist.main and self.out.is_dir() and not any(self.out.iterdir()):
-                self.out.rmdir()  # leave no empty run directory behind a bad --model
-            raise
-        self.device = next(self.model.parameters()).device
-        self.ref_model = None
-        if config.beta > 0:  # the frozen initial policy, also when resuming
-            self.ref_model, _ = load_model(model, device=device, dtype=dtype)
-            self.ref_model.requires_grad_(False)
+        self.resume_from: Path | None = self._prepare_out_dir(resume, overwrite)
+        self._load_models(device, dtype, created)
         self.gen_config = config.effective_generation()
         self.allocation = config.effective_allocation
         self._reward_memo: dict[tuple[str, str | None], float | None] = {}
@@ -129,6 +98,48 @@ class Trainer:
         torch.manual_seed(config.seed)
         if self.resume_from:
             self._load_state(ckpt.load_state(self.resume_from))
+
+    def _check_config(self) -> None:
+        config = self.cfg
+        if config.group_relative and config.num_generations < 2:
+            raise ConfigError(
+                f"--group-size {config.num_generations}: group-relative advantages ({config.advantage_estimator}) "
+                f"need at least 2 rollouts per prompt; use --group-size 2 or more"
+            )
+        if config.prompts_per_step % self.dist.world:
+            raise ConfigError(
+                f"--prompts-per-step {config.prompts_per_step} does not divide across {self.dist.world} processes; "
+                f"use a multiple of {self.dist.world}"
+            )
+
+    def _prepare_out_dir(self, resume: bool, overwrite: bool) -> Path | None:
+        """The checkpoint to resume from, if any. Rank 0 checks/creates the directory; the others
+        learn the outcome (an error stops all)."""
+        outcome: Any = None
+        if self.dist.main:
+            try:
+                outcome = ("ok", ckpt.prepare_out_dir(self.out, resume=resume, overwrite=overwrite))
+            except E3RLError as err:
+                outcome = ("error", str(err))
+        outcome = distributed.all_gather_object(outcome)[0]
+        if outcome[0] == "error":
+            raise ckpt.RunDirError(outcome[1])
+        return outcome[1]
+
+    def _load_models(self, device: str | None, dtype: str, created: bool) -> None:
+        """The policy (from the checkpoint when resuming) and, with a KL term, the frozen reference."""
+        source = str(self.resume_from) if self.resume_from else self.model_spec
+        try:
+            self.model, self.tokenizer = load_model(source, device=device, dtype=dtype)
+        except E3RLError:
+            if created and self.dist.main and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()  # leave no empty run directory behind a bad --model
+            raise
+        self.device = next(self.model.parameters()).device
+        self.ref_model = None
+        if self.cfg.beta > 0:  # the frozen initial policy, also when resuming
+            self.ref_model, _ = load_model(self.model_spec, device=device, dtype=dtype)
+            self.ref_model.requires_grad_(False)
 
     # ------------------------------------------------------------------ state
     def _lr_factor(self, step: int) -> float:
@@ -221,7 +232,7 @@ class Trainer:
                 try:
                     events = list(self.generator.stream(
                         prompts, group_size=G, seed=seeds, golds=[ex.answer for _, ex in batch],
-                        trace_prefix=f"s{self.step + 1}r{rank}d{rounds}",
+                        trace_prefix=f"s{self.step + 1}r{rank}d{rounds}", train_step=self.step + 1,
                     ))
                 except NonFiniteLogitsError as err:
                     raise TrainingDivergedError(f"step {self.step + 1}: {err}", self.step + 1) from None
@@ -389,7 +400,7 @@ class Trainer:
             ckpt.clean_temporaries(self.out)
             step = self.step  # drop what a killed run logged after its last checkpoint
             ckpt.truncate_jsonl(self.out / ckpt.LOG_FILE, lambda r: r.get("step", 0) <= step)
-            ckpt.truncate_jsonl(self.out / ckpt.ROLLOUTS_FILE, lambda r: _trace_step(r) <= step)
+            ckpt.truncate_jsonl(self.out / ckpt.ROLLOUTS_FILE, _rollouts_up_to(step))
         self._write_run("running", last=last)
         row: dict[str, Any] = {}
         status = "finished"
@@ -413,6 +424,17 @@ class Trainer:
         return TrainResult(self.out, self.step, status, last, row)
 
 
-def _trace_step(row: dict[str, Any]) -> int:
-    m = re.match(r"^s(\d+)r", str(row.get("trace_id", "")))
-    return int(m.group(1)) if m else 0
+def _rollouts_up_to(step: int) -> Callable[[dict[str, Any]], bool]:
+    """A ``truncate_jsonl`` filter keeping the rollout events of steps <= ``step``. Only start events
+    name their step; the other events of a trace follow its start, so they inherit its verdict."""
+    steps: dict[str, int] = {}
+
+    def keep(row: dict[str, Any]) -> bool:
+        if row.get("event") == "start":
+            try:
+                steps[row["trace_id"]] = event_from_dict(row).train_step or 0  # type: ignore[union-attr]
+            except (TraceFormatError, KeyError, TypeError):
+                pass
+        return steps.get(str(row.get("trace_id")), 0) <= step
+
+    return keep

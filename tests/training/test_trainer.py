@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,9 @@ def test_train_writes_logs_checkpoints_and_rollouts(tmp_path):
     assert all(r["tokens_generated"] == r["tokens_kept"] + r["tokens_erased"] for r in rows)
     events = read_events(out / ckpt.ROLLOUTS_FILE)
     assert {e.kind for e in events} >= {"start", "token", "segment", "done"}
+    starts = [e for e in events if e.kind == "start"]  # log_rollouts=1: the first rollout of each step
+    assert [(s.train_step, s.batch, s.group_id, s.group_index) for s in starts] == [
+        (k, f"s{k}r0d0", 0, 0) for k in (1, 2, 3, 4)]
     assert [p.name for _, p in ckpt.checkpoints(out)] == ["checkpoint-000002", "checkpoint-000004"]
     run = json.loads((out / ckpt.RUN_FILE).read_text())
     assert run["status"] == "finished" and run["last_checkpoint"] == "checkpoint-000004"
@@ -113,6 +117,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     la = [json.loads(l) for l in (full / ckpt.LOG_FILE).read_text().splitlines()]
     lb = [json.loads(l) for l in (part / ckpt.LOG_FILE).read_text().splitlines()]
     assert [r["tokens_generated"] for r in la] == [r["tokens_generated"] for r in lb]
+    # the killed-and-resumed run's rollouts file keeps each step once (steps after the checkpoint dropped)
+    assert [e.train_step for e in read_events(part / ckpt.ROLLOUTS_FILE) if e.kind == "start"] == [1, 2, 3, 4]
     # resuming a finished run says so and changes nothing
     again = Trainer(small(), model=DEMO, data=DATA, out=part, resume=True).train()
     assert again.status == "already_finished" and again.step == 4
@@ -131,6 +137,16 @@ def test_cli_train_resume_finished_says_so(tmp_path, capsys):
     assert cli_main(args + ["--overwrite"]) == 0
     assert cli_main(["train", "--out", str(out), "--resume", "--quiet", "--group-size", "4"]) == 2
     assert "only --steps and --token-budget may change" in capsys.readouterr().err
+
+
+def test_cli_train_in_process_leaves_the_callers_signal_handlers(tmp_path):
+    # A forked app worker inherits the handlers of the process it came from: a stop-after-this-step
+    # SIGTERM handler left behind made multiprocessing's exit-time terminate + join wait forever.
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    args = ["train", "--model", DEMO, "--data", DATA, "--algo", "grpo", "--out", str(tmp_path / "s"), "--steps", "1",
+            "--group-size", "2", "--prompts-per-step", "2", "--quiet", "--set", "max_completion_length=16"]
+    assert cli_main(args) == 0
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_out_dir_guards(tmp_path):

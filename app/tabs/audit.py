@@ -1,0 +1,159 @@
+"""The Audit tab: every recorded decision of this session (and of loaded trace files) as a table to
+filter, sort and export; a step-by-step replay of one trace; and the what-if, which re-judges its
+group's recorded decisions under other thresholds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from e3rl_core.errors import E3RLError
+from e3rl_core.events import Trace, group_traces
+from e3rl_core.generation.config import ThresholdConfig
+from e3rl_core.generation.thresholds import POLICIES
+
+from .. import audit, render
+from ..session import replay_view
+from . import Shared
+
+# What-if controls the recorded settings are read into; a trace that lacks one starts at the default.
+WHAT_IF = ("policy", "kappa", "penalty_lambda", "value")
+
+
+def build(shared: Shared) -> gr.Tab:
+    history = shared.session_events
+    with gr.Tab("Audit") as tab:
+        loaded = gr.State([])  # traces loaded from files, in this browser session
+        with gr.Row():
+            upload = gr.File(label="load a JSONL trace file", file_types=[".jsonl"], type="filepath")
+            refresh = gr.Button("refresh from this session")
+        load_msg = gr.Markdown()
+        with gr.Row():
+            only_erasures = gr.Checkbox(label="only erasures")
+            only_flipped = gr.Checkbox(label="only erasures that flipped the answer (needs a counterfactual)")
+            trace_filter = gr.Textbox(label="trace id contains")
+            sort_by = gr.Dropdown(["", "score", "threshold", "segment", "attempt", "baseline"], value="",
+                                  label="sort by (descending)")
+        # one line per decision (long text cells scroll sideways); numbers shown to 4 places, exported in full
+        table = gr.Dataframe(pd.DataFrame(columns=audit.COLUMNS), interactive=False, wrap=False, max_height=480,
+                             elem_id="e3rl-audit")
+        with gr.Row():
+            export_btn = gr.Button("export CSV + JSONL")
+            export_files = gr.File(label="exports", file_count="multiple")
+        gr.Markdown("### Replay a trace step by step")
+        with gr.Row():
+            replay_trace = gr.Dropdown([], label="trace")
+            replay_step = gr.Slider(0, 1, value=1, step=1, label="events shown")
+        replay_html = gr.HTML(elem_id="e3rl-replay")
+        what_if_controls, wi_table, wi_msg = _what_if_panel()
+
+    filters = [history, loaded, only_erasures, trace_filter, sort_by, only_flipped]
+    for trigger in (refresh.click, only_erasures.change, trace_filter.submit, sort_by.change, only_flipped.change):
+        trigger(refresh_all, filters, [table, replay_trace])
+    upload.upload(load_file, [upload, loaded, history, only_erasures, trace_filter, sort_by, only_flipped],
+                  [loaded, load_msg, table, replay_trace], api_name="load_traces")
+    table.select(select_row, None, replay_trace)
+
+    def do_export(events: list, files: list, only: bool, contains: str, sort: str, flipped: bool) -> list[str]:
+        csv, jsonl = audit.export(table_for(events, files, only, contains, sort, flipped), shared.audit_dir)
+        return [str(csv), str(jsonl)]
+
+    export_btn.click(do_export, filters, export_files, api_name="export_audit")
+    replay_trace.change(pick_trace, [replay_trace, history, loaded], [replay_step, replay_html])
+    replay_step.change(step_to, [replay_trace, replay_step, history, loaded], replay_html)
+    replay_trace.change(recorded_settings, [replay_trace, history, loaded], what_if_controls)
+    for ctl in what_if_controls:
+        ctl.change(run_what_if, [replay_trace, *what_if_controls, history, loaded], [wi_table, wi_msg])
+    return tab
+
+
+def _what_if_panel() -> tuple[list, gr.Dataframe, gr.Markdown]:
+    """The what-if's threshold controls (starting at ThresholdConfig's defaults), its table and message."""
+    gr.Markdown("### What-if: re-judge the recorded decisions under other thresholds")
+    d = ThresholdConfig()
+    with gr.Row():
+        controls = [gr.Dropdown(POLICIES.names(), value=d.policy, label="policy"),
+                    gr.Slider(0, 3, value=d.kappa, step=0.1, label="κ"),
+                    gr.Slider(0, 1, value=d.penalty_lambda, step=0.05, label="penalty λ"),
+                    gr.Slider(0, 5, value=d.value, step=0.05, label="fixed threshold")]
+    table = gr.Dataframe(pd.DataFrame(columns=audit.WHAT_IF_COLUMNS), interactive=False, max_height=300,
+                         elem_id="e3rl-whatif-table")
+    return controls, table, gr.Markdown(elem_id="e3rl-whatif")
+
+
+def all_traces(history: list, files: list) -> list[Trace]:
+    """This session's traces, then the loaded files'."""
+    return group_traces(history) + list(files)
+
+
+def find_trace(trace_id: str | None, history: list, files: list) -> Trace | None:
+    return next((t for t in all_traces(history, files) if t.trace_id == trace_id), None)
+
+
+def table_for(history: list, files: list, only: bool, contains: str, sort: str, flipped: bool) -> pd.DataFrame:
+    frames = [audit.decisions_frame(group_traces(history), "session")]
+    if files:
+        frames.append(audit.decisions_frame(files, "file"))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=audit.COLUMNS)
+    return audit.filter_frame(df, only, contains or "", sort or "", only_flipped=flipped)
+
+
+def refresh_all(history: list, files: list, only: bool, contains: str, sort: str, flipped: bool) -> tuple:
+    ids = [t.trace_id for t in all_traces(history, files)]
+    return (table_for(history, files, only, contains, sort, flipped).round(4),
+            gr.update(choices=ids, value=ids[0] if ids else None))
+
+
+def load_file(path: str | None, files: list, history: list, only: bool, contains: str, sort: str,
+              flipped: bool) -> tuple:
+    if not path:
+        return files, "", gr.update(), gr.update()
+    try:
+        traces = audit.load_trace_file(path)
+    except E3RLError as err:
+        return files, f"⚠️ {err}", gr.update(), gr.update()
+    files = list(files) + traces
+    df, choice = refresh_all(history, files, only, contains, sort, flipped)
+    return files, f"loaded {len(traces)} trace(s) from {Path(path).name}", df, choice
+
+
+def select_row(evt: gr.SelectData):  # selecting a table row replays its trace below
+    row = evt.row_value if getattr(evt, "row_value", None) is not None else None
+    return gr.update(value=row[0]) if row else gr.update()
+
+
+def pick_trace(trace_id: str | None, history: list, files: list) -> tuple:
+    tr = find_trace(trace_id, history, files)
+    if tr is None:
+        return gr.update(maximum=1, value=1), ""
+    n = len(tr.events)
+    return gr.update(maximum=n, value=n), render.trace_html(replay_view(tr, n), with_css=False)
+
+
+def step_to(trace_id: str | None, upto: int, history: list, files: list) -> str:
+    tr = find_trace(trace_id, history, files)
+    return render.trace_html(replay_view(tr, int(upto)), with_css=False) if tr else ""
+
+
+def recorded_settings(trace_id: str | None, history: list, files: list) -> tuple:
+    """Start the what-if controls at the picked trace's own settings, so 'changed' means changed."""
+    tr = find_trace(trace_id, history, files)
+    if tr is None:
+        return tuple(gr.update() for _ in WHAT_IF)
+    recorded, default = tr.start.config.get("threshold", {}), ThresholdConfig()
+    return tuple(gr.update(value=recorded.get(name, getattr(default, name))) for name in WHAT_IF)
+
+
+def run_what_if(trace_id: str | None, policy: str, kappa: float, lam: float, value: float, history: list,
+                files: list) -> tuple:
+    if not trace_id:
+        return None, "pick a trace above"
+    try:
+        df = audit.what_if(audit.group_of(all_traces(history, files), trace_id), {
+            "threshold.policy": policy, "threshold.kappa": kappa, "threshold.penalty_lambda": lam,
+            "threshold.value": value})
+    except E3RLError as err:
+        return None, f"⚠️ {err}"
+    changed = int(df["changed"].sum()) if len(df) else 0
+    return df.round(4), f"{changed} of {len(df)} recorded decisions would change"

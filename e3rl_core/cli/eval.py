@@ -1,0 +1,111 @@
+"""``e3rl eval``: Avg@K and Pass@k of a model on a dataset, with or without erasure."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import E3RLError
+from ..generation.config import GenerationConfig
+from .options import add_generation_flags, config_from_args
+
+
+def add_parser(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="Avg@K and Pass@k of a model on a dataset, with or without erasure")
+    ev.add_argument("--model", required=True, help="model directory, hub id (online) or random:<preset>")
+    ev.add_argument("--data", required=True, help="dataset SPEC, e.g. synthetic:test?difficulty=3, "
+                    "deepmath:/path/file.parquet, aime:/path/file.jsonl, jsonl:/path?question=q&answer=a")
+    ev.add_argument("--samples", type=int, default=1, help="K samples per problem")
+    ev.add_argument("--k", help="comma-separated k for Pass@k (default: 1, 2, 4, ... up to K)")
+    ev.add_argument("--erase", dest="erase", action="store_const", const="true", default=None,
+                    help="erasure on (default: the model's recommended setting)")
+    ev.add_argument("--no-erase", dest="erase", action="store_const", const="false", help="erasure off")
+    ev.add_argument("--limit", type=int, help="only the first N problems")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", help="write one JSON row per sample here (pandas.read_json(..., lines=True))")
+    ev.add_argument("--traces-out", help="also write every sample's event stream (JSONL)")
+    ev.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    ev.add_argument("--device")
+    ev.add_argument("--dtype", default="auto")
+    add_generation_flags(ev, with_erase_switch=False)
+    ev.set_defaults(func=cmd_eval, no_erase=False)
+
+
+def _pass_ks(args: argparse.Namespace) -> list[int] | None:
+    ks = [int(k) for k in args.k.split(",")] if args.k else None
+    if ks and max(ks) > args.samples:
+        raise E3RLError(f"pass@k needs k <= --samples ({args.samples}); got k={max(ks)}. Sample more or lower k")
+    return ks
+
+
+def _data_spec(args: argparse.Namespace) -> str:
+    if not args.limit:
+        return args.data
+    return args.data + ("&" if "?" in args.data else "?") + f"limit={args.limit}"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..evaluation.evaluate import evaluate
+    from ..events import TraceWriter
+    from ..generation.generator import ErasableGenerator
+    from ..models import load_model, recommended_config
+    from ..tasks.datasets import load_examples
+    from ..tasks.rewards import extract_answer, is_correct
+
+    # --erase/--no-erase win over a --set erase.enabled=...
+    config = config_from_args(args, recommended_config(args.model),
+                              last=[f"erase.enabled={args.erase}"] if args.erase is not None else [])
+    ks = _pass_ks(args)
+    examples = load_examples(_data_spec(args))
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    gen = ErasableGenerator(model, tokenizer, config, model_name=args.model, checker=is_correct,
+                            answer_fn=extract_answer)
+    writer = TraceWriter(args.traces_out) if args.traces_out else None
+    bar = tqdm(total=len(examples), desc="eval", unit="problem", disable=args.json and not sys.stderr.isatty())
+
+    def save(events: list) -> None:
+        for ev in events:
+            writer.write(ev)
+
+    try:
+        summary, rows = evaluate(gen, examples, samples=args.samples, ks=ks, seed=args.seed,
+                                 on_events=save if writer else None, on_problem_done=bar.update)
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
+    if args.out:
+        _write_rows(Path(args.out), rows)
+    _print_summary(summary, config, as_json=args.json)
+    return 0
+
+
+def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(out)  # a killed run leaves the previous file, never half a file
+
+
+def _print_summary(summary: Any, config: GenerationConfig, as_json: bool) -> None:
+    if as_json:
+        result = summary.to_dict()
+        result["erase"] = config.erase.enabled
+        result["temperature"] = config.sampling.temperature
+        print(json.dumps(result))
+        return
+    per_correct = summary.tokens_per_correct
+    print(f"problems {summary.n_problems}, samples {summary.samples}, "
+          f"erasure {'on' if config.erase.enabled else 'off'}, T={config.sampling.temperature}")
+    print(f"Avg@{summary.samples}: {summary.avg_at_k:.4f}   " +
+          "   ".join(f"Pass@{k}: {v:.4f}" for k, v in summary.pass_at_k.items()))
+    print(f"erase rate {summary.erase_rate:.3f} (traces with an erasure {summary.traces_with_erasure:.3f}); "
+          f"tokens/sample generated {summary.mean_tokens_generated:.1f}, kept {summary.mean_tokens_kept:.1f}; "
+          f"tokens per correct answer {per_correct if per_correct is None else round(per_correct, 1)}")
+    if summary.accuracy_by_difficulty:
+        print("accuracy by difficulty: " +
+              ", ".join(f"{d}: {a:.3f}" for d, a in summary.accuracy_by_difficulty.items()))

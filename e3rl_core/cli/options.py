@@ -1,0 +1,46 @@
+"""The generation flags ``e3rl generate`` and ``e3rl eval`` share, and how they become a config."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from ..generation.config import GenerationConfig
+from ..overrides import apply_overrides
+
+# flag (its argparse dest) -> GenerationConfig field; each flag is a shortcut for --set FIELD=VALUE
+FIELDS = {
+    "max_new_tokens": "max_new_tokens", "temperature": "sampling.temperature", "top_p": "sampling.top_p",
+    "top_k": "sampling.top_k", "policy": "threshold.policy", "threshold": "threshold.value",
+    "signal": "score.signal", "erase_budget": "erase.budget", "segment_mode": "segment.mode",
+    "segment_tokens": "segment.segment_tokens",
+}
+
+
+def add_generation_flags(p: argparse.ArgumentParser, with_erase_switch: bool = True) -> None:
+    g = p.add_argument_group("generation (each flag is a shortcut for a --set field)")
+    g.add_argument("--max-new-tokens", type=int, help="longest final completion (max_new_tokens)")
+    g.add_argument("--temperature", type=float, help="0 = greedy (sampling.temperature)")
+    g.add_argument("--top-p", type=float, help="sampling.top_p")
+    g.add_argument("--top-k", type=int, help="sampling.top_k")
+    g.add_argument("--policy", help="threshold policy: e3rl, fixed, zscore, quantile, none")
+    g.add_argument("--threshold", type=float, help="the value of the fixed policy (threshold.value)")
+    g.add_argument("--signal", help="decision signal: surprisal or entropy (score.signal)")
+    g.add_argument("--erase-budget", type=int, help="erasures per segment, K (erase.budget)")
+    if with_erase_switch:
+        g.add_argument("--no-erase", action="store_true", help="score segments but never erase")
+    g.add_argument("--segment-mode", help="segmenter: fixed or delimiter (segment.mode)")
+    g.add_argument("--segment-tokens", type=int, help="segment length (segment.segment_tokens)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any other config field, e.g. --set threshold.kappa=1.5 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace, base: GenerationConfig | None = None,
+                     last: Sequence[str] = ()) -> GenerationConfig:
+    """The flags become ``section.field=value`` overrides, so they are validated like --set; ``last``:
+    items applied after every --set (a subcommand's own switches, which win)."""
+    items = [f"{field}={getattr(args, flag)}" for flag, field in FIELDS.items() if getattr(args, flag) is not None]
+    if args.no_erase:
+        items.append("erase.enabled=false")
+    if args.threshold is not None and args.policy is None:
+        items.append("threshold.policy=fixed")
+    return apply_overrides(base or GenerationConfig(), items + list(args.overrides) + list(last))
