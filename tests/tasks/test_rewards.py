@@ -1,4 +1,4 @@
-"""Answer extraction and math-verify answer checking (e3rl_core.rewards)."""
+"""Answer extraction and math-verify answer checking (e3rl_core.tasks.rewards)."""
 from __future__ import annotations
 
 import multiprocessing
