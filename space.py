@@ -1,9 +1,11 @@
 """Hugging Face Space entry point (``app_file`` in the README front matter): the workbench in Space
-mode — shipped and trained checkpoints only, bounded training, CPU defaults."""
+mode — shipped and trained checkpoints only, bounded training, offline, CPU defaults."""
 import os
 
 os.environ.setdefault("E3RL_SPACE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Space mode's models are local directories: nothing is fetched (set before the hub client is imported).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 from app.main import launch  # noqa: E402
 

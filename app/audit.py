@@ -7,21 +7,26 @@ so only decisions on attempts that exist can change.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
 from e3rl_core.errors import E3RLError, TraceFormatError
-from e3rl_core.events import SegmentEvent, StartEvent, Trace, event_to_dict, group_traces, read_events
+from e3rl_core.events import SegmentEvent, StartEvent, Trace, dumps, group_traces, read_events
 from e3rl_core.generation.config import GenerationConfig
 from e3rl_core.generation.decision import ScoredAttempt, decide
 from e3rl_core.generation.schedule import decision_order
 from e3rl_core.generation.scoring import SegmentFeatures, segment_score
 from e3rl_core.generation.thresholds import make_policy
 from e3rl_core.overrides import with_values
+
+from .render import clip
 
 COLUMNS = ["trace", "source", "segment", "attempt", "base", "max", "delta", "score", "baseline", "penalty",
            "history", "threshold", "decision", "reason", "erased_text", "replacement", "answer", "correct",
@@ -40,6 +45,11 @@ def counterfactual_twins(traces: Sequence[Trace]) -> dict[str, Trace]:
     return {t.trace_id: off[key(t)] for t in traces
             if t.start.config.get("erase", {}).get("enabled", True) and key(t) in off}
 MAX_TRACE_FILE_BYTES = 50 * 2**20
+MAX_SESSION_TRACE_BYTES = 100 * 2**20
+"""Trace files one browser session holds loaded at once (they stay in the server's memory, about
+1.6 times their size on disk)."""
+MAX_CELL_CHARS = 1000
+"""Characters of a text cell the tables show (exports keep every character)."""
 
 
 def decisions_frame(traces: Sequence[Trace], source: str = "session") -> pd.DataFrame:
@@ -100,29 +110,144 @@ def export(df: pd.DataFrame, directory: str | os.PathLike[str], stem: str = "e3r
     return csv, jsonl
 
 
-def load_trace_file(path: str | os.PathLike[str]) -> list[Trace]:
-    """Traces from a JSONL event file, validated; errors say what is wrong and where."""
+def load_trace_file(path: str | os.PathLike[str], name: str | None = None) -> list[Trace]:
+    """Traces from a JSONL event file, validated; errors say what is wrong and where. ``name``: the
+    file as its user named it (an upload's original name), which errors use instead of the path."""
     p = Path(path)
+    name = name or p.name
     if not p.is_file():
-        raise E3RLError(f"no such trace file: {p}")
+        raise E3RLError(f"no such trace file: {name}")
     if p.stat().st_size > MAX_TRACE_FILE_BYTES:
-        raise E3RLError(f"{p.name} is {p.stat().st_size / 2**20:.0f} MiB; load at most "
+        raise E3RLError(f"{name} is {p.stat().st_size / 2**20:.0f} MiB; load at most "
                         f"{MAX_TRACE_FILE_BYTES // 2**20} MiB of traces at once (split the file)")
     try:
         events = read_events(p, allow_truncated=True)
     except UnicodeDecodeError:
-        raise TraceFormatError(f"{p.name} is not a UTF-8 text file; load a JSONL trace written by e3rl") from None
+        raise TraceFormatError(f"{name} is not a UTF-8 text file; load a JSONL trace written by e3rl") from None
+    except TraceFormatError as err:  # its message starts with the path read: name the file as the user did
+        raise TraceFormatError(f"{str(err).replace(str(p), name)}; load a JSONL trace written by e3rl") from None
     if not events:
-        raise TraceFormatError(f"{p.name} holds no events; load a JSONL trace written by e3rl generate --trace-out")
+        raise TraceFormatError(f"{name} holds no events; load a JSONL trace written by e3rl generate --trace-out")
     traces = group_traces(events)
     starts = [t for t in traces if not any(isinstance(e, StartEvent) for e in t.events)]
     if starts:
-        raise TraceFormatError(f"{p.name}: trace {starts[0].trace_id!r} has no start event; the file is incomplete")
+        raise TraceFormatError(f"{name}: trace {starts[0].trace_id!r} has no start event; the file is incomplete")
     return traces
 
 
+@dataclass(eq=False)
+class LoadedTraces:
+    """The trace files one browser session loaded: their traces (each trace id once), the digests
+    of the files read (the same file twice adds nothing) and their total size on disk."""
+
+    traces: list[Trace] = field(default_factory=list)
+    digests: set[str] = field(default_factory=set)
+    nbytes: int = 0
+
+    def add(self, path: str | os.PathLike[str], name: str, max_bytes: int = MAX_SESSION_TRACE_BYTES,
+            known: Iterable[str] = ()) -> str:
+        """Load one file into the session; returns what happened, in a line. Traces whose id is
+        loaded already (or in ``known``: the session's own) are skipped, so no decision is listed
+        twice. Raises E3RLError, changing nothing, for a bad file or one over the session's budget."""
+        p = Path(path)
+        if not p.is_file() or p.stat().st_size > MAX_TRACE_FILE_BYTES:
+            load_trace_file(p, name)  # raises the error that says so
+        size, digest = p.stat().st_size, _digest(p)
+        if digest in self.digests:
+            return f"{name} is loaded already; nothing added"
+        if self.nbytes + size > max_bytes:
+            raise E3RLError(f"this session holds {self.nbytes / 2**20:.1f} MiB of loaded traces and {name} would "
+                            f"pass the {max_bytes // 2**20} MiB a session may hold; reload the page to start over")
+        traces = load_trace_file(p, name)
+        seen = {t.trace_id for t in self.traces} | set(known)
+        new = [t for t in traces if t.trace_id not in seen]
+        self.traces.extend(new)
+        self.digests.add(digest)
+        self.nbytes += size
+        skipped = len(traces) - len(new)
+        return f"loaded {len(new)} trace(s) from {name}" + (f" ({skipped} loaded already, skipped)" if skipped else "")
+
+    def clear(self) -> None:
+        self.traces, self.digests, self.nbytes = [], set(), 0
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TraceSessions:
+    """Every browser session's loaded traces, by session id, so that they can be freed when the
+    session ends (the page is closed: the Audit tab's unload handler) or its state expires (its
+    ``gr.State``'s time to live: the delete callback)."""
+
+    def __init__(self) -> None:
+        self._by_session: dict[str, LoadedTraces] = {}
+        self._lock = threading.Lock()
+
+    def of(self, session: str | None) -> LoadedTraces:
+        """The session's loaded traces (empty at first); a session without an id gets its own,
+        unregistered (its state's time to live still frees it)."""
+        if not session:
+            return LoadedTraces()
+        with self._lock:
+            return self._by_session.setdefault(session, LoadedTraces())
+
+    def end(self, session: str | None) -> None:
+        """The session ended: free its traces."""
+        with self._lock:
+            loaded = self._by_session.pop(session or "", None)
+        if loaded is not None:
+            loaded.clear()  # gradio keeps a closed session's state an hour; emptied here, it holds nothing
+
+    def release(self, loaded: Any) -> None:
+        """A session's state was deleted (its time to live passed): free it and forget its session."""
+        if not isinstance(loaded, LoadedTraces):
+            return
+        with self._lock:
+            for key in [k for k, v in self._by_session.items() if v is loaded]:
+                del self._by_session[key]
+        loaded.clear()
+
+    def __contains__(self, session: str) -> bool:
+        return session in self._by_session
+
+    def __len__(self) -> int:
+        return len(self._by_session)
+
+    def bytes_of(self, session: str) -> int:
+        """Bytes of trace files the session holds (0 for one that holds none)."""
+        loaded = self._by_session.get(session)
+        return loaded.nbytes if loaded is not None else 0
+
+
+SESSIONS = TraceSessions()
+"""This server's live sessions' loaded traces (one per process, like the model store's models)."""
+
+
+def release(loaded: Any) -> None:
+    """``SESSIONS.release``, as the plain function a ``gr.State`` takes for its delete callback (gradio
+    deep-copies its components' settings on every page load: a bound method would take SESSIONS,
+    with every session's traces, along)."""
+    SESSIONS.release(loaded)
+
+
+def display_frame(df: pd.DataFrame, limit: int = MAX_CELL_CHARS) -> pd.DataFrame:
+    """The table as shown: text cells cut to ``limit`` characters (a loaded file may hold a token of
+    megabytes); the trace id column stays whole, since selecting a row replays that trace."""
+    out = df.copy()
+    for col in out.columns:
+        if col != "trace" and out[col].dtype == object:
+            out[col] = out[col].map(lambda v: clip(v, limit) if isinstance(v, str) else v)
+    return out
+
+
+
 def traces_to_jsonl(traces: Iterable[Trace]) -> str:
-    return "".join(json.dumps(event_to_dict(e), ensure_ascii=False) + "\n" for t in traces for e in t.events)
+    return "".join(dumps(e) + "\n" for t in traces for e in t.events)  # strict JSON, as trace files are
 
 
 WHAT_IF_COLUMNS = ["trace", "segment", "attempt", "score", "new_score", "threshold", "new_threshold", "decision",

@@ -2,9 +2,9 @@
 
     e3rl app [--host 127.0.0.1] [--port 7860] [--model PATH] [--space] [--threads N] [--engine auto]
 
-Binds 127.0.0.1 by default; analytics are off and nothing is fetched from the network. Space mode
-(``--space`` or ``E3RL_SPACE=1``) limits models to the shipped checkpoints and trained outputs and
-bounds training runs.
+Binds 127.0.0.1 by default; analytics are off and nothing is fetched from the network but a hub id
+typed into the model box. Space mode (``--space`` or ``E3RL_SPACE=1``) limits models to the shipped
+checkpoints and trained outputs, bounds training runs and sets HF_HUB_OFFLINE.
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def launch(host: str = "127.0.0.1", port: int | None = None, model: str | None =
            block: bool = True, runs_root: str | None = None, threads: int | None = None, engine: str = "auto"):
     import torch
 
+    from .audit import MAX_TRACE_FILE_BYTES
     from .render import CSS
     from .ui import build
 
@@ -82,8 +83,9 @@ def launch(host: str = "127.0.0.1", port: int | None = None, model: str | None =
     engine = default_engine(torch.get_num_threads()) if engine == "auto" else engine
     demo = build(space=space, default_model=model, runs_root=runs_root, engine=engine)
     demo.queue(default_concurrency_limit=2, max_size=32)
+    # Uploads (trace files) larger than the Audit tab loads are refused before they reach the disk.
     _, url, _ = demo.launch(server_name=host, server_port=port, css=CSS, show_error=True,
-                            prevent_thread_lock=not block, ssr_mode=False)
+                            prevent_thread_lock=not block, ssr_mode=False, max_file_size=MAX_TRACE_FILE_BYTES)
     return demo, url
 
 
@@ -107,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: model directory not found: {args.model}; pass a directory with config.json, "
               f"or leave --model out to use the shipped checkpoint", file=sys.stderr)
         return 2
+    if args.space:  # nothing in a Space reaches the network: set before the hub client is imported
+        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         launch(args.host, args.port, args.model, args.space, threads=args.threads, engine=args.engine)
     except E3RLError as err:

@@ -15,6 +15,11 @@ from e3rl_core.events import DoneEvent, EraseEvent, ErrorEvent, Event, SegmentEv
 
 SCALE_MAX = {"entropy": 2.0, "surprisal": 3.0}
 """Signal value (nats) drawn at full colour; larger values saturate."""
+MAX_TOKEN_CHARS = 200
+"""Characters of one token's text drawn (a loaded file's token may hold megabytes; a model's
+tokens are a few characters)."""
+MAX_TEXT_CHARS = 2000
+"""Characters of an answer or an error message shown."""
 
 CSS = """
 .e3rl-scroll{max-height:26em;overflow-y:auto;display:flex;flex-direction:column-reverse;contain:content}
@@ -107,6 +112,11 @@ def fold(events: Iterable[Event]) -> dict[str, TraceView]:
     return views
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how many were left out."""
+    return text if len(text) <= limit else f"{text[:limit]}… [{len(text) - limit:,} more characters]"
+
+
 # ------------------------------------------------------------------------ colours
 def colour(value: float, signal: str = "entropy") -> str:
     """White -> amber -> red as the signal goes from 0 to SCALE_MAX (saturating)."""
@@ -132,7 +142,7 @@ def token_title(t: TokenEvent) -> str:
     lines = [f"entropy {t.entropy:.3f} · surprisal {t.surprisal:.3f} nats",
              f"segment {t.segment}, attempt {t.attempt}, position {t.index}"]
     if t.top:
-        lines.append("top: " + ", ".join(f"{text!r} {p:.3f}" for _, text, p in t.top))
+        lines.append("top: " + ", ".join(f"{clip(str(text), 40)!r} {p:.3f}" for _, text, p in t.top))
     return "\n".join(lines)
 
 
@@ -141,7 +151,8 @@ def _tokens_html(tokens: Sequence[TokenEvent], signal: str) -> str:
     for t in tokens:
         value = t.entropy if signal == "entropy" else t.surprisal
         out.append(f'<span class="e3rl-tok" style="background:{colour(float(value), signal)}" '
-                   f'title="{html.escape(token_title(t), quote=True)}">{html.escape(str(t.text))}</span>')
+                   f'title="{html.escape(token_title(t), quote=True)}">'
+                   f"{html.escape(clip(str(t.text), MAX_TOKEN_CHARS))}</span>")
     return "".join(out)
 
 
@@ -170,16 +181,22 @@ def trace_html(view: TraceView, signal: str = "entropy", with_css: bool = True) 
             if a.erased is None:
                 parts.append(_tokens_html(a.tokens, signal))
             elif view.last_erased == (a.segment, a.attempt):
-                parts.append(f'<span class="e3rl-erasing" data-erased="{aid}">{html.escape(a.text)}</span>')
+                parts.append(f'<span class="e3rl-erasing" data-erased="{aid}">{html.escape(_shown_text(a))}</span>')
             else:
                 why = html.escape(_decision_text(a.decision), quote=True)
                 parts.append(f'<details class="e3rl-erased" data-erased="{aid}"><summary title="{why}">✂</summary>'
-                             f"<s>{html.escape(a.text)}</s></details>")
+                             f"<s>{html.escape(_shown_text(a))}</s></details>")
         parts.append("</span>")
     if view.error:
-        parts.append(f'<div style="color:#b00">error: {html.escape(view.error.message)}</div>')
+        message = html.escape(clip(str(view.error.message), MAX_TEXT_CHARS))
+        parts.append(f'<div style="color:#b00">error: {message}</div>')
     parts.append("</div></div>")
     return "".join(parts)
+
+
+def _shown_text(a: Attempt) -> str:
+    """An attempt's text as drawn: each token cut as ``_tokens_html`` cuts it."""
+    return "".join(clip(str(t.text), MAX_TOKEN_CHARS) for t in a.tokens)
 
 
 def summary_markdown(view: TraceView, seconds: float | None = None, first_token_s: float | None = None,
@@ -192,9 +209,9 @@ def summary_markdown(view: TraceView, seconds: float | None = None, first_token_
     lines: list[str] = []
     if view.done:
         mark = "" if view.done.correct is None else (" ✓" if view.done.correct else " ✗")
-        gold = f" (gold {view.done.answer if view.start is None or view.start.gold is None else view.start.gold})" \
-            if view.done.correct is not None else ""
-        lines.append(f"**Answer:** `{view.done.answer}`{mark}{gold}")
+        known = view.done.answer if view.start is None or view.start.gold is None else view.start.gold
+        gold = f" (gold {_answer(known)})" if view.done.correct is not None else ""
+        lines.append(f"**Answer:** `{_answer(view.done.answer)}`{mark}{gold}")
     else:
         lines.append("**Answer:** _generating…_")
     stats = f"tokens generated {generated}, kept {kept}, erasures {erasures}"
@@ -205,6 +222,11 @@ def summary_markdown(view: TraceView, seconds: float | None = None, first_token_
         stats += f", first token after {first_token_s:.2f} s"
     lines.append(stats)
     return "  \n".join(lines)
+
+
+def _answer(text: object) -> object:
+    """An answer as shown: a loaded file's may be any length."""
+    return clip(text, MAX_TEXT_CHARS) if isinstance(text, str) else text
 
 
 def _panel_layout(titles: Sequence[str], rows: int, cols: int, height: int) -> dict:
@@ -292,7 +314,7 @@ def group_markdown(views: Sequence[TraceView]) -> str:
     rows = ["| rollout | answer | erasures | tokens kept | last β_n |", "|---|---|---|---|---|"]
     for i, v in enumerate(views):
         last = next((a.decision for a in reversed(v.attempts) if a.decision is not None), None)
-        ans = v.done.answer if v.done else "…"
+        ans = _answer(v.done.answer) if v.done else "…"
         mark = "" if not v.done or v.done.correct is None else (" ✓" if v.done.correct else " ✗")
         beta = "–" if last is None or last.baseline is None else f"{last.baseline:.3f}"
         rows.append(f"| {i} | `{ans}`{mark} | {len(v.erasures())} | {len(v.kept_tokens())} | {beta} |")

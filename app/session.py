@@ -42,9 +42,17 @@ def shipped_models() -> list[str]:
 
 
 def resolve(model: str) -> str:
-    """A display path (relative to the repository) to a loadable path."""
-    p = Path(model)
-    return str(p if p.is_absolute() else REPO / p)
+    """A display path to a loadable one, the same wherever the app was started: an absolute path as
+    is; a relative one against the repository (the shipped checkpoints are listed relative to it),
+    else against the working directory (trained checkpoints under a relative runs directory); any
+    other name unchanged, for ``load_model`` to fetch as a hub id (or report missing)."""
+    p = Path(model).expanduser()
+    if p.is_absolute():
+        return str(p)
+    for base in (REPO, Path.cwd()):
+        if (base / p).exists():
+            return str(base / p)
+    return model
 
 
 class ModelStore:

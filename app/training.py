@@ -19,7 +19,8 @@ from typing import Any
 
 from e3rl_core.cli.train import train_command
 from e3rl_core.errors import E3RLError
-from e3rl_core.training.checkpoint import LOG_FILE, RUN_FILE, checkpoints
+from e3rl_core.events import NON_FINITE
+from e3rl_core.training.checkpoint import LOG_FILE, RUN_FILE, STALE_STATUS, checkpoints, live_status
 
 LOCK = "active-run.json"
 
@@ -54,9 +55,11 @@ def _alive(pid: int) -> bool:
 class TrainingManager:
     """Start, watch and stop one background run under ``root``."""
 
-    def __init__(self, root: str | os.PathLike[str], max_steps: int | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], max_steps: int | None = None, offline: bool = False) -> None:
+        """offline: the run never reaches the network (HF_HUB_OFFLINE for its process; a Space)."""
         self.root = Path(root)
         self.max_steps = max_steps
+        self.offline = offline
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()  # two clicks at once in this server
 
@@ -106,10 +109,11 @@ class TrainingManager:
                             group_size=req.group_size, prompts_per_step=req.prompts_per_step,
                             learning_rate=req.learning_rate, seed=req.seed, save_steps=req.save_steps,
                             quiet=True, device="cpu")
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **({"HF_HUB_OFFLINE": "1"} if self.offline else {})}
         try:
             with open(_console(out), "w") as log:  # beside the run: the trainer wants an empty --out
                 self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                                              env=env)
         except BaseException:
             os.close(fd)
             (self.root / LOCK).unlink(missing_ok=True)
@@ -179,25 +183,35 @@ def status_markdown(run: Path, status: dict[str, Any], active: bool) -> str:
            f"{status.get('max_steps', '?')}" + (" (running)" if active else ""))
     if status.get("status") == "failed":
         msg += f"\n\n⚠️ {status.get('message')}"
+    elif status.get("status") == STALE_STATUS:  # SIGKILL, out of memory: the trainer wrote no status
+        last = status.get("last_checkpoint")
+        msg += (f" — resume it: `e3rl train --out {run} --resume` continues from {last}" if last else
+                " — it wrote no checkpoint, so start it again")
+        if status.get("console", "").strip():
+            msg += "\n\n⚠️ " + status["console"].strip().splitlines()[-1]
     elif not active and status.get("status") == "starting" and "error" in status.get("console", ""):
         msg += "\n\n⚠️ " + status["console"].strip().splitlines()[-1]
     return msg
 
 
 def read_status(run: Path) -> dict[str, Any]:
-    """run.json plus the metric rows so far and the console tail (for errors before run.json exists)."""
+    """run.json plus the metric rows so far and the console tail (for errors before run.json exists).
+    A run that run.json calls running but whose process is gone reads as STALE_STATUS."""
     status: dict[str, Any] = {"status": "starting", "rows": []}
     try:
         status.update(json.loads((run / RUN_FILE).read_text()))
     except (OSError, json.JSONDecodeError):
         pass
+    if "pid" in status:
+        status["status"] = live_status(status)
     try:
         lines = (run / LOG_FILE).read_text().splitlines()
     except OSError:
         lines = []
     for line in lines:
         try:
-            status["rows"].append(json.loads(line))
+            # Non-finite metrics are written as "NaN"/"Infinity" (strict JSON): numbers again for the charts.
+            status["rows"].append({k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in json.loads(line).items()})
         except json.JSONDecodeError:
             continue  # a line being written right now
     try:

@@ -20,24 +20,32 @@ __all__ = ["DEFAULTS", "GEN_FIELDS", "build", "examples"]
 DEFAULTS = defaults()  # the Generate tab's starting values (GenRequest's field defaults), for tests and scripts
 
 
+CACHE_MAX_AGE_S = 3600
+"""Files gradio keeps for this app (exports offered for download) are deleted after an hour, and
+all of them when the server stops."""
+
+
 def build(space: bool = False, runs_root: str | None = None, default_model: str | None = None,
-          engine: str = "thread") -> gr.Blocks:
+          engine: str = "thread", traces_ttl_s: float = audit.TRACES_TTL_S) -> gr.Blocks:
     """The workbench's Blocks. engine: where generations run, "thread" or "process" (see
-    ``app.producer``)."""
+    ``app.producer``); traces_ttl_s: how long a session keeps trace files it loaded."""
     store = ModelStore()
-    trainer = TrainingManager(runs_root or os.environ.get("E3RL_RUNS", "runs/app"), max_steps=30 if space else None)
+    # In a Space, training runs offline: its models are local directories, and nothing is fetched.
+    trainer = TrainingManager(runs_root or os.environ.get("E3RL_RUNS", "runs/app"), max_steps=30 if space else None,
+                              offline=space)
     models = shipped_models()
     default = default_model or (models[0] if models else None)
     if default:  # load before the first click, so it streams at once
         threading.Thread(target=store.get, args=(resolve(default),), daemon=True).start()
-    with gr.Blocks(title="E3RL workbench", analytics_enabled=False) as demo:
+    with gr.Blocks(title="E3RL workbench", analytics_enabled=False,
+                   delete_cache=(CACHE_MAX_AGE_S, CACHE_MAX_AGE_S)) as demo:
         shared = Shared(store=store, trainer=trainer, space=space, engine=engine, default_model=default,
                         shipped=models, audit_dir=Path(tempfile.mkdtemp(prefix="e3rl-audit-")),
                         session_events=gr.State([]), last_events=gr.State([]))
         gr.Markdown("# E3RL workbench\nWatch the model generate, erase uncertain segments and regenerate them; "
                     "audit every decision; train with GRPO, DAPO or E3RL.")
         gen_tab, model = generate.build(shared)
-        audit_tab = audit.build(shared)
+        audit_tab = audit.build(shared, traces_ttl_s)
         train_tab, timer = train.build(shared, model)
         # The Train tab polls its run only while it is open; coming back to Generate lists the
         # checkpoints written meanwhile.
@@ -45,4 +53,5 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
         gen_tab.select(lambda m: (gr.Timer(active=False), gr.update(choices=shared.model_choices(), value=m)), model,
                        [timer, model])
         audit_tab.select(lambda: gr.Timer(active=False), None, timer)
+        demo.unload(audit.end_session)
     return demo

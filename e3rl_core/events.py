@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -147,7 +148,26 @@ def event_from_dict(data: dict[str, Any]) -> Event:
         raise TraceFormatError(f"{kind} event has unknown field(s) {unknown}")
     if cls is StartEvent and "batch" not in payload:
         payload.update(_legacy_start_fields(str(payload["trace_id"]), payload))
+    if cls in (TokenEvent, SegmentEvent):
+        _revive_non_finite(payload)
     return cls(**payload)
+
+
+def _number(value: Any) -> Any:
+    return NON_FINITE.get(value, value) if isinstance(value, str) else value
+
+
+def _revive_non_finite(payload: dict[str, Any]) -> None:
+    """Turn the strings ``dumps`` writes for non-finite floats back into floats, in the float
+    fields of token and segment events only (a token's text may well be "NaN")."""
+    for name in ("entropy", "surprisal", "score", "baseline", "penalty", "history", "threshold"):
+        if name in payload:
+            payload[name] = _number(payload[name])
+    if isinstance(payload.get("features"), dict):
+        payload["features"] = {k: _number(v) for k, v in payload["features"].items()}
+    if isinstance(payload.get("top"), list):  # [token_id, text, probability]: only the probability
+        payload["top"] = [[*t[:2], _number(t[2]), *t[3:]] if isinstance(t, list) and len(t) > 2 else t
+                          for t in payload["top"]]
 
 
 # Trace ids written before start events carried batch/train_step: "<batch>-<group>-<index>", and
@@ -170,9 +190,43 @@ def _legacy_start_fields(trace_id: str, payload: dict[str, Any]) -> dict[str, An
     return out
 
 
+# RFC 8259 JSON has no NaN or infinity, and parsers outside Python reject Python's bare NaN. A
+# non-finite value can still come from the model (an infinite surprisal where a logit is -inf, a
+# score built from one) and is worth keeping, so it is written as one of these strings; null would
+# be ambiguous where null already means "none yet" (a segment's threshold).
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _non_finite_name(x: float) -> str:
+    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (in nested dicts, lists and tuples) replaced by
+    ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``, so that it encodes as strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else _non_finite_name(obj)
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def strict_dumps(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that always writes strict JSON: non-finite floats become the strings of
+    ``NON_FINITE`` (see ``finite_json``) instead of bare ``NaN``/``Infinity``. The trace, eval and
+    training writers all go through it."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:  # rare: only a record holding a non-finite float pays for the walk
+        return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
 def dumps(event: Event) -> str:
-    # allow_nan stays on: a non-finite score is data worth keeping, and Python reads it back.
-    return json.dumps(event_to_dict(event), ensure_ascii=False)
+    """One event as one line of strict JSON (non-finite floats as strings, read back by
+    ``event_from_dict``)."""
+    return strict_dumps(event_to_dict(event), ensure_ascii=False)
 
 
 class TraceWriter:

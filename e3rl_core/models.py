@@ -1,7 +1,8 @@
 """Models: loading a causal LM and its tokenizer from a local directory or (online) a hub id, with
-errors that say what to do; and random-init presets with a character tokenizer built locally from
-configs, with no download (the tests' Llama/Qwen2, ``e3rl bench``'s ``random:<preset>`` specs, the
-demo model's starting point).
+errors that say what to do, never running Python code shipped with a model unless the caller trusts it
+(``trust_remote_code``: only the command line's ``--trust-remote-code`` sets it); and random-init
+presets with a character tokenizer built locally from configs, with no download (the tests'
+Llama/Qwen2, ``e3rl bench``'s ``random:<preset>`` specs, the demo model's starting point).
 
 transformers and tokenizers are imported inside the functions, so importing the package stays light."""
 from __future__ import annotations
@@ -38,12 +39,46 @@ def _is_causal_lm(config: Any) -> bool:
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or any("CausalLM" in a for a in archs)
 
 
-def load_tokenizer(spec: str) -> Any:
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub cannot be reached now (offline mode, or no answer within ``timeout`` s), or None.
+
+    One short request through huggingface_hub's own client (so its endpoint, proxy and certificate
+    settings apply): without it a missing network costs ~27 s of the hub client's retries before the
+    same "couldn't connect" error."""
+    from huggingface_hub import constants, get_session
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except OfflineModeIsEnabled:
+        return "HF_HUB_OFFLINE is set"
+    except Exception as err:  # any transport failure (DNS, refused, timeout, TLS) means: not reachable now
+        return f"cannot reach {constants.ENDPOINT}: {type(err).__name__}"
+    return None  # any HTTP answer, even an error status, means the hub client can talk to it
+
+
+def _remote_code_error(spec: str, err: Exception) -> ModelLoadError | None:
+    """The error for a model that needs its own Python code, or None when ``err`` is something else."""
+    if "trust_remote_code" not in str(err):
+        return None
+    return ModelLoadError(
+        f"{spec} ships its own Python code (auto_map in its config), which E3RL does not run by default; "
+        f"read that code, then pass --trust-remote-code to e3rl generate/eval/train/bench to run it"
+    )
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False, local_files_only: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(spec)
+        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code,
+                                            local_files_only=local_files_only)
     except Exception as err:  # transformers raises OSError, ValueError or TypeError here
+        remote = _remote_code_error(spec, err)
+        if remote:
+            raise remote from None
         raise ModelLoadError(
             f"no usable tokenizer in {spec!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
             f"save one next to the model with tokenizer.save_pretrained({spec!r})"
@@ -79,13 +114,22 @@ def _not_causal_lm(spec: str, config: Any) -> ModelLoadError:
     )
 
 
-def _load_causal_config(spec: str) -> Any:
-    """The model config, refused before any weights load unless it is a decoder-only causal LM."""
+def _load_causal_config(spec: str, hub: dict[str, Any], unreachable: str | None = None) -> Any:
+    """The model config, refused before any weights load unless it is a decoder-only causal LM.
+    ``unreachable``: why the hub could not be reached (then ``hub`` asks for the cache alone)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(spec)
+        config = AutoConfig.from_pretrained(spec, **hub)
     except Exception as err:
+        remote = _remote_code_error(spec, err)
+        if remote:
+            raise remote from None
+        if unreachable:
+            raise ModelLoadError(
+                f"{spec!r} is not a local directory and not in the hub cache, and the hub is unreachable "
+                f"({unreachable}); pass a model directory, or download it while online"
+            ) from None
         raise ModelLoadError(
             f"could not load a model config from {spec!r} ({str(err).splitlines()[0][:200]}); "
             f"check the path or hub id (hub ids need network access)"
@@ -99,10 +143,12 @@ def _load_causal_config(spec: str) -> Any:
     return config
 
 
-def _load_weights(spec: str, config: Any, dtype: str, attn_implementation: str | None) -> Any:
+def _load_weights(spec: str, config: Any, dtype: str, attn_implementation: str | None,
+                  hub: dict[str, Any]) -> Any:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": DTYPES.get(dtype, dtype)}
+    kwargs: dict[str, Any] = {"dtype": DTYPES.get(dtype, dtype), **hub}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -110,17 +156,24 @@ def _load_weights(spec: str, config: Any, dtype: str, attn_implementation: str |
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise _not_causal_lm(spec, config) from None
-        raise ModelLoadError(f"could not load the model in {spec}: {err}") from None
+        raise _remote_code_error(spec, err) or ModelLoadError(f"could not load the model in {spec}: {err}") from None
     except OSError as err:
         raise ModelLoadError(f"could not load the weights in {spec}: {str(err).splitlines()[0][:300]}") from None
+    except SafetensorError as err:  # truncated download, disk error, or not a safetensors file at all
+        raise ModelLoadError(
+            f"the weights in {spec} are corrupt or truncated ({str(err).splitlines()[0][:200]}); "
+            f"download or save the model again (model.save_pretrained)"
+        ) from None
 
 
 def load_model(
-    spec: str, *, device: str | None = None, dtype: str = "auto", attn_implementation: str | None = None
+    spec: str, *, device: str | None = None, dtype: str = "auto", attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a directory with config.json, weights and tokenizer files, or a hub id.
 
-    ``random:<preset>`` builds a random-init model instead (see ``PRESETS`` below)."""
+    ``random:<preset>`` builds a random-init model instead (see ``PRESETS`` below). Python code
+    shipped with a model (``auto_map``) is refused unless ``trust_remote_code``; the app never sets it."""
     if spec.startswith("random:"):
         preset = spec.split(":", 1)[1]
         if preset not in PRESETS:
@@ -128,9 +181,13 @@ def load_model(
         model, tok = random_model(preset)
         return model.to(device or "cpu"), tok
     spec = _resolve_local(spec)
-    config = _load_causal_config(spec)
-    tokenizer = load_tokenizer(spec)
-    model = _load_weights(spec, config, dtype, attn_implementation)
+    # A hub id when the hub cannot be reached: the cache alone, at once, instead of retrying for ~27 s.
+    unreachable = None if Path(spec).is_dir() else _hub_unreachable()
+    # trust_remote_code always explicit: left unset, transformers asks on stdin and a piped "y" runs the code.
+    hub = {"trust_remote_code": trust_remote_code, "local_files_only": unreachable is not None}
+    config = _load_causal_config(spec, hub, unreachable)
+    tokenizer = load_tokenizer(spec, **hub)
+    model = _load_weights(spec, config, dtype, attn_implementation, hub)
     model.eval()
     if device:
         model.to(device)

@@ -9,11 +9,29 @@ sliders, the audit's what-if), and ``build(cls, nested_dict)`` rebuilds from a d
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Mapping
 
 from .errors import ConfigError
+
+
+def require_finite(config: Any, section: str = "") -> None:
+    """Raise ConfigError naming the first float field of a dataclass config that is NaN or infinite.
+
+    Every config calls this first thing in ``__post_init__``: range checks written as comparisons
+    pass NaN through silently (``nan > kappa`` is False, so an erasure never triggers) and let
+    infinities in. Checks this instance's own fields (tuples included); nested sections check
+    themselves. ``section`` prefixes the field name in the message, e.g. ``threshold``."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        bad = next((v for v in items if isinstance(v, float) and not math.isfinite(v)), None)
+        if bad is not None:
+            name = f"{section}.{f.name}" if section else f.name
+            raise ConfigError(f"{name} must be a finite number, got {value!r}; give a real value "
+                              f"(NaN and infinity would silently change what it does)")
 
 
 def _coerce(text: str, hint: Any, where: str) -> Any:

@@ -3,7 +3,9 @@ filter, sort and export; a step-by-step replay of one trace; and the what-if, wh
 group's recorded decisions under other thresholds."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -19,12 +21,16 @@ from . import Shared
 
 # What-if controls the recorded settings are read into; a trace that lacks one starts at the default.
 WHAT_IF = ("policy", "kappa", "penalty_lambda", "value")
+TRACES_TTL_S = 3 * 3600
+"""How long a session's loaded traces are kept after its last load, however long its page stays
+open (a closed page frees them at once: ``end_session``)."""
 
 
-def build(shared: Shared) -> gr.Tab:
+def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> gr.Tab:
     history = shared.session_events
     with gr.Tab("Audit") as tab:
-        loaded = gr.State([])  # traces loaded from files, in this browser session
+        # traces loaded from files, in this browser session (an audit.LoadedTraces, None until a load)
+        loaded = gr.State(None, time_to_live=traces_ttl_s, delete_callback=audit.release)
         with gr.Row():
             upload = gr.File(label="load a JSONL trace file", file_types=[".jsonl"], type="filepath")
             refresh = gr.Button("refresh from this session")
@@ -51,11 +57,15 @@ def build(shared: Shared) -> gr.Tab:
     filters = [history, loaded, only_erasures, trace_filter, sort_by, only_flipped]
     for trigger in (refresh.click, only_erasures.change, trace_filter.submit, sort_by.change, only_flipped.change):
         trigger(refresh_all, filters, [table, replay_trace])
+    # Unprocessed, so the handler sees the upload's original name (gradio still checks that the
+    # file is one uploaded to this server); and gradio's filepath processing would leave an empty
+    # temporary file behind per upload.
     upload.upload(load_file, [upload, loaded, history, only_erasures, trace_filter, sort_by, only_flipped],
-                  [loaded, load_msg, table, replay_trace], api_name="load_traces")
+                  [loaded, load_msg, table, replay_trace, upload], api_name="load_traces", preprocess=False)
     table.select(select_row, None, replay_trace)
 
-    def do_export(events: list, files: list, only: bool, contains: str, sort: str, flipped: bool) -> list[str]:
+    def do_export(events: list, files: audit.LoadedTraces | None, only: bool, contains: str, sort: str,
+                  flipped: bool) -> list[str]:
         csv, jsonl = audit.export(table_for(events, files, only, contains, sort, flipped), shared.audit_dir)
         return [str(csv), str(jsonl)]
 
@@ -82,40 +92,76 @@ def _what_if_panel() -> tuple[list, gr.Dataframe, gr.Markdown]:
     return controls, table, gr.Markdown(elem_id="e3rl-whatif")
 
 
-def all_traces(history: list, files: list) -> list[Trace]:
+def end_session(request: gr.Request) -> None:
+    """The page was closed: free the traces its session loaded (gradio would keep them an hour)."""
+    audit.SESSIONS.end(request.session_hash if request else None)
+
+
+def _loaded(files: audit.LoadedTraces | None) -> list[Trace]:
+    return files.traces if files is not None else []
+
+
+def all_traces(history: list, files: audit.LoadedTraces | None) -> list[Trace]:
     """This session's traces, then the loaded files'."""
-    return group_traces(history) + list(files)
+    return group_traces(history) + _loaded(files)
 
 
-def find_trace(trace_id: str | None, history: list, files: list) -> Trace | None:
+def find_trace(trace_id: str | None, history: list, files: audit.LoadedTraces | None) -> Trace | None:
     return next((t for t in all_traces(history, files) if t.trace_id == trace_id), None)
 
 
-def table_for(history: list, files: list, only: bool, contains: str, sort: str, flipped: bool) -> pd.DataFrame:
+def table_for(history: list, files: audit.LoadedTraces | None, only: bool, contains: str, sort: str,
+              flipped: bool) -> pd.DataFrame:
     frames = [audit.decisions_frame(group_traces(history), "session")]
-    if files:
-        frames.append(audit.decisions_frame(files, "file"))
+    if _loaded(files):
+        frames.append(audit.decisions_frame(_loaded(files), "file"))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=audit.COLUMNS)
     return audit.filter_frame(df, only, contains or "", sort or "", only_flipped=flipped)
 
 
-def refresh_all(history: list, files: list, only: bool, contains: str, sort: str, flipped: bool) -> tuple:
+def refresh_all(history: list, files: audit.LoadedTraces | None, only: bool, contains: str, sort: str,
+                flipped: bool) -> tuple:
     ids = [t.trace_id for t in all_traces(history, files)]
-    return (table_for(history, files, only, contains, sort, flipped).round(4),
+    return (audit.display_frame(table_for(history, files, only, contains, sort, flipped).round(4)),
             gr.update(choices=ids, value=ids[0] if ids else None))
 
 
-def load_file(path: str | None, files: list, history: list, only: bool, contains: str, sort: str,
-              flipped: bool) -> tuple:
+def load_file(upload: Any, files: audit.LoadedTraces | None, history: list, only: bool, contains: str, sort: str,
+              flipped: bool, request: gr.Request) -> tuple:
+    """Load an uploaded trace file (unprocessed: gradio's FileData) into this session's traces, then
+    delete the upload: what was read is in memory, and uploads must not pile up on the server."""
+    path, name = _upload(upload)
     if not path:
-        return files, "", gr.update(), gr.update()
+        return files, "", gr.update(), gr.update(), gr.update()
+    files = audit.SESSIONS.of(request.session_hash if request else None)
     try:
-        traces = audit.load_trace_file(path)
+        if not name.lower().endswith(".jsonl"):
+            raise E3RLError(f"{name} is not a .jsonl file; load a JSONL trace written by e3rl generate --trace-out")
+        msg = files.add(path, name, known=[t.trace_id for t in group_traces(history)])
     except E3RLError as err:
-        return files, f"⚠️ {err}", gr.update(), gr.update()
-    files = list(files) + traces
+        return files, f"⚠️ {err}", gr.update(), gr.update(), None
+    finally:
+        _discard(path)
     df, choice = refresh_all(history, files, only, contains, sort, flipped)
-    return files, f"loaded {len(traces)} trace(s) from {Path(path).name}", df, choice
+    return files, msg, df, choice, None
+
+
+def _upload(upload: Any) -> tuple[str | None, str]:
+    """(server path, the name its user gave it) of an unprocessed gr.File value."""
+    if upload is None:
+        return None, ""
+    value = upload if isinstance(upload, dict) else upload.model_dump()
+    path = value.get("path")
+    return path, value.get("orig_name") or (Path(path).name if path else "")
+
+
+def _discard(path: str) -> None:
+    """Delete an upload and the folder gradio made for it, once it is empty."""
+    try:
+        os.remove(path)
+        os.rmdir(Path(path).parent)
+    except OSError:
+        pass  # gone already, or the folder holds another upload of the same content
 
 
 def select_row(evt: gr.SelectData):  # selecting a table row replays its trace below
@@ -123,7 +169,7 @@ def select_row(evt: gr.SelectData):  # selecting a table row replays its trace b
     return gr.update(value=row[0]) if row else gr.update()
 
 
-def pick_trace(trace_id: str | None, history: list, files: list) -> tuple:
+def pick_trace(trace_id: str | None, history: list, files: audit.LoadedTraces | None) -> tuple:
     tr = find_trace(trace_id, history, files)
     if tr is None:
         return gr.update(maximum=1, value=1), ""
@@ -131,12 +177,12 @@ def pick_trace(trace_id: str | None, history: list, files: list) -> tuple:
     return gr.update(maximum=n, value=n), render.trace_html(replay_view(tr, n), with_css=False)
 
 
-def step_to(trace_id: str | None, upto: int, history: list, files: list) -> str:
+def step_to(trace_id: str | None, upto: int, history: list, files: audit.LoadedTraces | None) -> str:
     tr = find_trace(trace_id, history, files)
     return render.trace_html(replay_view(tr, int(upto)), with_css=False) if tr else ""
 
 
-def recorded_settings(trace_id: str | None, history: list, files: list) -> tuple:
+def recorded_settings(trace_id: str | None, history: list, files: audit.LoadedTraces | None) -> tuple:
     """Start the what-if controls at the picked trace's own settings, so 'changed' means changed."""
     tr = find_trace(trace_id, history, files)
     if tr is None:
@@ -146,7 +192,7 @@ def recorded_settings(trace_id: str | None, history: list, files: list) -> tuple
 
 
 def run_what_if(trace_id: str | None, policy: str, kappa: float, lam: float, value: float, history: list,
-                files: list) -> tuple:
+                files: audit.LoadedTraces | None) -> tuple:
     if not trace_id:
         return None, "pick a trace above"
     try:
@@ -156,4 +202,4 @@ def run_what_if(trace_id: str | None, policy: str, kappa: float, lam: float, val
     except E3RLError as err:
         return None, f"⚠️ {err}"
     changed = int(df["changed"].sum()) if len(df) else 0
-    return df.round(4), f"{changed} of {len(df)} recorded decisions would change"
+    return audit.display_frame(df.round(4)), f"{changed} of {len(df)} recorded decisions would change"

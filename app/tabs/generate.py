@@ -79,7 +79,7 @@ def _prompt_controls(shared: Shared) -> dict[str, Any]:
     model = gr.Dropdown(shared.model_choices(), value=shared.default_model, label="model",
                         allow_custom_value=not shared.space)
     if not shared.space:
-        gr.Markdown("Any local model directory can be typed into the model box.")
+        gr.Markdown("Any local model directory, or a hub id when online, can be typed into the model box.")
     prompt = gr.Textbox(label="prompt (a one-line question is wrapped in the task template)", lines=3, value=first[0])
     gold = gr.Textbox(label="gold answer (optional: shows ✓/✗)", value=first[1])
     gr.Examples(examples(), inputs=[prompt, gold], label="examples")

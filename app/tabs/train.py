@@ -3,13 +3,13 @@ Generate tab, and watch its curves and latest rollout while the tab is open."""
 from __future__ import annotations
 
 from dataclasses import fields
-from pathlib import Path
 
 import gradio as gr
 
 from e3rl_core.errors import E3RLError
 
 from .. import render
+from ..session import resolve
 from ..training import RunRequest, latest_trace_events, read_status, status_markdown
 from . import Shared
 
@@ -49,8 +49,13 @@ def start_run(shared: Shared, model: str | None, algo: str, steps: int, group_si
               seed: int) -> str:
     try:
         shared.check_model(model, "trained")
+        chosen = model or shared.default_model
+        if not chosen:
+            raise E3RLError("no model chosen; pick one in the Generate tab's model box")
+        # Resolved as the Generate tab resolves it: the training process must not read a relative
+        # path against the server's working directory (or take it for a hub id).
         out = shared.trainer.start(RunRequest(
-            model=str(Path(model)) if model else shared.default_model, algo=algo, steps=int(steps),
+            model=resolve(chosen), algo=algo, steps=int(steps),
             group_size=int(group_size), learning_rate=float(learning_rate), seed=int(seed)))
     except E3RLError as err:
         return f"⚠️ {err}"

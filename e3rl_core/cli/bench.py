@@ -5,6 +5,8 @@ import argparse
 import sys
 from typing import Any
 
+from .options import add_trust_remote_code_flag
+
 
 def add_parser(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print a table")
@@ -14,6 +16,7 @@ def add_parser(sub: Any) -> None:
     bg.add_argument("--device", default=None)
     bg.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median reported)")
     bg.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    add_trust_remote_code_flag(bg)
     bg.set_defaults(func=cmd_bench_generate)
 
 
@@ -24,7 +27,8 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
     result = run_generate_bench(
-        args.model, device=args.device, repeats=args.repeats, quick=args.quick, progress=progress
+        args.model, device=args.device, repeats=args.repeats, quick=args.quick, progress=progress,
+        trust_remote_code=args.trust_remote_code,
     )
     print(format_table(result))
     return 0

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from ..errors import E3RLError
-from .options import add_generation_flags, config_from_args
+from .options import add_generation_flags, add_trust_remote_code_flag, check_output_file, config_from_args
 
 
 def add_parser(sub: Any) -> None:
@@ -23,6 +23,7 @@ def add_parser(sub: Any) -> None:
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (G = 1)")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    add_trust_remote_code_flag(gen)
     add_generation_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -37,6 +38,9 @@ def _prompt_text(args: argparse.Namespace) -> str | None:
         return open(args.prompt_file, encoding="utf-8").read()
     except OSError as err:
         raise E3RLError(f"cannot read --prompt-file {args.prompt_file}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise E3RLError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte 0x{err.object[err.start]:02x} "
+                        f"at offset {err.start}); save it as UTF-8") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -50,8 +54,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = config_from_args(args, recommended_config(args.model))
     SEGMENTERS.get(config.segment.mode)  # fail on unknown names before loading a model
     POLICIES.get(config.threshold.policy)
+    if args.trace_out:  # before the model loads, so a bad path costs nothing
+        check_output_file(args.trace_out, "--trace-out")
     prompt = _prompt_text(args)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
     if args.question is not None:
         from ..tasks.datasets import render_prompt
 

@@ -1,9 +1,14 @@
-"""The generation flags ``e3rl generate`` and ``e3rl eval`` share, and how they become a config."""
+"""The generation flags ``e3rl generate`` and ``e3rl eval`` share, and how they become a config;
+the --trust-remote-code flag of every command that loads a model."""
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
+from ..errors import E3RLError
 from ..generation.config import GenerationConfig
 from ..overrides import apply_overrides
 
@@ -14,6 +19,13 @@ FIELDS = {
     "signal": "score.signal", "erase_budget": "erase.budget", "segment_mode": "segment.mode",
     "segment_tokens": "segment.segment_tokens",
 }
+
+
+def add_trust_remote_code_flag(p: argparse.ArgumentParser) -> None:
+    """--trust-remote-code, shared by the commands that load a model (the app has no such switch)."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code a model directory or hub repository ships (auto_map in its "
+                        "config); it runs with your permissions, so read it first. Off: such models are refused")
 
 
 def add_generation_flags(p: argparse.ArgumentParser, with_erase_switch: bool = True) -> None:
@@ -44,3 +56,25 @@ def config_from_args(args: argparse.Namespace, base: GenerationConfig | None = N
     if args.threshold is not None and args.policy is None:
         items.append("threshold.policy=fixed")
     return apply_overrides(base or GenerationConfig(), items + list(args.overrides) + list(last))
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Fail before any model is loaded or token generated when ``path`` (the value of ``flag``)
+    cannot be written as a file: it is a directory, its parent cannot be created, or the directory
+    refuses a new file. Creates the missing parent directories, as the writers would."""
+    p = Path(path)
+    if p.is_dir():
+        raise E3RLError(f"{flag} {path} is a directory; give a file path, e.g. {p / 'out.jsonl'}")
+    nearest = next((a for a in p.parents if a.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        raise E3RLError(f"cannot write {flag} {path}: {nearest} is a file, not a directory; give another path")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        # A real file in the real directory: permission bits say nothing for root or read-only mounts.
+        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".check"):
+            pass
+    except OSError as err:
+        raise E3RLError(f"cannot write {flag} {path}: cannot create a file in {p.parent} "
+                        f"({err.strerror or err}); give a path in a writable directory") from None
+    if p.exists() and not os.access(p, os.W_OK):
+        raise E3RLError(f"cannot write {flag} {path}: the file is read-only; give another path")

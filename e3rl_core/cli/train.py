@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from ..errors import E3RLError
 from ..overrides import apply_overrides
 from . import e3rl_command
+from .options import add_trust_remote_code_flag
 
 # flag -> TrainConfig field; each flag is a shortcut for --set FIELD=VALUE
 FLAGS = {"steps": "max_steps", "group_size": "num_generations", "prompts_per_step": "prompts_per_step",
@@ -70,6 +71,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_trust_remote_code_flag(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -83,21 +85,58 @@ def _config(args: argparse.Namespace) -> tuple[Any, str, str]:
         run = read_run(Path(args.out))
         if run is None:
             raise RunDirError(f"nothing to resume in {args.out}: it holds no run; drop --resume to start one")
-        changed = [f for f in ("model", "data", "algo") if getattr(args, f) not in (None, run.get(f))]
-        extra = [i for i in items + list(args.overrides)
-                 if i.split("=")[0] not in ("max_steps", "rollout_token_budget")]
-        if changed or extra:
-            raise E3RLError(
-                f"--resume continues the run as it was configured; only --steps and --token-budget may change "
-                f"(got {', '.join(changed + extra)}). Start a new run with another --out to change settings"
-            )
-        config = apply_overrides(TrainConfig.from_dict(run["config"]), items)
-        return config, run["model"], run["data"]
+        return _resume_config(args, run, items), run["model"], run["data"]
     missing = [f"--{f}" for f in ("model", "data", "algo") if getattr(args, f) is None]
     if missing:
         raise E3RLError(f"e3rl train needs {', '.join(missing)} (or --resume to continue a run)")
     config = TrainConfig.for_algo(args.algo, recommended_config(args.model))
     return apply_overrides(config, items + list(args.overrides)), args.model, args.data
+
+
+# what --resume may change: how far the run goes
+RESUMABLE = ("max_steps", "rollout_token_budget")
+
+
+def _resume_config(args: argparse.Namespace, run: dict[str, Any], items: list[str]) -> Any:
+    """The run's config with this command's settings applied. Users re-run the command that started
+    the run with --resume added, so a flag whose value is the run's own is accepted; a value that
+    differs (other than --steps / --token-budget) is refused, naming each."""
+    from ..training.config import TrainConfig
+
+    stored = TrainConfig.from_dict(run["config"])
+    config = apply_overrides(stored, items + list(args.overrides))
+    differ = [f"--{name} {getattr(args, name)} (the run has {run.get(name)})" for name in ("model", "data", "algo")
+              if getattr(args, name) is not None and not _same_setting(name, getattr(args, name), run.get(name))]
+    old, new = _flat(stored.to_dict()), _flat(config.to_dict())
+    flags = {field: flag for flag, field in FLAGS.items()}
+    for field in sorted(k for k in new if new[k] != old.get(k) and k not in RESUMABLE):
+        flag = f"--{flags[field].replace('_', '-')} " if field in flags else f"--set {field}="
+        differ.append(f"{flag}{new[field]} (the run has {old.get(field)})")
+    if differ:
+        raise E3RLError(
+            f"--resume continues the run as it was configured; only --steps and --token-budget may change "
+            f"(these differ: {'; '.join(differ)}). Start a new run with another --out to change settings"
+        )
+    return config
+
+
+def _same_setting(name: str, given: str, recorded: Any) -> bool:
+    """--model may name the run's model directory by another path (relative vs absolute)."""
+    if given == recorded:
+        return True
+    return name == "model" and recorded is not None and Path(given).exists() and \
+        Path(given).resolve() == Path(str(recorded)).resolve()
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"generation": {"erase": {"budget": 3}}} -> {"generation.erase.budget": 3} (--set names)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -124,10 +163,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, config: Any, model: str, data: str, stop: threading.Event) -> int:
     from tqdm import tqdm
 
+    from ..training.checkpoint import describe
     from ..training.trainer import Trainer
 
     trainer = Trainer(config, model=model, data=data, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                      device=args.device, dtype=args.dtype, should_stop=stop.is_set)
+                      device=args.device, dtype=args.dtype, should_stop=stop.is_set,
+                      trust_remote_code=args.trust_remote_code)
+    if trainer.prompts_filtered and trainer.dist.main:  # once per run (and once per resume)
+        print(f"[e3rl] {trainer.prompts_filtered} of {trainer.prompts_filtered + len(trainer.examples)} prompts "
+              f"are longer than the model's context ({trainer.generator.context} tokens) and are left out of "
+              f"training", file=sys.stderr, flush=True)
     bar = tqdm(total=config.max_steps, initial=trainer.step, desc=f"train {config.algo}", unit="step",
                disable=args.quiet or not trainer.dist.main)
 
@@ -139,6 +184,8 @@ def _train(args: argparse.Namespace, config: Any, model: str, data: str, stop: t
     trainer.callbacks.append(on_step)
     try:
         result = trainer.train()
+    except OSError as err:  # the run directory became unwritable: run.json says failed where it could
+        raise E3RLError(describe(err)) from None
     finally:
         bar.close()
         from ..training import distributed

@@ -4,6 +4,8 @@
 - Pass@k: the unbiased estimator 1 - C(n-c, k) / C(n, k) per problem (n samples, c correct),
   averaged over problems (Chen et al., 2021), for every k <= K asked for.
 Samples of several problems are decoded as one batch (each problem is a group of K rollouts).
+A problem whose prompt does not fit the model's context is skipped (counted in the summary) or,
+with ``overlong="fail"``, scored as K wrong samples; it never stops the evaluation.
 The library returns rows and a summary; the CLI prints and writes them.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PromptError
 from ..events import DoneEvent, Event, SegmentEvent, StartEvent, group_traces
 from ..generation.generator import ErasableGenerator
 from ..tasks.datasets import Example, render_prompt
@@ -26,6 +28,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         return 1.0
     # Product form of 1 - C(n-c, k) / C(n, k): exact in floats for the n used here.
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+OVERLONG = ("skip", "fail")
+OVERLONG_REASON = "prompt_too_long"
+"""``finish_reason`` of the rows of a problem whose prompt did not fit (``overlong="fail"``)."""
 
 
 def default_ks(samples: int) -> list[int]:
@@ -47,6 +54,9 @@ class EvalSummary:
     mean_tokens_kept: float
     tokens_per_correct: float | None
     accuracy_by_difficulty: dict[str, float]
+    overlong: int = 0
+    """Problems whose prompt does not fit the model's context: left out of every figure
+    (``overlong="skip"``) or scored as wrong (``"fail"``; not in the token figures)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -60,13 +70,18 @@ def evaluate(
     ks: Sequence[int] | None = None,
     seed: int = 0,
     rows_per_batch: int = 32,
+    overlong: str = "skip",
     on_events: Callable[[list[Event]], None] | None = None,
     on_problem_done: Callable[[int], None] | None = None,
 ) -> tuple[EvalSummary, list[dict[str, Any]]]:
     """Generate ``samples`` completions per example and score them.
 
     Returns the summary and one row per sample (problem_id, sample, answer, gold, correct, tokens,
-    erasures, ...). ``on_events`` receives each batch's events (e.g. to save traces)."""
+    erasures, ...). ``on_events`` receives each batch's events (e.g. to save traces). Problems
+    whose prompt does not fit the model's context are skipped, or with ``overlong="fail"`` get
+    ``samples`` wrong rows (finish_reason ``prompt_too_long``); ``summary.overlong`` counts them."""
+    if overlong not in OVERLONG:
+        raise ConfigError(f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
     ks = list(ks) if ks else default_ks(samples)
@@ -75,13 +90,23 @@ def evaluate(
         raise ConfigError(f"pass@k needs 1 <= k <= samples ({samples}); got k={bad}; sample more or lower k")
     if not examples:
         raise ConfigError("no examples to evaluate")
-    per_batch = max(1, rows_per_batch // samples)
+    prompts = [render_prompt(ex.question, gen.tokenizer) for ex in examples]
+    fits = [i for i, p in enumerate(prompts) if _fits(gen, p)]
+    too_long = [examples[i] for i in sorted(set(range(len(examples))) - set(fits))]
+    if not fits and overlong == "skip":
+        raise PromptError(f"no prompt of the {len(examples)} problem(s) fits the model's context "
+                          f"({gen.context} tokens); use a model with a longer context or shorter questions")
+    if too_long and on_problem_done:
+        on_problem_done(len(too_long))
     rows: list[dict[str, Any]] = []
+    per_batch = max(1, rows_per_batch // samples)
     segments = erased = 0
-    for b0 in range(0, len(examples), per_batch):
-        batch = list(examples[b0 : b0 + per_batch])
-        prompts = [render_prompt(ex.question, gen.tokenizer) for ex in batch]
-        events = list(gen.stream(prompts, group_size=samples, seed=seed + b0 * samples,
+    for b0 in range(0, len(fits), per_batch):
+        index = fits[b0 : b0 + per_batch]
+        batch = [examples[i] for i in index]
+        # Row seeds follow each problem's place in the dataset, so skipping one changes no other.
+        events = list(gen.stream([prompts[i] for i in index], group_size=samples,
+                                 seed=[seed + i * samples + j for i in index for j in range(samples)],
                                  golds=[ex.answer for ex in batch]))
         if on_events:
             on_events(events)
@@ -102,10 +127,32 @@ def evaluate(
             })
         if on_problem_done:
             on_problem_done(len(batch))
-    return summarize(rows, samples, ks, segments, erased), rows
+    if overlong == "fail":
+        rows += [_overlong_row(ex, j) for ex in too_long for j in range(samples)]
+    summary = summarize(rows, samples, ks, segments, erased)
+    summary.overlong = len(too_long)
+    return summary, rows
+
+
+def _fits(gen: ErasableGenerator, prompt: str) -> bool:
+    """Whether a prompt leaves room for at least one new token (what ``gen.encode`` demands)."""
+    if gen.context is None:
+        return True
+    return len(gen.tokenizer(prompt, add_special_tokens=True)["input_ids"]) < gen.context
+
+
+def _overlong_row(ex: Example, sample: int) -> dict[str, Any]:
+    """A wrong sample for a problem whose prompt did not fit: nothing was generated."""
+    return {
+        "problem_id": ex.id, "sample": sample, "difficulty": ex.difficulty, "gold": ex.answer,
+        "answer": None, "correct": False, "tokens_generated": 0, "tokens_kept": 0, "erasures": 0,
+        "finish_reason": OVERLONG_REASON, "seed": None, "trace_id": None, "text": "",
+    }
 
 
 def summarize(rows: list[dict[str, Any]], samples: int, ks: Iterable[int], segments: int, erased: int) -> EvalSummary:
+    """Accuracy figures over every row; token and erasure figures over the rows that generated
+    (not the wrong rows of prompts that did not fit)."""
     by_problem: dict[str, list[bool]] = {}
     for r in rows:
         by_problem.setdefault(r["problem_id"], []).append(r["correct"])
@@ -118,13 +165,14 @@ def summarize(rows: list[dict[str, Any]], samples: int, ks: Iterable[int], segme
         if r["difficulty"] is not None:
             by_diff.setdefault(str(r["difficulty"]), []).append(r["correct"])
     generated = sum(r["tokens_generated"] for r in rows)
+    ran = [r for r in rows if r["finish_reason"] != OVERLONG_REASON] or rows
     return EvalSummary(
         n_problems=len(by_problem), samples=samples, k=list(ks),
         avg_at_k=n_correct / len(rows), pass_at_k=pass_k,
         erase_rate=erased / segments if segments else 0.0,
-        traces_with_erasure=sum(r["erasures"] > 0 for r in rows) / len(rows),
-        mean_tokens_generated=generated / len(rows),
-        mean_tokens_kept=sum(r["tokens_kept"] for r in rows) / len(rows),
+        traces_with_erasure=sum(r["erasures"] > 0 for r in ran) / len(ran),
+        mean_tokens_generated=generated / len(ran),
+        mean_tokens_kept=sum(r["tokens_kept"] for r in ran) / len(ran),
         tokens_per_correct=generated / n_correct if n_correct else None,
         accuracy_by_difficulty={d: sum(v) / len(v) for d, v in sorted(by_diff.items())},
     )

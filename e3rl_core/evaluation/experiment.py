@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 from ..cli import e3rl_command
 from ..cli.train import train_command
 from ..errors import E3RLError
+from ..events import strict_dumps
 
 # Two-sided 95% Student t quantiles by degrees of freedom (n - 1); beyond 10, 1.96 is close enough.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -119,7 +120,7 @@ def run_one(spec: RunSpec, st: Settings, root: Path, threads: int = 1) -> dict[s
             raise E3RLError(f"eval of {spec.run_id} failed: {proc.stderr.strip()[-500:]}")
         evals[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
         evals[mode]["seconds"] = time.time() - t1
-        ev_out.write_text(json.dumps(evals[mode], indent=2))
+        ev_out.write_text(strict_dumps(evals[mode], indent=2))
     log_rows = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if l.strip()]
     result = {
         "spec": asdict(spec), "run_id": spec.run_id, "steps": run["step"], "rollout_tokens": run["tokens_total"],
@@ -131,7 +132,7 @@ def run_one(spec: RunSpec, st: Settings, root: Path, threads: int = 1) -> dict[s
         "settings": asdict(st),
     }
     tmp = result_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
+    tmp.write_text(strict_dumps(result, indent=2))
     tmp.replace(result_file)
     return result
 
@@ -150,7 +151,7 @@ def baseline(st: Settings, root: Path, threads: int = 1) -> dict[str, Any]:
         if proc.returncode:
             raise E3RLError(f"eval of the base model failed: {proc.stderr.strip()[-500:]}")
         res[f"avg_at_k_{mode}"] = json.loads(proc.stdout.strip().splitlines()[-1])["avg_at_k"]
-    path.write_text(json.dumps(res, indent=2))
+    path.write_text(strict_dumps(res, indent=2))
     return res
 
 

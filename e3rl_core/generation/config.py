@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from ..overrides import build
+from ..overrides import build, require_finite
 
 SIGNALS = ("surprisal", "entropy")
 
@@ -33,6 +33,7 @@ class SamplingConfig:
     """[R] Added to the temperature for each erasure already spent on the segment (sampling only)."""
 
     def __post_init__(self) -> None:
+        require_finite(self, "sampling")
         if not self.temperature >= 0:
             raise ConfigError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -59,6 +60,7 @@ class SegmentConfig:
     """[R] ``delimiter`` mode: a segment ends once its text ends with one of these."""
 
     def __post_init__(self) -> None:
+        require_finite(self, "segment")
         if self.segment_tokens < 1:
             raise ConfigError(f"segment.segment_tokens must be >= 1, got {self.segment_tokens}")
         if self.snap_to_newline and not 0 <= self.snap_window < self.segment_tokens:
@@ -87,6 +89,7 @@ class ScoreConfig:
     """[R] B_0 for the first segment's D: ``prompt_tail`` (signal over the prompt's last tokens) or ``zero``."""
 
     def __post_init__(self) -> None:
+        require_finite(self, "score")
         if self.signal not in SIGNALS:
             raise ConfigError(f"unknown score.signal {self.signal!r}; choose one of: {', '.join(SIGNALS)}")
         if self.smoothing_window is not None and self.smoothing_window < 1:
@@ -127,6 +130,7 @@ class ThresholdConfig:
     """``quantile``: erase when U_n exceeds this quantile of the earlier first-attempt scores."""
 
     def __post_init__(self) -> None:
+        require_finite(self, "threshold")
         self.history_clip = tuple(self.history_clip)  # type: ignore[assignment]
         lo, hi = self.history_clip
         if not 0 < lo <= 1 <= hi:
@@ -163,6 +167,7 @@ class EraseConfig:
     """Batched groups: compact the KV cache when this share of its columns are masked holes."""
 
     def __post_init__(self) -> None:
+        require_finite(self, "erase")
         if self.budget < 0:
             raise ConfigError("erase.budget must be >= 0")
         if self.max_per_trace is not None and self.max_per_trace < 0:
@@ -189,6 +194,7 @@ class GenerationConfig:
     erase: EraseConfig = field(default_factory=EraseConfig)
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.record_top_k <= 50:

@@ -1,11 +1,13 @@
 """A training run's directory: checkpoints written atomically, run status, resume.
 
     OUT/run.json                 status (running|finished|stopped|failed), model, data, config, step
+                                 and the trainer's pid/host (a reader tells a killed run by it)
     OUT/log.jsonl                one row of metrics per step
     OUT/rollouts.jsonl           event traces of a few rollouts per step (``e3rl_core.events`` format)
     OUT/checkpoint-000050/       save_pretrained model + tokenizer (loads with plain transformers),
                                  e3rl_generation.json, trainer_state.pt (optimizer, scheduler, RNG,
-                                 data position), trainer_state.json (the same, human-readable)
+                                 data position; tensors and plain values only, loaded with
+                                 weights_only=True), trainer_state.json (the same, human-readable)
 
 A checkpoint is written under a temporary name, flushed to disk (fsync) and renamed when
 complete, so a run killed mid-save (or a machine losing power) keeps the previous checkpoint; a
@@ -15,15 +17,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from ..errors import E3RLError
+from ..events import strict_dumps
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
@@ -58,7 +64,7 @@ def _fsync_tree(root: Path) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
+        f.write(strict_dumps(data, indent=2))
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -74,6 +80,74 @@ def read_run(out: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise RunDirError(f"{path} is unreadable ({err}); delete it or choose another --out") from None
+
+
+@contextmanager
+def writing(what: str, out: Path) -> Iterator[None]:
+    """An OSError while writing ``what`` into the run directory (a full disk, a directory made
+    read-only or moved away mid-run) says which file and what to do, in one line. It stays an
+    OSError with its errno, so callers that catch OSError still do."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, (
+            f"cannot write {what} in {out} ({err.strerror or err}); the checkpoints written so far are kept: "
+            f"make the directory writable (or free space) and continue with --resume")) from None
+
+
+def describe(err: BaseException) -> str:
+    """An error's message; an OSError from ``writing`` without its "[Errno N]" prefix."""
+    if isinstance(err, OSError) and err.strerror and err.filename is None:
+        return err.strerror
+    return str(err) or type(err).__name__
+
+
+# ---------------------------------------------------------------- is the recorded process alive?
+STALE_STATUS = "ended without a status (killed?)"
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc, Linux), or None where unknown;
+    it tells a recycled PID from the process that wrote run.json."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name (field 2) may hold spaces and ")"
+    except (OSError, IndexError):
+        return None
+    return fields[19] if len(fields) > 19 else None
+
+
+def process_record() -> dict[str, Any]:
+    """This process, as run.json records it for status readers: pid, host, start time."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": _start_ticks(os.getpid())}
+
+
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether ``pid`` runs and is not a zombie (a killed child nobody reaped yet); with ``start``,
+    also that it is the same process and not a later one given the same PID."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, run by another user
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+    except (OSError, IndexError):
+        return True  # no /proc: the signal check is all there is
+    return start is None or _start_ticks(pid) in (None, start)
+
+
+def live_status(run: dict[str, Any]) -> str:
+    """run.json's status, except that a run recorded as running by a process of this host that is
+    gone (SIGKILL, out of memory, power loss: no chance to write a status) reads as STALE_STATUS."""
+    status = str(run.get("status"))
+    pid = run.get("pid")
+    if status != "running" or not isinstance(pid, int) or run.get("host") != socket.gethostname():
+        return status  # another machine's process cannot be checked from here
+    return status if process_alive(pid, run.get("pid_start")) else STALE_STATUS
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -107,7 +181,7 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
             )
         if not overwrite:
             raise RunDirError(
-                f"{out} holds another run ({run.get('status')}, step {run.get('step')} of {run.get('max_steps')}); "
+                f"{out} holds another run ({live_status(run)}, step {run.get('step')} of {run.get('max_steps')}); "
                 f"pass --resume to continue it, --overwrite to replace it, or choose another --out"
             )
         shutil.rmtree(out)
@@ -126,7 +200,7 @@ def save_checkpoint(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name, data in extra_json.items():
-            (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
+            (tmp / name).write_text(strict_dumps(data, indent=2) + "\n")
         torch.save(state, tmp / STATE_FILE)
         _fsync_tree(tmp)
         if final.exists():  # a rerun of the same step (resume after a crash): replace it
@@ -149,12 +223,31 @@ def clean_temporaries(out: Path) -> None:
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint. Loaded with ``weights_only=True``: the trainer writes only
+    tensors and plain values (ints, floats, strings, lists, tuples, dicts), and a file that holds
+    anything else is refused before any of it is built, so a tampered run directory cannot run code."""
+    path = checkpoint / STATE_FILE
     try:
-        return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise RunDirError(f"{path} is unreadable ({first_line(err)}); "
+                              f"delete {checkpoint} to resume from the one before") from None
+        raise RunDirError(
+            f"refused to load {path}: it holds Python objects other than tensors and plain values, which could "
+            f"run code (none was run); e3rl never writes such a file, so it was altered or comes from elsewhere. "
+            f"Delete {checkpoint} to resume from the one before, or start a new run with --overwrite"
+        ) from None
     except Exception as err:  # a corrupt file: say which and what to do
         raise RunDirError(
-            f"{checkpoint / STATE_FILE} is unreadable ({err}); delete {checkpoint} to resume from the one before"
+            f"{path} is unreadable ({first_line(err)}); delete {checkpoint} to resume from the one before"
         ) from None
+
+
+def first_line(err: BaseException) -> str:
+    """An error's first line (torch's load errors run to a dozen), for one-line messages."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def truncate_jsonl(path: Path, keep: Any) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..generation.config import GenerationConfig
-from ..overrides import build
+from ..overrides import build, require_finite
 
 ALGOS = ("grpo", "dapo", "e3rl")
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -109,6 +109,7 @@ class TrainConfig:
     """Rollout generation: sampling, segmenter, score, threshold policy, erase operator."""
 
     def __post_init__(self) -> None:
+        require_finite(self)
         checks = [
             (self.algo in ALGOS, f"algo must be one of {', '.join(ALGOS)}, got {self.algo!r}"),
             (self.max_steps >= 1, "max_steps (--steps) must be >= 1"),

@@ -8,7 +8,6 @@ seed (the problems come from the task's train split, never its test split).
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -19,7 +18,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..events import strict_dumps
 from ..models import BOS_ID, EOS_ID, PAD_ID, char_tokenizer
+from ..overrides import require_finite
 from ..tasks.arith import LEVELS, make_problem, split_of
 
 
@@ -43,6 +44,9 @@ class DemoModelConfig:
     difficulty_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
     """Sampling weight of each difficulty level 1..5 in the training stream."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_finite(self)
 
 
 @dataclass
@@ -152,7 +156,7 @@ def save_model(model: Any, tok: Any, out_dir: str | Path, log: TrainLog) -> None
     model.generation_config.pad_token_id = PAD_ID
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "train_log.json").write_text(json.dumps(asdict(log), indent=1))
+    (tmp / "train_log.json").write_text(strict_dumps(asdict(log), indent=1))
     if out.exists():
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

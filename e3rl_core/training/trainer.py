@@ -17,8 +17,8 @@ so the first-pass ratio is exactly 1); group std is the population std (see ``ad
 """
 from __future__ import annotations
 
-import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import ConfigError, E3RLError, NonFiniteLogitsError, TraceFormatError
-from ..events import Trace, dumps, event_from_dict, group_traces
+from ..events import Trace, dumps, event_from_dict, group_traces, strict_dumps
 from ..generation.generator import ErasableGenerator
 from ..models import RECOMMENDED_CONFIG, load_model
 from ..tasks.datasets import DataError, Example, load_examples, render_prompt
@@ -67,10 +67,11 @@ class Trainer:
 
     def __init__(
         self, config: TrainConfig, *, model: str, data: str, out: str | Path, resume: bool = False,
-        overwrite: bool = False, device: str | None = None, dtype: str = "float32",
+        overwrite: bool = False, device: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
         callbacks: Sequence[StepCallback] = (), should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.cfg, self.model_spec, self.data_spec = config, model, data
+        self.trust_remote_code = trust_remote_code  # run a model's own code (auto_map): e3rl train --trust-remote-code
         self.out, self.callbacks = Path(out), list(callbacks)
         self.should_stop = should_stop or (lambda: False)
         self.dist = distributed.init(device)
@@ -88,6 +89,7 @@ class Trainer:
             self.model, self.tokenizer, self.gen_config, model_name=model, checker=self._correct,
             answer_fn=extract_answer,
         )
+        self.examples, self.prompts_filtered = self._fitting_examples(created)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
@@ -98,6 +100,28 @@ class Trainer:
         torch.manual_seed(config.seed)
         if self.resume_from:
             self._load_state(ckpt.load_state(self.resume_from))
+
+    def _fitting_examples(self, created: bool) -> tuple[list[Example], int]:
+        """The examples whose rendered prompt fits the model's context, and how many were left out:
+        one overlong prompt must not abort a run (verl's ``filter_overlong_prompts``). The rule is the
+        generator's own (``encode``: prompt tokens < context), measured once, before any step."""
+        context = self.generator.context
+        if context is None:
+            return self.examples, 0
+        prompts = [render_prompt(ex.question, self.tokenizer) for ex in self.examples]
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+        kept = [ex for ex, n in zip(self.examples, lengths) if n < context]
+        if not kept:
+            self._discard_out_dir(created)
+            raise DataError(
+                f"every prompt of --data {self.data_spec} ({len(lengths)}, the shortest {min(lengths)} tokens) is "
+                f"longer than the model's context ({context} tokens); use shorter prompts or a longer-context model")
+        return kept, len(self.examples) - len(kept)
+
+    def _discard_out_dir(self, created: bool) -> None:
+        """Leave no empty run directory behind a run that could not start."""
+        if created and self.dist.main and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def _check_config(self) -> None:
         config = self.cfg
@@ -130,15 +154,16 @@ class Trainer:
         """The policy (from the checkpoint when resuming) and, with a KL term, the frozen reference."""
         source = str(self.resume_from) if self.resume_from else self.model_spec
         try:
-            self.model, self.tokenizer = load_model(source, device=device, dtype=dtype)
+            self.model, self.tokenizer = load_model(source, device=device, dtype=dtype,
+                                                    trust_remote_code=self.trust_remote_code)
         except E3RLError:
-            if created and self.dist.main and self.out.is_dir() and not any(self.out.iterdir()):
-                self.out.rmdir()  # leave no empty run directory behind a bad --model
+            self._discard_out_dir(created)  # a bad --model
             raise
         self.device = next(self.model.parameters()).device
         self.ref_model = None
         if self.cfg.beta > 0:  # the frozen initial policy, also when resuming
-            self.ref_model, _ = load_model(self.model_spec, device=device, dtype=dtype)
+            self.ref_model, _ = load_model(self.model_spec, device=device, dtype=dtype,
+                                           trust_remote_code=self.trust_remote_code)
             self.ref_model.requires_grad_(False)
 
     # ------------------------------------------------------------------ state
@@ -177,14 +202,18 @@ class Trainer:
     def _write_run(self, status: str, message: str = "", last: Path | None = None) -> None:
         if not self.dist.main:
             return
-        ckpt.write_json_atomic(self.out / ckpt.RUN_FILE, {
-            "status": status, "message": message, "algo": self.cfg.algo, "model": self.model_spec,
-            "data": self.data_spec, "step": self.step, "max_steps": self.cfg.max_steps,
-            "tokens_total": self.tokens_total, "world_size": self.dist.world,
-            "last_checkpoint": last.name if last else None, "updated": time.time(), "config": self.cfg.to_dict(),
-        })
+        with ckpt.writing(ckpt.RUN_FILE, self.out):
+            ckpt.write_json_atomic(self.out / ckpt.RUN_FILE, {
+                "status": status, "message": message, "algo": self.cfg.algo, "model": self.model_spec,
+                "data": self.data_spec, "step": self.step, "max_steps": self.cfg.max_steps,
+                "tokens_total": self.tokens_total, "world_size": self.dist.world,
+                "last_checkpoint": last.name if last else None, "updated": time.time(),
+                "prompts_filtered": self.prompts_filtered, "config": self.cfg.to_dict(),
+                **ckpt.process_record(),  # a status reader tells "running" from "killed" by it
+            })
 
     def _save(self) -> Path | None:
+        """Write a checkpoint and point run.json at it."""
         path = None
         with distributed.together("saving a checkpoint"):  # only rank 0 writes; all learn if it failed
             if self.dist.main:
@@ -192,8 +221,10 @@ class Trainer:
                 extra = {RECOMMENDED_CONFIG: self.gen_config.to_dict(),
                          "trainer_state.json": {k: v for k, v in state.items()
                                                 if k not in ("optimizer", "scheduler", "rng")}}
-                path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, extra,
-                                            keep=self.cfg.save_total_limit)
+                with ckpt.writing(f"checkpoint-{self.step:06d}", self.out):
+                    path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, extra,
+                                                keep=self.cfg.save_total_limit)
+                self._write_run("running", last=path)
         return path
 
     # ------------------------------------------------------------------ data
@@ -382,10 +413,11 @@ class Trainer:
                "step_time": time.perf_counter() - t0}
         with distributed.together("writing the step's logs"):
             if self.dist.main:
-                with open(self.out / ckpt.LOG_FILE, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
+                with ckpt.writing(ckpt.LOG_FILE, self.out), open(self.out / ckpt.LOG_FILE, "a", encoding="utf-8") as f:
+                    f.write(strict_dumps(row) + "\n")
                 if self.cfg.log_rollouts:
-                    with open(self.out / ckpt.ROLLOUTS_FILE, "a", encoding="utf-8") as f:
+                    with ckpt.writing(ckpt.ROLLOUTS_FILE, self.out), \
+                            open(self.out / ckpt.ROLLOUTS_FILE, "a", encoding="utf-8") as f:
                         for tr in generated[: self.cfg.log_rollouts]:
                             f.write("".join(dumps(e) + "\n" for e in tr.events))
         self._reward_memo.clear()
@@ -396,12 +428,14 @@ class Trainer:
         last = ckpt.checkpoints(self.out)[-1][1] if self.resume_from else None
         if self.resume_from and self.finished():
             return TrainResult(self.out, self.step, "already_finished", last)
-        if self.dist.main:
-            ckpt.clean_temporaries(self.out)
-            step = self.step  # drop what a killed run logged after its last checkpoint
-            ckpt.truncate_jsonl(self.out / ckpt.LOG_FILE, lambda r: r.get("step", 0) <= step)
-            ckpt.truncate_jsonl(self.out / ckpt.ROLLOUTS_FILE, _rollouts_up_to(step))
-        self._write_run("running", last=last)
+        with distributed.together("preparing the run directory"):
+            if self.dist.main:
+                with ckpt.writing("the resumed logs", self.out):
+                    ckpt.clean_temporaries(self.out)
+                    step = self.step  # drop what a killed run logged after its last checkpoint
+                    ckpt.truncate_jsonl(self.out / ckpt.LOG_FILE, lambda r: r.get("step", 0) <= step)
+                    ckpt.truncate_jsonl(self.out / ckpt.ROLLOUTS_FILE, _rollouts_up_to(step))
+            self._write_run("running", last=last)
         row: dict[str, Any] = {}
         status = "finished"
         try:
@@ -413,15 +447,27 @@ class Trainer:
                 # Every way out of this loop passes here first, so the last step is always saved.
                 if self.step % self.cfg.save_steps == 0 or self.finished() or stop:
                     last = self._save() or last
-                    self._write_run("running", last=last)
                 if stop:
                     status = "stopped"
                     break
         except BaseException as err:
-            self._write_run("failed", message=str(err) or type(err).__name__, last=last)
+            self._mark_failed(err, last)
             raise
         self._write_run(status, last=last)
         return TrainResult(self.out, self.step, status, last, row)
+
+    def _mark_failed(self, err: BaseException, last: Path | None) -> None:
+        """run.json says ``failed`` with the error. When the run directory cannot take even that
+        (moved away, read-only), a write error says so too (one line, still an OSError); any other
+        error goes on as it was (run.json still says running; its dead PID tells readers)."""
+        try:
+            self._write_run("failed", message=ckpt.describe(err), last=last)
+        except OSError as unwritable:
+            if not isinstance(err, OSError):
+                return
+            reason = os.strerror(unwritable.errno) if unwritable.errno else "unwritable"
+            raise OSError(err.errno, f"{ckpt.describe(err)} (run.json could not be marked failed either: "
+                                     f"{reason})") from None
 
 
 def _rollouts_up_to(step: int) -> Callable[[dict[str, Any]], bool]:

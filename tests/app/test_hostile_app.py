@@ -1,0 +1,235 @@
+"""The workbench under hostile or careless use: uploads and the session state they fill are bounded
+and freed, huge token texts are shown cut, errors name files as their user named them; the Train
+tab works wherever the app was started, and in Space mode nothing reaches the network."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port, make_config
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+from gradio_client import Client, handle_file  # noqa: E402
+
+from app import audit  # noqa: E402
+from app.session import REPO, GenRequest, Job, resolve  # noqa: E402
+from e3rl_core.errors import E3RLError  # noqa: E402
+from e3rl_core.events import write_events  # noqa: E402
+from e3rl_core.generation.generator import ErasableGenerator  # noqa: E402
+
+
+def load(client: Client, path: Path) -> tuple[str, int]:
+    """Upload ``path`` to the Audit tab: (its message, the rows of the decisions table)."""
+    msg, table, *_ = client.predict(handle_file(str(path)), False, "", "", False, api_name="/load_traces")
+    return msg, len(table["data"]) if isinstance(table, dict) and "data" in table else -1
+
+
+def wait_until(check, timeout: float = 20.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.2)
+    return check()
+
+
+def files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory, tiny_llama) -> Path:
+    """A real trace file: two rollouts of the tiny model, every decision recorded."""
+    model, tok = tiny_llama
+    gen = ErasableGenerator(model, tok, make_config("threshold.policy=fixed", "threshold.value=0.5"))
+    path = tmp_path_factory.mktemp("traces") / "traces.jsonl"
+    write_events(list(gen.stream("Compute 12 + 7 = ", group_size=2, seed=0)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(url, gradio's upload folder): a launched workbench with a cache folder of its own, so what
+    uploads leave behind can be counted."""
+    from app.main import launch
+
+    cache = tmp_path_factory.mktemp("gradio-cache")
+    before = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read by gradio while it serves, not only at launch
+    demo, url = launch(port=free_port(), block=False, runs_root=str(tmp_path_factory.mktemp("runs")))
+    yield url, cache
+    demo.close()
+    if before is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = before
+
+
+# ------------------------------------------------------------------ uploads and session state
+def test_a_file_loaded_four_times_is_held_once_and_freed_when_the_client_closes(server, trace_file):
+    url, cache = server
+    client = Client(url, verbose=False)
+    first, rows = load(client, trace_file)
+    assert first.startswith("loaded 2 trace(s) from traces.jsonl") and rows > 0
+    for _ in range(3):
+        again, rows_again = load(client, trace_file)
+        assert "loaded already" in again and rows_again == rows  # no decision listed twice
+    session = client.session_hash
+    assert session in audit.SESSIONS and audit.SESSIONS.bytes_of(session) == trace_file.stat().st_size
+    assert files_under(cache) == []  # every upload deleted once read, and no stray temporary file
+    client.close()
+    # gradio keeps a closed session's state for an hour; the unload handler frees it at once
+    assert wait_until(lambda: session not in audit.SESSIONS), "the closed session still holds its traces"
+
+
+def test_loaded_traces_expire_after_their_time_to_live(tmp_path, trace_file):
+    """A page left open does not hold its traces for ever: the state's time to live deletes it, and
+    its delete callback frees the traces."""
+    from app.ui import build
+
+    demo = build(runs_root=str(tmp_path / "runs"), traces_ttl_s=1)
+    demo.queue()
+    _, url, _ = demo.launch(server_port=free_port(), prevent_thread_lock=True, ssr_mode=False)
+    try:
+        client = Client(url, verbose=False)
+        assert load(client, trace_file)[0].startswith("loaded")
+        assert client.session_hash in audit.SESSIONS
+        assert wait_until(lambda: client.session_hash not in audit.SESSIONS, timeout=15)
+        client.close()
+    finally:
+        demo.close()
+
+
+def test_an_upload_over_the_limit_is_refused_before_it_is_stored(server, tmp_path):
+    url, cache = server
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:
+        f.truncate(audit.MAX_TRACE_FILE_BYTES + 1)
+    with open(big, "rb") as f:
+        r = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.jsonl", f)}, timeout=120)
+    assert r.status_code == 413 and "maximum allowed size" in r.text
+    assert files_under(cache) == []
+
+
+def test_a_bad_file_is_named_as_its_user_named_it(server, tmp_path):
+    url, cache = server
+    bad = tmp_path / "my traces.jsonl"
+    bad.write_text("this is not json\n")
+    client = Client(url, verbose=False)
+    msg, _ = load(client, bad)
+    client.close()
+    assert msg.startswith("⚠️ my traces.jsonl:1:") and str(cache) not in msg and "\n" not in msg
+    digest = hashlib.sha256(bad.read_bytes()).hexdigest()
+    assert not (cache / digest).exists() and files_under(cache) == []  # a rejected upload is deleted too
+
+
+def test_a_huge_token_is_shown_cut_in_the_table_and_the_replay(server, trace_file, tmp_path):
+    url, _ = server
+    lines = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    tok = next(e for e in lines if e["event"] == "token")
+    tok["text"] = "<b>" * 2_000_000  # 6 MB in one token, to be escaped too
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    client = Client(url, verbose=False)
+    msg, _ = load(client, huge)
+    assert msg.startswith("loaded 2 trace(s)")
+    table, _ = client.predict(False, "", "", False, api_name="/refresh_all")
+    longest = max(len(cell) for row in table["data"] for cell in row if isinstance(cell, str))
+    assert longest <= audit.MAX_CELL_CHARS + 40
+    started = time.perf_counter()
+    _, html = client.predict(tok["trace_id"], api_name="/pick_trace")
+    client.close()
+    assert len(html) < 100_000 and "more characters]" in html
+    assert time.perf_counter() - started < 20
+
+
+def test_a_session_holds_a_bounded_number_of_bytes(trace_file, tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text(trace_file.read_text().replace('"trace_id": "', '"trace_id": "x'))
+    loaded = audit.LoadedTraces()
+    cap = trace_file.stat().st_size + other.stat().st_size - 1
+    assert loaded.add(trace_file, "traces.jsonl", max_bytes=cap).startswith("loaded 2")
+    with pytest.raises(E3RLError, match=r"other\.jsonl would pass the .* a session may hold"):
+        loaded.add(other, "other.jsonl", max_bytes=cap)
+    assert len(loaded.traces) == 2 and loaded.nbytes == trace_file.stat().st_size  # nothing lost, nothing added
+    assert loaded.add(trace_file, "traces.jsonl", max_bytes=cap).endswith("nothing added")
+
+
+# ------------------------------------------------------------------ the Train tab, Space mode, model paths
+def test_model_paths_resolve_the_same_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve("checkpoints/arith-demo") == str(REPO / "checkpoints" / "arith-demo")
+    (tmp_path / "mine").mkdir()
+    assert resolve("mine") == str(tmp_path / "mine")  # a trained checkpoint under a relative runs directory
+    # A hub id is left as typed, so load_model fetches it (outside Space mode, which lists models).
+    assert resolve("someorg/somemodel") == "someorg/somemodel"
+    assert Job.of(GenRequest(model="someorg/somemodel", prompt="x")).path == "someorg/somemodel"
+
+
+class HubListener:
+    """A stand-in hub endpoint that records the first line of every request it gets."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.requests: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.settimeout(2)
+            try:
+                self.requests.append(conn.recv(200).decode("latin-1").split("\r\n")[0])
+            except OSError:
+                self.requests.append("?")
+            conn.close()  # no answer: whoever asked gets an error at once
+
+
+def test_space_mode_trains_from_another_directory_without_the_network(tmp_path, monkeypatch):
+    """Started elsewhere than the repository, with HF_HUB_OFFLINE unset: the Train tab trains the
+    shipped checkpoint (its relative path resolved), and the training process asks the hub nothing."""
+    from app.main import launch
+    from app.training import TrainingManager
+
+    hub = HubListener()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # read by the training process when it starts
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    runs = tmp_path / "runs"
+    demo, url = launch(port=free_port(), block=False, space=True, runs_root=str(runs), threads=1, engine="thread")
+    try:
+        client = Client(url, verbose=False)
+        msg = client.predict("checkpoints/arith-demo", "grpo", 1, 2, 5e-5, 0, api_name="/start_training")
+        assert msg.startswith("started"), msg
+        manager = TrainingManager(runs)
+        assert wait_until(lambda: manager.active() is None, timeout=400)
+        client.close()
+    finally:
+        demo.close()
+    run = manager.runs()[0]
+    status = json.loads((run / "run.json").read_text())
+    console = run.with_name(run.name + ".console.log").read_text()
+    assert status["status"] == "finished", console[-500:]
+    # This process's gradio_client reports its own use to the hub endpoint; nothing else may ask it.
+    own = ("HEAD /api/telemetry/", "GET /api/agent-harnesses")
+    assert [r for r in hub.requests if not r.startswith(own)] == []
