@@ -195,3 +195,22 @@ def test_a_recycled_pid_is_not_the_recorded_run(tmp_path):
     # another machine's process cannot be checked from here: run.json is taken as it is
     (tmp_path / ckpt.RUN_FILE).write_text(json.dumps({**run, "pid": 2**22 + 7, "host": "elsewhere"}))
     assert read_status(tmp_path)["status"] == "running"
+
+
+def test_non_finite_metrics_are_written_as_strict_json_and_read_back_as_numbers(tmp_path, monkeypatch):
+    # Python's json writes a bare NaN, which strict parsers (browsers, jq, pandas' engine) reject.
+    import e3rl_core.training.trainer as trainer_mod
+
+    real = trainer_mod.finish_metrics
+    monkeypatch.setattr(trainer_mod, "finish_metrics", lambda sums: {**real(sums), "probe": float("nan")})
+    out = tmp_path / "run"
+    Trainer(cheap(), model=DEMO, data=DATA, out=out).train()
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"bare {name} in a JSON file")
+
+    (line,) = (out / ckpt.LOG_FILE).read_text().splitlines()
+    assert json.loads(line, parse_constant=refuse)["probe"] == "NaN"
+    json.loads((out / ckpt.RUN_FILE).read_text(), parse_constant=refuse)
+    row = read_status(out)["rows"][0]
+    assert isinstance(row["probe"], float) and row["probe"] != row["probe"]  # NaN again, for the charts
