@@ -224,6 +224,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                  num_attention_heads=4, num_key_value_heads=2)),
     "tiny-qwen2": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2)),
+    # Qwen3: per-head q/k RMSNorm and an explicit head_dim, the paper's model family.
+    "tiny-qwen3": ("qwen3", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
     "small": ("llama", dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                             num_attention_heads=8, num_key_value_heads=4)),
     "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
