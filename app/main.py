@@ -1,6 +1,7 @@
 """``e3rl app``: launch the workbench (argument parsing lives here only).
 
     e3rl app [--host 127.0.0.1] [--port 7860] [--model PATH] [--space] [--threads N] [--engine auto]
+             [--device cuda] [--dtype bfloat16]
 
 Binds 127.0.0.1 by default; analytics are off and nothing is fetched from the network but a hub id
 typed into the model box. Space mode (``--space`` or ``E3RL_SPACE=1``) limits models to the shipped
@@ -14,9 +15,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from e3rl_core.cli.options import add_device_flags, resolve_device
 from e3rl_core.errors import E3RLError
 
-from .producer import ENGINES, fork_available
+from .producer import ENGINES, fork_available, fork_safe
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -56,16 +58,18 @@ def default_threads(root: str = "/sys/fs/cgroup") -> int:
     return max(1, cpus - 1)
 
 
-def default_engine(threads: int) -> str:
+def default_engine(threads: int, device: str = "cpu") -> str:
     """Where generations run: in a forked process when they run on one torch thread (a small
     machine, where the web server and the browser share the CPU with the model) and fork is
-    available; in a thread otherwise (a forked child must stay on one torch thread). Measured with
-    scripts/bench_app.py --compare-engines."""
-    return "process" if threads == 1 and fork_available() else "thread"
+    available; in a thread otherwise (a forked child must stay on one torch thread, and a GPU model
+    does not survive a fork). Measured with scripts/bench_app.py --compare-engines."""
+    return "process" if threads == 1 and fork_available() and fork_safe(device) else "thread"
 
 
 def launch(host: str = "127.0.0.1", port: int | None = None, model: str | None = None, space: bool = False,
-           block: bool = True, runs_root: str | None = None, threads: int | None = None, engine: str = "auto"):
+           block: bool = True, runs_root: str | None = None, threads: int | None = None, engine: str = "auto",
+           device: str | None = None, dtype: str = "auto"):
+    """Start the workbench. device: where models load (None: cuda when available, else cpu)."""
     import torch
 
     from .audit import MAX_TRACE_FILE_BYTES
@@ -79,9 +83,14 @@ def launch(host: str = "127.0.0.1", port: int | None = None, model: str | None =
                         f"engine 'thread'")
     if engine == "process" and not fork_available():
         raise E3RLError("engine 'process' needs fork (Linux); use engine 'thread'")
+    device = resolve_device(device)
+    if engine == "process" and not fork_safe(device):
+        raise E3RLError(f"engine 'process' forks workers, and a {device} model does not survive a fork; "
+                        f"use --engine thread (or leave --engine out: auto picks thread on a GPU), "
+                        f"or --device cpu")
     torch.set_num_threads(threads or default_threads())
-    engine = default_engine(torch.get_num_threads()) if engine == "auto" else engine
-    demo = build(space=space, default_model=model, runs_root=runs_root, engine=engine)
+    engine = default_engine(torch.get_num_threads(), device) if engine == "auto" else engine
+    demo = build(space=space, default_model=model, runs_root=runs_root, engine=engine, device=device, dtype=dtype)
     demo.queue(default_concurrency_limit=2, max_size=32)
     # Uploads (trace files) larger than the Audit tab loads are refused before they reach the disk.
     _, url, _ = demo.launch(server_name=host, server_port=port, css=CSS, show_error=True,
@@ -100,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch threads for generation (default: one fewer than the CPUs this process may use)")
     p.add_argument("--engine", choices=["auto", "thread", "process"], default="auto",
                    help="where generations run: a thread of the server, or a forked process on one torch "
-                        "thread (Linux); auto: process when generating on one thread, else thread")
+                        "thread (Linux, CPU models only); auto: process when generating on one CPU thread, "
+                        "else thread")
+    add_device_flags(p)
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
@@ -112,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.space:  # nothing in a Space reaches the network: set before the hub client is imported
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        launch(args.host, args.port, args.model, args.space, threads=args.threads, engine=args.engine)
+        launch(args.host, args.port, args.model, args.space, threads=args.threads, engine=args.engine,
+               device=args.device, dtype=args.dtype)
     except E3RLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

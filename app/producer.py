@@ -26,6 +26,13 @@ def fork_available() -> bool:
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
+def fork_safe(device: str) -> bool:
+    """Whether a worker forked from this process can run a model on ``device``: CUDA (and MPS)
+    state does not survive fork, so a forked child touching a GPU model fails or hangs; only CPU
+    models can be shared with forked workers."""
+    return device.split(":")[0] == "cpu"
+
+
 class Producer(threading.Thread):
     """Runs the engine in its own thread and appends events to a list.
 

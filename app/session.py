@@ -26,7 +26,7 @@ from e3rl_core.models import load_model, recommended_config
 from e3rl_core.overrides import apply_overrides, with_values
 from e3rl_core.tasks.rewards import extract_answer, is_correct
 
-from .producer import ENGINES, ProcessProducer, Producer, Workers, fork_available
+from .producer import ENGINES, ProcessProducer, Producer, Workers, fork_available, fork_safe
 from .render import TraceView, fold
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,10 +56,13 @@ def resolve(model: str) -> str:
 
 
 class ModelStore:
-    """Loaded (model, tokenizer) pairs by path, loaded once under a lock; and the forked workers
-    that generate with them (``workers``, for the "process" engine)."""
+    """Loaded (model, tokenizer) pairs by path, loaded once under a lock on ``device`` in ``dtype``
+    (``e3rl app --device/--dtype``); and the forked workers that generate with them (``workers``,
+    for the "process" engine, CPU only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu", dtype: str = "auto") -> None:
+        self.device = device
+        self.dtype = dtype
         self._models: dict[str, tuple[Any, Any]] = {}
         self._lock = threading.Lock()
         self.workers = Workers(self)
@@ -77,7 +80,7 @@ class ModelStore:
         path); loaded on first use."""
         with self._lock:
             if path not in self._models:
-                self._models[path] = load_model(path, device="cpu")
+                self._models[path] = load_model(path, device=self.device, dtype=self.dtype)
             return self._models[path]
 
 
@@ -199,6 +202,9 @@ def stream_generation(store: ModelStore, req: GenRequest | Job, *, min_interval:
         raise E3RLError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     if engine == "process" and not fork_available():
         raise E3RLError("engine 'process' needs fork (Linux); use engine 'thread'")
+    if engine == "process" and not fork_safe(store.device):
+        raise E3RLError(f"engine 'process' forks workers, and a {store.device} model does not survive a fork; "
+                        f"use engine 'thread'")
     asked = req.req if isinstance(req, Job) else req
     check_prompt(asked.prompt)
     if not 1 <= asked.group_size <= 16:

@@ -26,10 +26,12 @@ all of them when the server stops."""
 
 
 def build(space: bool = False, runs_root: str | None = None, default_model: str | None = None,
-          engine: str = "thread", traces_ttl_s: float = audit.TRACES_TTL_S) -> gr.Blocks:
+          engine: str = "thread", traces_ttl_s: float = audit.TRACES_TTL_S, device: str = "cpu",
+          dtype: str = "auto") -> gr.Blocks:
     """The workbench's Blocks. engine: where generations run, "thread" or "process" (see
-    ``app.producer``); traces_ttl_s: how long a session keeps trace files it loaded."""
-    store = ModelStore()
+    ``app.producer``); traces_ttl_s: how long a session keeps trace files it loaded; device and
+    dtype: where and how the models are loaded."""
+    store = ModelStore(device=device, dtype=dtype)
     # In a Space, training runs offline: its models are local directories, and nothing is fetched.
     trainer = TrainingManager(runs_root or os.environ.get("E3RL_RUNS", "runs/app"), max_steps=30 if space else None,
                               offline=space)

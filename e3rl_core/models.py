@@ -179,7 +179,7 @@ def load_model(
         if preset not in PRESETS:
             raise ModelLoadError(f"unknown random preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         model, tok = random_model(preset)
-        return model.to(device or "cpu"), tok
+        return model.to(device=device or "cpu", dtype=None if dtype == "auto" else DTYPES.get(dtype, dtype)), tok
     spec = _resolve_local(spec)
     # A hub id when the hub cannot be reached: the cache alone, at once, instead of retrying for ~27 s.
     unreachable = None if Path(spec).is_dir() else _hub_unreachable()

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-init Llama and Qwen2 models built from configs (no download)."""
+"""Shared fixtures: tiny random-init Llama, Qwen2 and Qwen3 models built from configs (no download)."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +13,7 @@ from e3rl_core.overrides import apply_overrides
 torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="session", params=["tiny-llama", "tiny-qwen2"])
+@pytest.fixture(scope="session", params=["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
 def tiny(request):
     """(model, tokenizer) with peaked output distributions, so signals vary from token to token."""
     return random_model(request.param, init_std=0.3, seed=1)

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Any
 
-from .options import add_trust_remote_code_flag
+from .options import add_device_flags, add_trust_remote_code_flag, resolve_device
 
 
 def add_parser(sub: Any) -> None:
@@ -13,7 +13,7 @@ def add_parser(sub: Any) -> None:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     bg = bench_sub.add_parser("generate", help="engine speed and memory vs model.generate")
     bg.add_argument("--model", default="random:small", help="model directory or random:<preset>")
-    bg.add_argument("--device", default=None)
+    add_device_flags(bg)
     bg.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median reported)")
     bg.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     add_trust_remote_code_flag(bg)
@@ -27,8 +27,8 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
     result = run_generate_bench(
-        args.model, device=args.device, repeats=args.repeats, quick=args.quick, progress=progress,
-        trust_remote_code=args.trust_remote_code,
+        args.model, device=resolve_device(args.device), dtype=args.dtype, repeats=args.repeats, quick=args.quick,
+        progress=progress, trust_remote_code=args.trust_remote_code,
     )
     print(format_table(result))
     return 0

@@ -8,7 +8,16 @@ from typing import Any
 
 from ..errors import E3RLError
 from ..generation.config import GenerationConfig
-from .options import add_generation_flags, add_trust_remote_code_flag, check_output_file, config_from_args
+from .options import (
+    add_device_flags,
+    add_generation_flags,
+    add_prompt_flags,
+    add_trust_remote_code_flag,
+    check_output_file,
+    config_from_args,
+    prompt_options,
+    resolve_device,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -29,8 +38,8 @@ def add_parser(sub: Any) -> None:
                     help="problems whose prompt does not fit the model's context: skip them (the default; "
                     "counted in the summary) or fail = score their samples as wrong answers")
     ev.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    ev.add_argument("--device")
-    ev.add_argument("--dtype", default="auto")
+    add_device_flags(ev)
+    add_prompt_flags(ev)
     add_trust_remote_code_flag(ev)
     add_generation_flags(ev, with_erase_switch=False)
     ev.set_defaults(func=cmd_eval, no_erase=False)
@@ -64,19 +73,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..events import TraceWriter
     from ..generation.generator import ErasableGenerator
     from ..models import load_model, recommended_config
-    from ..tasks.datasets import load_examples
-    from ..tasks.rewards import extract_answer, is_correct
+    from ..tasks.datasets import load_examples, render_prompt
+    from ..tasks.rewards import for_prompt
 
     # --erase/--no-erase win over a --set erase.enabled=...
     config = config_from_args(args, recommended_config(args.model),
                               last=[f"erase.enabled={args.erase}"] if args.erase is not None else [])
     ks = _pass_ks(args)
+    device = resolve_device(args.device)  # a missing GPU is refused before any file is created
     _check_outputs(args)  # before any work: a bad --out used to fail only after the whole evaluation
     examples = load_examples(_data_spec(args))
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code)
-    gen = ErasableGenerator(model, tokenizer, config, model_name=args.model, checker=is_correct,
-                            answer_fn=extract_answer)
+    # One prompt shows how the template renders (and checks the prompt flags before any generation);
+    # a template that opens <think> in the prompt (R1 distills) starts every completion inside it.
+    answer_fn, checker = for_prompt(render_prompt(examples[0].question, tokenizer, **prompt_options(args)))
+    gen = ErasableGenerator(model, tokenizer, config, model_name=args.model, checker=checker,
+                            answer_fn=answer_fn)
     writer = TraceWriter(args.traces_out) if args.traces_out else None
     bar = tqdm(total=len(examples), desc="eval", unit="problem", disable=args.json and not sys.stderr.isatty())
 
@@ -87,6 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         summary, rows = evaluate(gen, examples, samples=args.samples, ks=ks, seed=args.seed,
                                  overlong=args.overlong, on_events=save if writer else None,
+                                 prompt_options=prompt_options(args),
                                  on_problem_done=bar.update)
     finally:
         bar.close()

@@ -7,7 +7,16 @@ import time
 from typing import Any
 
 from ..errors import E3RLError
-from .options import add_generation_flags, add_trust_remote_code_flag, check_output_file, config_from_args
+from .options import (
+    add_device_flags,
+    add_generation_flags,
+    add_prompt_flags,
+    add_trust_remote_code_flag,
+    check_output_file,
+    config_from_args,
+    prompt_options,
+    resolve_device,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -21,8 +30,8 @@ def add_parser(sub: Any) -> None:
     gen.add_argument("--seed", type=int, default=0, help="row r uses seed + r")
     gen.add_argument("--trace-out", help="write the event stream as JSONL here")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (G = 1)")
-    gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    add_device_flags(gen)
+    add_prompt_flags(gen)
     add_trust_remote_code_flag(gen)
     add_generation_flags(gen)
     gen.set_defaults(func=cmd_generate)
@@ -32,6 +41,9 @@ def _prompt_text(args: argparse.Namespace) -> str | None:
     """--prompt or the text of --prompt-file (None for --question, rendered once the tokenizer is loaded)."""
     if sum(x is not None for x in (args.prompt, args.prompt_file, args.question)) != 1:
         raise E3RLError("give exactly one of --prompt TEXT, --prompt-file PATH or --question TEXT")
+    if args.question is None and prompt_options(args):
+        raise E3RLError("--enable-thinking and --prompt-template shape --question's chat prompt; a --prompt or "
+                        "--prompt-file is used as it is (write the template's text into it, or use --question)")
     if not args.prompt_file:
         return args.prompt
     try:
@@ -49,21 +61,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..generation.segmenter import SEGMENTERS
     from ..generation.thresholds import POLICIES
     from ..models import load_model, recommended_config
-    from ..tasks.rewards import extract_answer
+    from ..tasks.rewards import for_prompt
 
     config = config_from_args(args, recommended_config(args.model))
     SEGMENTERS.get(config.segment.mode)  # fail on unknown names before loading a model
     POLICIES.get(config.threshold.policy)
+    device = resolve_device(args.device)  # a missing GPU is refused before any file is created
     if args.trace_out:  # before the model loads, so a bad path costs nothing
         check_output_file(args.trace_out, "--trace-out")
     prompt = _prompt_text(args)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code)
     if args.question is not None:
         from ..tasks.datasets import render_prompt
 
-        prompt = render_prompt(args.question, tokenizer)
-    gen = ErasableGenerator(model, tokenizer, config, model_name=args.model, answer_fn=extract_answer)
+        prompt = render_prompt(args.question, tokenizer, **prompt_options(args))
+    answer_fn, _ = for_prompt(prompt)  # a prompt that opens <think> (R1 distills) starts the completion in it
+    gen = ErasableGenerator(model, tokenizer, config, model_name=args.model, answer_fn=answer_fn)
     writer = TraceWriter(args.trace_out) if args.trace_out else None
     events = []
     t0 = time.perf_counter()

@@ -1,5 +1,5 @@
 """The generation flags ``e3rl generate`` and ``e3rl eval`` share, and how they become a config;
-the --trust-remote-code flag of every command that loads a model."""
+the --trust-remote-code, --device and --dtype flags of every command that loads a model."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,45 @@ def add_trust_remote_code_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the Python code a model directory or hub repository ships (auto_map in its "
                         "config); it runs with your permissions, so read it first. Off: such models are refused")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_device_flags(p: argparse.ArgumentParser, dtype_default: str = "auto", dtype_note: str = "") -> None:
+    """--device and --dtype, the same in generate, eval, train, bench and the app."""
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default=dtype_default,
+                   help=f"weights' dtype: auto = the checkpoint's own (float32 for random:<preset>); "
+                        f"signals are float32 whatever it is (default: {dtype_default}{dtype_note})")
+
+
+def resolve_device(device: str | None, flag: str = "--device") -> str:
+    """The device to load models on: ``device`` checked against this machine (a one-line error
+    that says what to do, before any file is written or model loaded), or cuda when available,
+    else cpu."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise E3RLError(f"unknown {flag} {device!r}; use cpu, cuda, cuda:N or mps, or leave it out "
+                        f"(cuda when available, else cpu)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch here was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise E3RLError(f"{flag} {device}: {why}; pass {flag} cpu (or leave it out), or run on a machine "
+                            f"with a GPU and a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise E3RLError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            f"numbered from cuda:0; pick one of them")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise E3RLError(f"{flag} {device}: MPS (Apple GPU) is not available here; pass {flag} cpu or leave it out")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise E3RLError(f"{flag} {device}: E3RL runs on cpu, cuda or mps; pick one of them")
+    return str(dev)
 
 
 def add_generation_flags(p: argparse.ArgumentParser, with_erase_switch: bool = True) -> None:
@@ -78,3 +117,21 @@ def check_output_file(path: str, flag: str) -> None:
                         f"({err.strerror or err}); give a path in a writable directory") from None
     if p.exists() and not os.access(p, os.W_OK):
         raise E3RLError(f"cannot write {flag} {path}: the file is read-only; give another path")
+
+
+def add_prompt_flags(p: argparse.ArgumentParser) -> None:
+    """How questions become chat prompts (``tasks.datasets.render_prompt``): the user turn and the
+    template's enable_thinking. Tokenizers without a chat template use 'Question: ...' unchanged."""
+    p.add_argument("--prompt-template", metavar="TEXT",
+                   help="the user turn of chat-template prompts; {question} is replaced by the question "
+                        "(default: the question, a newline and 'Please reason step by step, and put your "
+                        "final answer within \\boxed{}.')")
+    p.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="pass enable_thinking=true/false to a chat template that takes it (Qwen3); "
+                        "default: the template's own default")
+
+
+def prompt_options(args: argparse.Namespace) -> dict:
+    """``render_prompt``'s keyword arguments from ``add_prompt_flags``'s flags (unset ones left out)."""
+    given = {"user_template": args.prompt_template, "enable_thinking": args.enable_thinking}
+    return {k: v for k, v in given.items() if v is not None}

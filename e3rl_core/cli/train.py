@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from ..errors import E3RLError
 from ..overrides import apply_overrides
 from . import e3rl_command
-from .options import add_trust_remote_code_flag
+from .options import add_device_flags, add_trust_remote_code_flag, resolve_device
 
 # flag -> TrainConfig field; each flag is a shortcut for --set FIELD=VALUE
 FLAGS = {"steps": "max_steps", "group_size": "num_generations", "prompts_per_step": "prompts_per_step",
@@ -68,8 +68,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="any TrainConfig field, e.g. --set beta=0.01 or --set generation.threshold.kappa=1.5")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    add_device_flags(p, dtype_default="float32", dtype_note="; the optimizer then updates float32 weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_trust_remote_code_flag(p)
     p.set_defaults(func=cmd_train)
@@ -141,6 +140,7 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config, model, data = _config(args)
+    device = resolve_device(args.device)  # before the run directory is touched
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -154,20 +154,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     # leaves the caller's handlers as they were.
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _train(args, config, model, data, stop)
+        return _train(args, config, model, data, device, stop)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def _train(args: argparse.Namespace, config: Any, model: str, data: str, stop: threading.Event) -> int:
+def _train(args: argparse.Namespace, config: Any, model: str, data: str, device: str, stop: threading.Event) -> int:
     from tqdm import tqdm
 
     from ..training.checkpoint import describe
     from ..training.trainer import Trainer
 
     trainer = Trainer(config, model=model, data=data, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                      device=args.device, dtype=args.dtype, should_stop=stop.is_set,
+                      device=device, dtype=args.dtype, should_stop=stop.is_set,
                       trust_remote_code=args.trust_remote_code)
     if trainer.prompts_filtered and trainer.dist.main:  # once per run (and once per resume)
         print(f"[e3rl] {trainer.prompts_filtered} of {trainer.prompts_filtered + len(trainer.examples)} prompts "

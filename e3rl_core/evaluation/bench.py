@@ -251,12 +251,13 @@ def run_generate_bench(
     model_spec: str = "random:small",
     *,
     device: str | None = None,
+    dtype: str = "auto",
     repeats: int = 3,
     quick: bool = False,
     progress: Callable[[str], None] = lambda msg: None,
     trust_remote_code: bool = False,
 ) -> BenchResult:
-    model, tok = load_model(model_spec, device=device, trust_remote_code=trust_remote_code)
+    model, tok = load_model(model_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     dev = next(model.parameters()).device
     vocab = len(tok)
     gen_tokens = 64 if quick else 256

@@ -73,11 +73,13 @@ def evaluate(
     overlong: str = "skip",
     on_events: Callable[[list[Event]], None] | None = None,
     on_problem_done: Callable[[int], None] | None = None,
+    prompt_options: dict[str, Any] | None = None,
 ) -> tuple[EvalSummary, list[dict[str, Any]]]:
     """Generate ``samples`` completions per example and score them.
 
     Returns the summary and one row per sample (problem_id, sample, answer, gold, correct, tokens,
-    erasures, ...). ``on_events`` receives each batch's events (e.g. to save traces). Problems
+    erasures, ...). ``on_events`` receives each batch's events (e.g. to save traces);
+    ``prompt_options``: ``render_prompt``'s keyword arguments (user_template, enable_thinking). Problems
     whose prompt does not fit the model's context are skipped, or with ``overlong="fail"`` get
     ``samples`` wrong rows (finish_reason ``prompt_too_long``); ``summary.overlong`` counts them."""
     if overlong not in OVERLONG:
@@ -90,7 +92,7 @@ def evaluate(
         raise ConfigError(f"pass@k needs 1 <= k <= samples ({samples}); got k={bad}; sample more or lower k")
     if not examples:
         raise ConfigError("no examples to evaluate")
-    prompts = [render_prompt(ex.question, gen.tokenizer) for ex in examples]
+    prompts = [render_prompt(ex.question, gen.tokenizer, **(prompt_options or {})) for ex in examples]
     fits = [i for i, p in enumerate(prompts) if _fits(gen, p)]
     too_long = [examples[i] for i in sorted(set(range(len(examples))) - set(fits))]
     if not fits and overlong == "skip":
@@ -138,7 +140,7 @@ def _fits(gen: ErasableGenerator, prompt: str) -> bool:
     """Whether a prompt leaves room for at least one new token (what ``gen.encode`` demands)."""
     if gen.context is None:
         return True
-    return len(gen.tokenizer(prompt, add_special_tokens=True)["input_ids"]) < gen.context
+    return len(gen.text_ids(prompt)) < gen.context
 
 
 def _overlong_row(ex: Example, sample: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..overrides import build, require_finite
 
 SIGNALS = ("surprisal", "entropy")
+KV_CACHES = ("dynamic", "static")
 
 
 @dataclass
@@ -53,9 +54,12 @@ class SegmentConfig:
     segment_tokens: int = 512
     """Window length for ``fixed``; the longest segment for ``delimiter``. Paper default 512."""
     snap_to_newline: bool = False
-    """[R] ``fixed`` only: end a window at the first newline within +-``snap_window`` of its length."""
+    """[R] ``fixed`` only: end a window at the first ``snap_to`` within +-``snap_window`` of its length."""
     snap_window: int = 32
     """[R] Half-width of the snapping window, in tokens."""
+    snap_to: str = "\n"
+    """[R] The boundary ``snap_to_newline`` snaps to: ``\\n`` (any line) or ``\\n\\n`` (the blank line
+    between reasoning steps of thinking models such as Qwen3 and DeepSeek-R1)."""
     delimiters: tuple[str, ...] = ("\n", ". ")
     """[R] ``delimiter`` mode: a segment ends once its text ends with one of these."""
 
@@ -65,6 +69,8 @@ class SegmentConfig:
             raise ConfigError(f"segment.segment_tokens must be >= 1, got {self.segment_tokens}")
         if self.snap_to_newline and not 0 <= self.snap_window < self.segment_tokens:
             raise ConfigError("segment.snap_window must be in [0, segment_tokens)")
+        if self.snap_to_newline and not self.snap_to:
+            raise ConfigError("segment.snap_to must be a non-empty string, e.g. \\n or \\n\\n")
         self.delimiters = tuple(self.delimiters)
         if self.mode == "delimiter" and not all(self.delimiters):
             raise ConfigError("segment.delimiters must be non-empty strings")
@@ -192,11 +198,19 @@ class GenerationConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     erase: EraseConfig = field(default_factory=EraseConfig)
+    kv_cache: str = "static"
+    """Where decoding keeps keys and values: ``static`` (default; a preallocated buffer per layer
+    written in place, growing by doubling, so a step copies only the new token's entries and a
+    rollback moves the write position back) or ``dynamic`` (transformers' ``DynamicCache``, which
+    concatenates the whole cache at every step: the reference). Both give the same tokens and
+    signals (tested); ``static`` avoids the per-token copy that dominates long traces."""
 
     def __post_init__(self) -> None:
         require_finite(self)
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.kv_cache not in KV_CACHES:
+            raise ConfigError(f"unknown kv_cache {self.kv_cache!r}; choose one of: {', '.join(KV_CACHES)}")
         if not 0 <= self.record_top_k <= 50:
             raise ConfigError(f"record_top_k must be in [0, 50], got {self.record_top_k}")
 

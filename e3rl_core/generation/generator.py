@@ -128,7 +128,8 @@ class RunStats:
 
 
 class ErasableGenerator:
-    """E3RL decoding over any transformers causal LM with a ``DynamicCache``.
+    """E3RL decoding over any transformers causal LM that takes a transformers ``Cache``
+    (``GenerationConfig.kv_cache``: a ``DynamicCache`` or the in-place ``GrowingCache``).
 
     ``stream`` yields the events of a batch of groups as they happen; ``generate`` returns traces.
     """
@@ -176,12 +177,20 @@ class ErasableGenerator:
         return text
 
     # ----------------------------------------------------------------- prompts
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of prompt text, with the tokenizer's special tokens (its BOS) unless the text
+        already starts with the BOS token: a chat template rendered it (Llama-3, DeepSeek-R1), and
+        adding special tokens again would give the model two BOS tokens it never saw in training."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        rendered = isinstance(bos, str) and bool(bos) and text.startswith(bos)
+        return self.tokenizer(text, add_special_tokens=not rendered)["input_ids"]
+
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        """Token ids of a prompt (text is tokenized with the tokenizer's special tokens)."""
+        """Token ids of a prompt (text as ``text_ids`` tokenizes it; ids are taken as they are)."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise PromptError("the prompt is empty; give the model some text to continue")
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            ids = self.text_ids(prompt)
         else:
             ids = [int(i) for i in prompt]
         if not ids:
@@ -270,7 +279,7 @@ class _Run:
         self.gen = gen
         self.cfg = gen.config
         self.rows = rows
-        self.kv = BatchKV(len(rows), gen.device)
+        self.kv = BatchKV(len(rows), gen.device, self.cfg.kv_cache)
         self.signal_name = self.cfg.score.signal
         self.window = self.cfg.smoothing_window
         self.weights = (self.cfg.score.weight_base, self.cfg.score.weight_max, self.cfg.score.weight_delta)

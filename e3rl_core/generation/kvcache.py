@@ -9,6 +9,12 @@ kept tokens:
   cut off with ``crop`` -- the plain single-sequence rollback.
 - ``compact``: when holes pile up, each row's valid columns are gathered to the right (a copy of
   the kept entries, never a recomputation).
+
+Two caches hold the columns (``GenerationConfig.kv_cache``): transformers' ``DynamicCache``, which
+concatenates the whole cache with the new column at every step (O(cache) per token; the reference),
+and ``GrowingCache``, a preallocated buffer per layer written in place at the current column, so a
+step costs O(new tokens); it doubles its buffer when full (a copy only on growth, amortised), and
+its ``crop`` moves the write position back without touching memory.
 """
 from __future__ import annotations
 
@@ -16,6 +22,10 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..errors import ConfigError
+from .config import KV_CACHES
 
 
 def cache_layers(cache: Any) -> list[tuple[Any, str, str]]:
@@ -40,11 +50,118 @@ def _set(holder: Any, attr: str, value: torch.Tensor) -> None:
         setattr(holder, attr, value)
 
 
+class GrowingLayer(CacheLayerMixin):
+    """One layer's keys and values in a preallocated (B, H, capacity, D) buffer.
+
+    ``update`` copies only the new columns, at the write position ``length``; ``keys`` and ``values``
+    are views of the first ``length`` columns (what attention reads), so code written for a
+    ``DynamicLayer`` reads them unchanged. A full buffer is replaced by one of twice the capacity
+    (rounded up to ``CHUNK`` columns): a copy only on growth, O(1) amortised per token.
+    """
+
+    CHUNK = 256
+    is_compileable = False  # the attended length changes every step
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.length = 0
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.key_buffer is None else self.key_buffer.shape[-2]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
+        self.value_buffer = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _views(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def reserve(self, columns: int) -> None:
+        """Make room for ``columns`` columns in all; the kept ones are copied only if it grows."""
+        if columns <= self.capacity:
+            return
+        size = max(columns, 2 * self.capacity)
+        size = -(-size // self.CHUNK) * self.CHUNK
+        for name in ("key_buffer", "value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:2], size, old.shape[-1])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self.reserve(end)
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1  # grows on demand
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` columns: the write position moves back, no copy
+        (the next update overwrites them)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count: the number of columns to drop")
+        if self.is_initialized:
+            self.length = max(0, self.length + tokens_to_remove)
+            self._views()
+
+    def keep_columns(self, order: torch.Tensor) -> None:
+        """Rewrite the first ``order.shape[1]`` columns as ``order``'s columns, per row (B, T')."""
+        new_len = order.shape[1]
+        for name in ("key_buffer", "value_buffer"):
+            buf = getattr(self, name)
+            idx = order[:, None, :, None].expand(buf.shape[0], buf.shape[1], new_len, buf.shape[3])
+            buf[:, :, :new_len] = torch.gather(buf[:, :, : self.length], 2, idx)
+        self.length = new_len
+        self._views()
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.is_initialized:
+            self._views()
+
+
+class GrowingCache(Cache):
+    """A transformers ``Cache`` of ``GrowingLayer``s, one per model layer, created on first use."""
+
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=GrowingLayer)
+
+
+def make_cache(kind: str) -> Cache:
+    """A fresh cache of the ``GenerationConfig.kv_cache`` kind."""
+    if kind == "dynamic":
+        return DynamicCache()
+    if kind == "static":
+        return GrowingCache()
+    raise ConfigError(f"unknown kv_cache {kind!r}; choose one of: {', '.join(KV_CACHES)}")
+
+
 class BatchKV:
     """The cache plus its (B, T) column-validity mask."""
 
-    def __init__(self, batch_size: int, device: torch.device) -> None:
-        self.cache = DynamicCache()
+    def __init__(self, batch_size: int, device: torch.device, kind: str = "dynamic") -> None:
+        self.cache = make_cache(kind)
         self.batch_size = batch_size
         self.device = device
         self._mask = torch.zeros(batch_size, 256, dtype=torch.long, device=device)
@@ -119,6 +236,9 @@ class BatchKV:
         order = torch.sort(valid.long(), dim=1, stable=True).indices[:, self.length - new_len :]  # (B, T')
         new_mask = torch.gather(valid.long(), 1, order)
         for holder, k_attr, v_attr in cache_layers(self.cache):
+            if isinstance(holder, GrowingLayer):
+                holder.keep_columns(order)  # in place, in the buffer it already holds
+                continue
             for attr in (k_attr, v_attr):
                 t = _get(holder, attr)  # (B, H, T, D)
                 idx = order[:, None, :, None].expand(t.shape[0], t.shape[1], new_len, t.shape[3])

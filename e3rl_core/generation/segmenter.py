@@ -3,9 +3,10 @@
 Generation is online, so a segmenter sees only the segment so far: its length in tokens, its text
 and the text the newest token added. Select one by ``SegmentConfig.mode``:
 - ``fixed``      windows of ``segment_tokens`` tokens (paper: 16 x 512). With ``snap_to_newline``
-                 a window ends at the first newline once its length is within +-``snap_window`` of
-                 ``segment_tokens`` (or at ``segment_tokens + snap_window``) -- the online reading
-                 of "move the boundary to the nearest newline".
+                 a window ends at the first ``snap_to`` (a newline, or ``\\n\\n`` for the blank line
+                 between a thinking model's reasoning steps) once its length is within
+                 +-``snap_window`` of ``segment_tokens`` (or at ``segment_tokens + snap_window``) --
+                 the online reading of "move the boundary to the nearest newline".
 - ``delimiter``  a segment ends at a reasoning-step delimiter or at ``segment_tokens`` tokens,
                  whichever comes first; for short-trace models such as the shipped demo.
 End of sequence and the length limit always end a segment; the generator handles those.
@@ -49,13 +50,15 @@ class FixedSegmenter:
         self.length = config.segment_tokens
         self.snap = config.snap_to_newline
         self.window = config.snap_window
+        self.snap_to = (config.snap_to,)
 
     def is_boundary(self, length: int, text: str, delta: str) -> bool:
         if not self.snap:
             return length >= self.length
         if length >= self.length + self.window:
             return True
-        return length >= self.length - self.window and "\n" in delta
+        # _ends_with_delimiter: a "\n\n" may arrive as two "\n" tokens
+        return length >= self.length - self.window and _ends_with_delimiter(text, delta, self.snap_to)
 
 
 @SEGMENTERS.register("delimiter")

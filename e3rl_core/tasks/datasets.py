@@ -24,9 +24,13 @@ directory is read like a hub snapshot: all of its .parquet/.jsonl files that bel
 Parquet is read with pandas/pyarrow, JSONL line by line. Every failure is a :class:`DataError` whose
 message says what to do.
 
-Prompts: :func:`render_prompt` uses the tokenizer's chat template when it has one (one user turn,
-``add_generation_prompt=True``, so the model answers as the assistant); otherwise the plain
-``"Question: {question}\\nAnswer:\\n"`` template that the arith task and the demo model are built on.
+Prompts: :func:`render_prompt` uses the tokenizer's chat template when it has one: one user turn,
+``USER_TEMPLATE`` with the question in place of ``{question}`` (the question, then the instruction the
+DeepSeek-R1, Qwen and DeepMath recipes use: "Please reason step by step, and put your final answer
+within \\boxed{}."), ``add_generation_prompt=True`` so the model answers as the assistant, and
+``enable_thinking`` for templates that take it (Qwen3; None keeps the template's default). Otherwise
+the plain ``"Question: {question}\\nAnswer:\\n"`` template that the arith task and the demo model are
+built on, unchanged.
 """
 from __future__ import annotations
 
@@ -66,6 +70,8 @@ class _Loader:
 
 
 DATASETS: Registry[_Loader] = Registry("dataset")
+# The user turn of chat prompts: the instruction DeepSeek-R1, Qwen2.5-Math/Qwen3 and DeepMath-103K use.
+USER_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
 _FILE_SUFFIXES = (".parquet", ".jsonl")
 # org/name as the hub spells it; a path ending in a data suffix is a missing file, never a hub id
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -117,13 +123,26 @@ def load_examples(spec: str) -> list[Example]:
     return examples[:limit] if limit is not None else examples
 
 
-def render_prompt(question: str, tokenizer: Any = None) -> str:
-    """The prompt text for one question: the tokenizer's chat template if any, else the plain one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-        )
-    return arith.PROMPT_TEMPLATE.format(question=question)
+def render_prompt(question: str, tokenizer: Any = None, *, user_template: str = USER_TEMPLATE,
+                  enable_thinking: bool | None = None) -> str:
+    """The prompt text for one question: the tokenizer's chat template if any, with the user turn
+    ``user_template`` ({question} replaced; no other braces are read, so ``\\boxed{}`` needs no
+    escaping) and ``enable_thinking`` when not None; else the plain template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if enable_thinking is not None and "enable_thinking" not in str(template or ""):
+        # a flag that the template would silently ignore is a mistake worth reporting
+        has = "has no chat template" if not template else "has a chat template that does not read it"
+        raise DataError(f"enable_thinking is set but this tokenizer {has} (Qwen3's does); leave it unset")
+    if "{question}" not in user_template:
+        raise DataError(f"the prompt template {user_template!r} has no {{question}}; write one, "
+                        f"e.g. {USER_TEMPLATE!r}")
+    if not template:
+        return arith.PROMPT_TEMPLATE.format(question=question)
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_template.replace("{question}", question)}],
+        tokenize=False, add_generation_prompt=True, **kwargs,
+    )
 
 
 def _number(options: dict[str, str], key: str, default: Any = None, *, minimum: int | None = None) -> Any:

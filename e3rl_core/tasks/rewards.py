@@ -4,6 +4,15 @@
 "Answer: ..." line) with the gold answer for mathematical equivalence. ``reward`` gives 1.0 / 0.0, or
 None to abstain when the gold answer cannot be checked, as TRL's reward functions may.
 
+Reasoning models (Qwen3, DeepSeek-R1 and its distills, QwQ) think inside ``<think>...</think>`` and
+answer after it. A ``\\boxed{}`` inside the think block is a tentative answer, so when a completion
+has a think block only the text after the last ``</think>`` is read, and a completion that ends
+still inside a think block (an opening tag with no closing one: a trace cut mid-thought) has no
+answer. ``think`` chooses the tags (``THINK_TAGS`` by default; None reads the whole text);
+``opened=True`` says the prompt already opened the block (DeepSeek-R1-distill templates end the
+prompt with ``<think>\\n``), so the completion starts inside it; :func:`prompt_opens_think` tells.
+:func:`for_prompt` binds both for the engine's ``answer_fn``/``checker`` hooks.
+
 Why no signals: math-verify bounds its own time with ``signal.alarm``, which raises off the main thread,
 so ``parse``/``verify`` run with their timeouts disabled and time is bounded here instead:
 * answers over ``MAX_ANSWER_CHARS`` are compared as normalised strings only, and answers that could make
@@ -26,7 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
+from functools import lru_cache, partial
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from sympy import Basic
@@ -46,6 +55,7 @@ _THOUSANDS_SPACE = re.compile(r"(?<=\d)(?:\\[,!; ]|\{,\})(?=\d{3}(?!\d))")  # 1\
 _WORD = re.compile(r"(?:\\text\{)?([A-Za-z][A-Za-z ]+)\}?")
 _PLAIN_EXPR = re.compile(r"[\d\s.+\-*/^()]+")  # what ExprExtractionConfig may parse without surprises
 _LATEX = [LatexExtractionConfig()]
+THINK_TAGS = ("<think>", "</think>")  # Qwen3, DeepSeek-R1 and its distills, QwQ
 _EXPR = [ExprExtractionConfig()]
 
 
@@ -69,13 +79,48 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(completion: str) -> str | None:
-    """The final answer of a completion: the last ``\\boxed{}``, else the last "Answer: ..." line."""
-    boxed = last_boxed(completion)
+def prompt_opens_think(prompt: str, think: tuple[str, str] | None = THINK_TAGS) -> bool:
+    """Whether a rendered prompt leaves a think block open (its last opening tag comes after its
+    last closing one), so that the completion starts inside the reasoning."""
+    if think is None:
+        return False
+    return prompt.rfind(think[0]) > prompt.rfind(think[1])
+
+
+def answer_text(completion: str, think: tuple[str, str] | None = THINK_TAGS, *, opened: bool = False) -> str | None:
+    """The part of a completion that may hold its final answer: all of it without a think block, the
+    text after the last closing tag with one, None while the completion is still inside one."""
+    if think is None:
+        return completion
+    start, end = think
+    close = completion.rfind(end)
+    if completion.rfind(start) > close:  # an opening tag after every closing one: still thinking
+        return None
+    if close >= 0:
+        return completion[close + len(end):]
+    return None if opened else completion
+
+
+def extract_answer(completion: str, *, think: tuple[str, str] | None = THINK_TAGS, opened: bool = False) -> str | None:
+    """The final answer of a completion: the last ``\\boxed{}``, else the last "Answer: ..." line, of
+    its text after the think block (``answer_text``); None while it is still thinking."""
+    text = answer_text(completion, think, opened=opened)
+    if text is None:
+        return None
+    boxed = last_boxed(text)
     if boxed is not None:
         return boxed
-    found = ANSWER_MARKER.findall(completion)
+    found = ANSWER_MARKER.findall(text)
     return found[-1].strip().rstrip(".") if found else None
+
+
+def for_prompt(prompt: str = "", think: tuple[str, str] | None = THINK_TAGS) -> tuple[
+        Callable[[str], str | None], Callable[[str, str], bool]]:
+    """``(answer_fn, checker)`` for completions of prompts rendered like ``prompt``: ``extract_answer``
+    and ``is_correct`` with the think tags bound and ``opened`` read from the prompt."""
+    opened = prompt_opens_think(prompt, think)
+    return (partial(extract_answer, think=think, opened=opened),
+            partial(is_correct, think=think, opened=opened))
 
 
 def _normalise(answer: str) -> str:
@@ -202,12 +247,14 @@ def _run(fn: Callable, args: tuple, timeout: float) -> object:
         raise
 
 
-def is_correct(completion: str, gold: str, *, timeout: float = 5.0) -> bool:
+def is_correct(completion: str, gold: str, *, timeout: float = 5.0, think: tuple[str, str] | None = THINK_TAGS,
+               opened: bool = False) -> bool:
     """Whether the completion's final answer equals ``gold`` mathematically (math-verify). Never raises;
     callable from any thread. ``timeout`` is wall-clock seconds for the math-verify part, including any
-    wait for a free worker, so many concurrent slow checks can time out (and read as False)."""
+    wait for a free worker, so many concurrent slow checks can time out (and read as False).
+    ``think``/``opened``: as for ``extract_answer``."""
     try:
-        pred = extract_answer(completion) if isinstance(completion, str) else None
+        pred = extract_answer(completion, think=think, opened=opened) if isinstance(completion, str) else None
         if pred is None or not isinstance(gold, str):
             return False
         p, g = _normalise(pred), _normalise(gold)
@@ -231,10 +278,12 @@ def is_correct(completion: str, gold: str, *, timeout: float = 5.0) -> bool:
         return False
 
 
-def reward(completion: str, gold: str | None, *, timeout: float = 5.0) -> float | None:
+def reward(completion: str, gold: str | None, *, timeout: float = 5.0, think: tuple[str, str] | None = THINK_TAGS,
+           opened: bool = False) -> float | None:
     """1.0 if the completion's answer is correct, else 0.0; None (abstain, like TRL's accuracy_reward)
     when ``gold`` is None/empty or math-verify cannot parse it and it is not a plain number, because
-    then a 0.0 would punish the policy for the data's fault. May take up to 2 x ``timeout``."""
+    then a 0.0 would punish the policy for the data's fault. May take up to 2 x ``timeout``.
+    ``think``/``opened``: as for ``extract_answer``; a completion still thinking gets 0.0."""
     try:
         g = _normalise(gold) if isinstance(gold, str) else ""
         if not g:
@@ -246,4 +295,4 @@ def reward(completion: str, gold: str | None, *, timeout: float = 5.0) -> float 
                 return None  # math-verify did not read it as mathematics
     except Exception:  # unparseable within the time: abstain
         return None
-    return 1.0 if is_correct(completion, gold, timeout=timeout) else 0.0
+    return 1.0 if is_correct(completion, gold, timeout=timeout, think=think, opened=opened) else 0.0

@@ -23,6 +23,7 @@ from ..overrides import build, require_finite
 
 ALGOS = ("grpo", "dapo", "e3rl")
 SCHEDULERS = ("constant", "linear", "cosine")
+ATTENTION_IMPLS = ("linear", "eager")
 
 
 @dataclass
@@ -81,11 +82,16 @@ class TrainConfig:
     ``prompts_per_step`` groups (or ``dynamic_sampling_max_rounds`` rounds were drawn)."""
     dynamic_sampling_max_rounds: int = 3
     allocation: str = "uniform"
-    """Segment allocator: ``uniform`` or ``causal_attention`` (E3RL; needs eager attention)."""
+    """Segment allocator: ``uniform`` or ``causal_attention`` (E3RL; see ``attention_impl``)."""
     allocation_lambda: float = 0.5
     """[R] lam in A_{i,n} = A_i ((1 - lam) + lam hat_w_{i,n})."""
     attention_layers: int = 4
     """[R] Attention is averaged over the last L layers (all if fewer; 0 = all)."""
+    attention_impl: str = "linear"
+    """How ``causal_attention`` gets the answer segment's attention: ``linear`` recomputes it for the
+    answer queries only, from hooks on the ordinary (SDPA) forward, O(answer x T) memory (Llama,
+    Qwen2, Qwen3); ``eager`` reads the full maps of an eager ``output_attentions`` forward, O(T^2)
+    memory, any model (the reference)."""
     no_base_uncertainty: bool = False
     """Ablation: drop B_n from the segment score (score.weight_base = 0)."""
     no_group_dynamics: bool = False
@@ -124,6 +130,8 @@ class TrainConfig:
             (self.micro_batch_size >= 0, "micro_batch_size must be >= 0 (0 = whole batch)"),
             (0 <= self.allocation_lambda <= 1, "allocation_lambda must be in [0, 1]"),
             (self.attention_layers >= 0, "attention_layers must be >= 0 (0 = all layers)"),
+            (self.attention_impl in ATTENTION_IMPLS,
+             f"attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}"),
             (self.save_steps >= 1, "save_steps must be >= 1"),
             (self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1 or None"),
             (self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none"),

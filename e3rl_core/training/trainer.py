@@ -8,7 +8,8 @@ One step:
    drops groups without reward variance and draws more prompts.
 3. advantages: group-relative per rollout (computed over the whole global batch, so every process
    agrees), then spread over segments (``causal_attention`` for e3rl: attention mass the answer
-   segment puts on each segment, itself included, from one no-grad eager-attention forward).
+   segment puts on each segment, itself included, from one no-grad forward: hooks recompute only
+   the answer segment's attention rows, or with ``attention_impl=eager`` the full eager maps).
 4. old-policy log-probs on the final (post-erasure) sequences (with one pass, the detached
    log-probs of the training forward, as TRL); erased tokens are not in them. Clipped surrogate with clip-higher, optional k3 KL, aggregated by ``loss_type`` with
    global normalisers; gradients summed across processes; clip; AdamW; scheduler.
@@ -22,6 +23,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,10 +34,10 @@ from ..events import Trace, dumps, event_from_dict, group_traces, strict_dumps
 from ..generation.generator import ErasableGenerator
 from ..models import RECOMMENDED_CONFIG, load_model
 from ..tasks.datasets import DataError, Example, load_examples, render_prompt
-from ..tasks.rewards import extract_answer, reward
+from ..tasks.rewards import extract_answer, prompt_opens_think, reward
 from . import checkpoint as ckpt
 from . import distributed
-from .advantages import ADVANTAGES, ALLOCATORS, attention_weights
+from .advantages import ADVANTAGES, ALLOCATORS, answer_attention, attention_modules, attention_weights
 from .config import TrainConfig
 from .losses import LOSSES, LossNorm, clipped_surrogate, token_logps
 from .rollout import RolloutBatch, build_batch, finish_metrics, group_has_signal, rollout_metrics
@@ -84,10 +86,14 @@ class Trainer:
         self._load_models(device, dtype, created)
         self.gen_config = config.effective_generation()
         self.allocation = config.effective_allocation
+        self._check_attention_layout(created)
         self._reward_memo: dict[tuple[str, str | None], float | None] = {}
+        # A template that opens the think block in the prompt (DeepSeek-R1 distills) starts every
+        # completion inside the reasoning: its answer comes only after the closing tag.
+        self._opened = prompt_opens_think(render_prompt(self.examples[0].question, self.tokenizer))
         self.generator = ErasableGenerator(
             self.model, self.tokenizer, self.gen_config, model_name=model, checker=self._correct,
-            answer_fn=extract_answer,
+            answer_fn=partial(extract_answer, opened=self._opened),
         )
         self.examples, self.prompts_filtered = self._fitting_examples(created)
         self.optimizer = torch.optim.AdamW(
@@ -109,7 +115,7 @@ class Trainer:
         if context is None:
             return self.examples, 0
         prompts = [render_prompt(ex.question, self.tokenizer) for ex in self.examples]
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+        lengths = [len(self.generator.text_ids(p)) for p in prompts]  # as encode counts them (one BOS)
         kept = [ex for ex, n in zip(self.examples, lengths) if n < context]
         if not kept:
             self._discard_out_dir(created)
@@ -117,6 +123,16 @@ class Trainer:
                 f"every prompt of --data {self.data_spec} ({len(lengths)}, the shortest {min(lengths)} tokens) is "
                 f"longer than the model's context ({context} tokens); use shorter prompts or a longer-context model")
         return kept, len(self.examples) - len(kept)
+
+    def _check_attention_layout(self, created: bool) -> None:
+        """Causal allocation's linear path refuses a model it cannot reproduce before any rollout,
+        naming the eager fallback (``--set attention_impl=eager``)."""
+        if self.allocation == "causal_attention" and self.cfg.attention_impl == "linear":
+            try:
+                attention_modules(self.model, self.cfg.attention_layers)
+            except E3RLError:
+                self._discard_out_dir(created)
+                raise
 
     def _discard_out_dir(self, created: bool) -> None:
         """Leave no empty run directory behind a run that could not start."""
@@ -245,7 +261,7 @@ class Trainer:
     def _reward(self, text: str, gold: str | None) -> float | None:
         key = (text, gold)
         if key not in self._reward_memo:
-            self._reward_memo[key] = reward(text, gold, timeout=self.cfg.reward_timeout)
+            self._reward_memo[key] = reward(text, gold, timeout=self.cfg.reward_timeout, opened=self._opened)
         return self._reward_memo[key]
 
     def _rollouts(self) -> tuple[list[Trace], list[Trace], int]:
@@ -293,30 +309,43 @@ class Trainer:
         size = self.cfg.micro_batch_size or max(n, 1)
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
+    def _forward_with_weights(self, mb: RolloutBatch, need_attn: bool, eager: bool) -> tuple[Any, torch.Tensor | None]:
+        """The policy forward of a micro-batch and, for causal allocation, its segment weights (R, N):
+        from the eager attention maps (O(T^2), the reference) or from hooks that recompute only the
+        answer segment's attention rows on the ordinary forward (O(answer x T))."""
+        layers = self.cfg.attention_layers
+        if not need_attn:
+            return self._forward(self.model, mb), None
+        if eager:  # only the layers used leave the device
+            out = self._forward(self.model, mb, attentions=True)
+            used = out.attentions[-layers:] if layers > 0 else out.attentions
+            return out, attention_weights([a.cpu() for a in used], mb.segment_ids, mb.n_segments, 0)
+        with answer_attention(self.model, layers, mb.segment_ids, mb.n_segments, mb.attention_mask) as att:
+            out = self._forward(self.model, mb)
+        return out, att.weights()
+
     @torch.no_grad()
     def _old_logps_and_weights(self, b: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Old-policy log-probs (R, T), reference log-probs or None, segment weights (R, N)."""
         T = self.gen_config.sampling.temperature
         need_attn = self.allocation == "causal_attention"
+        eager = need_attn and self.cfg.attention_impl == "eager"
         impl = getattr(self.model.config, "_attn_implementation", None)
-        if need_attn and impl != "eager":  # output_attentions needs the eager kernel
+        if eager and impl != "eager":  # output_attentions needs the eager kernel
             self.model.set_attn_implementation("eager")
         n_max = max(int(b.n_segments.max()), 1)
         old, ref, weights = [], [], []
         try:
             for sl in self._micro(len(b)):
                 mb = b.rows(sl)
-                out = self._forward(self.model, mb, attentions=need_attn)
+                out, w = self._forward_with_weights(mb, need_attn, eager)
                 old.append(token_logps(out.logits, mb.input_ids.to(self.device), T).cpu())
-                if need_attn:  # only the layers used leave the device
-                    layers = self.cfg.attention_layers
-                    used = out.attentions[-layers:] if layers > 0 else out.attentions
-                    w = attention_weights([a.cpu() for a in used], mb.segment_ids, mb.n_segments, 0)
+                if w is not None:
                     weights.append(torch.nn.functional.pad(w, (0, n_max - w.shape[1])))
                 if self.ref_model is not None:
                     ref.append(token_logps(self._forward(self.ref_model, mb).logits, mb.input_ids.to(self.device), T).cpu())
         finally:
-            if need_attn and impl != "eager":
+            if eager and impl != "eager":
                 self.model.set_attn_implementation(impl)
         w_all = torch.cat(weights) if weights else torch.ones(len(b), n_max)
         return torch.cat(old), (torch.cat(ref) if ref else None), w_all

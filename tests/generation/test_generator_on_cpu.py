@@ -8,6 +8,7 @@ import torch
 from conftest import make_config, median_score
 
 from e3rl_core.events import TokenEvent
+from e3rl_core.generation.config import KV_CACHES
 from e3rl_core.generation.generator import ErasableGenerator
 from e3rl_core.generation.signals import sequence_signals
 
@@ -34,11 +35,12 @@ def check_trace_against_forward(model, trace):
     torch.testing.assert_close(got_sur, sur, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("group_size", [1, 4])
-def test_kept_signals_match_full_forward_after_erasures(tiny, group_size, temperature):
+def test_kept_signals_match_full_forward_after_erasures(tiny, group_size, temperature, kv_cache):
     model, tok = tiny
-    extra = [f"sampling.temperature={temperature}"]
+    extra = [f"sampling.temperature={temperature}", f"kv_cache={kv_cache}"]
     thr = median_score(model, tok, PROMPTS[0], *extra)
     gen = ErasableGenerator(model, tok, make_config("threshold.policy=fixed", f"threshold.value={thr}", *extra))
     traces = gen.generate(PROMPTS[:2], group_size=group_size, seed=3)
@@ -48,11 +50,12 @@ def test_kept_signals_match_full_forward_after_erasures(tiny, group_size, temper
         check_trace_against_forward(model, trace)
 
 
-def test_compaction_keeps_signals_exact(tiny_llama):
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
+def test_compaction_keeps_signals_exact(tiny_llama, kv_cache):
     model, tok = tiny_llama
     thr = median_score(model, tok, PROMPTS[0])
     cfg = make_config("threshold.policy=fixed", f"threshold.value={thr}", "erase.compact_ratio=0.2",
-                      "max_new_tokens=96")
+                      "max_new_tokens=96", f"kv_cache={kv_cache}")
     gen = ErasableGenerator(model, tok, cfg)
     traces = gen.generate(PROMPTS, group_size=3, seed=0)
     assert gen.last_stats.compactions > 0
@@ -60,10 +63,11 @@ def test_compaction_keeps_signals_exact(tiny_llama):
         check_trace_against_forward(model, trace)
 
 
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_batched_rows_equal_rows_generated_alone(tiny, temperature):
+def test_batched_rows_equal_rows_generated_alone(tiny, temperature, kv_cache):
     model, tok = tiny
-    extra = [f"sampling.temperature={temperature}"]
+    extra = [f"sampling.temperature={temperature}", f"kv_cache={kv_cache}"]
     thr = median_score(model, tok, PROMPTS[0], *extra)
     cfg = make_config("threshold.policy=fixed", f"threshold.value={thr}", *extra)
     gen = ErasableGenerator(model, tok, cfg)
@@ -216,17 +220,19 @@ def test_short_prompt_scores_do_not_depend_on_batch_mates(tiny_llama):
                 assert a.features[key] == pytest.approx(b.features[key], abs=1e-5)
 
 
-def test_compaction_only_when_it_frees_columns(tiny_llama):
+@pytest.mark.parametrize("kv_cache", KV_CACHES)
+def test_compaction_only_when_it_frees_columns(tiny_llama, kv_cache):
     model, tok = tiny_llama
     # Padding alone (very different prompt lengths) must not trigger a compaction every step.
-    gen = ErasableGenerator(model, tok, make_config("threshold.policy=none", "max_new_tokens=80"))
+    gen = ErasableGenerator(model, tok, make_config("threshold.policy=none", "max_new_tokens=80", f"kv_cache={kv_cache}"))
     gen.eos_ids = set()
     gen.generate(["x", "y" * 200], seed=0)
     assert gen.last_stats.compactions == 0
     # Finished rows give their columns back: one row stops at once, the other runs on.
     thr = median_score(model, tok, PROMPTS[0])
     gen = ErasableGenerator(model, tok, make_config("threshold.policy=fixed", f"threshold.value={thr}",
-                                                    "max_new_tokens=120", "erase.compact_ratio=0.3"))
+                                                    "max_new_tokens=120", "erase.compact_ratio=0.3",
+                                                    f"kv_cache={kv_cache}"))
     traces = gen.generate(PROMPTS, group_size=2, seed=4)
     for trace in traces:
         check_trace_against_forward(model, trace)

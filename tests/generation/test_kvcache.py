@@ -7,7 +7,9 @@ import inspect
 import pytest
 import torch
 
-from e3rl_core.generation.kvcache import BatchKV, cache_layers
+from e3rl_core.errors import ConfigError
+from e3rl_core.generation.config import KV_CACHES
+from e3rl_core.generation.kvcache import BatchKV, GrowingCache, GrowingLayer, cache_layers
 
 ATOL = 1e-4
 X, Y, Z = 40, 41, 42  # tokens fed after the erasure
@@ -31,8 +33,14 @@ def _forward(model, kv: BatchKV, ids: torch.Tensor, valid: torch.Tensor, pos: to
     return out.logits[:, -1].float()
 
 
-def _prefill(model, prompts: list[list[int]]) -> BatchKV:
-    kv = BatchKV(len(prompts), torch.device("cpu"))
+@pytest.fixture(params=KV_CACHES)
+def kind(request) -> str:
+    """Every BatchKV test runs on both caches: the reference DynamicCache and the GrowingCache."""
+    return request.param
+
+
+def _prefill(model, prompts: list[list[int]], kind: str = "dynamic") -> BatchKV:
+    kv = BatchKV(len(prompts), torch.device("cpu"), kind)
     ids = torch.tensor(prompts)
     valid = torch.ones_like(ids)
     _forward(model, kv, ids, valid, (valid.cumsum(1) - 1))
@@ -52,10 +60,10 @@ def _reference(model, ids: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
 
 
-def _erased_state(model) -> BatchKV:
+def _erased_state(model, kind: str = "dynamic") -> BatchKV:
     """Both rows erase a tail (row 0 its last 3 prompt tokens, row 1 its last 2), both take X, then
     only row 0 takes Y: holes sit in the middle of each row, and 3 columns are reclaimable."""
-    kv = _prefill(model, PROMPTS)
+    kv = _prefill(model, PROMPTS, kind)
     kv.invalidate(0, [5, 6, 7])
     kv.invalidate(1, [6, 7])
     _feed(model, kv, [X, X], [5, 6])
@@ -63,9 +71,9 @@ def _erased_state(model) -> BatchKV:
     return kv
 
 
-def test_prefill_mask_and_sizes(tiny_llama):
+def test_prefill_mask_and_sizes(tiny_llama, kind):
     model, _ = tiny_llama
-    kv = _prefill(model, PROMPTS)
+    kv = _prefill(model, PROMPTS, kind)
     cfg = model.config
     assert kv.length == 8 and kv.cache.get_seq_length() == 8
     assert torch.equal(kv.mask, torch.ones(2, 8, dtype=torch.long))
@@ -75,9 +83,9 @@ def test_prefill_mask_and_sizes(tiny_llama):
     assert kv.reclaimable() == 0 and kv.valid_count(0) == kv.valid_count(1) == 8
 
 
-def test_invalidate_makes_holes_that_change_nothing_downstream(tiny_llama):
+def test_invalidate_makes_holes_that_change_nothing_downstream(tiny_llama, kind):
     model, _ = tiny_llama
-    kv = _prefill(model, PROMPTS)
+    kv = _prefill(model, PROMPTS, kind)
     kv.invalidate(0, [5, 6, 7])
     kv.invalidate(1, [])  # a no-op, as for an empty segment
     assert kv.mask[0].tolist() == [1] * 5 + [0] * 3 and kv.valid_count(1) == 8
@@ -88,9 +96,9 @@ def test_invalidate_makes_holes_that_change_nothing_downstream(tiny_llama):
     torch.testing.assert_close(logits[1], _reference(model, PROMPTS[1] + [X]), atol=ATOL, rtol=0)
 
 
-def test_holes_in_the_middle_and_unfed_rows(tiny_llama):
+def test_holes_in_the_middle_and_unfed_rows(tiny_llama, kind):
     model, _ = tiny_llama
-    kv = _erased_state(model)
+    kv = _erased_state(model, kind)
     assert kv.mask.tolist() == [[1] * 5 + [0, 0, 0] + [1, 1], [1] * 6 + [0, 0] + [1, 0]]
     assert kv.valid_count(0) == kv.valid_count(1) == 7
     assert kv.reclaimable() == 3
@@ -99,10 +107,10 @@ def test_holes_in_the_middle_and_unfed_rows(tiny_llama):
     torch.testing.assert_close(logits[1], _reference(model, PROMPTS[1][:6] + [X, Z]), atol=ATOL, rtol=0)
 
 
-def test_compact_gathers_kept_columns_and_keeps_logits(tiny_llama):
+def test_compact_gathers_kept_columns_and_keeps_logits(tiny_llama, kind):
     model, _ = tiny_llama
-    before = _erased_state(model)
-    kv = _erased_state(model)
+    before = _erased_state(model, kind)
+    kv = _erased_state(model, kind)
     old_mask = kv.mask.clone()
     old = [(holder.keys.clone(), holder.values.clone()) for holder, _, _ in cache_layers(kv.cache)]
     bytes_before = kv.nbytes()
@@ -130,9 +138,9 @@ def test_compact_gathers_kept_columns_and_keeps_logits(tiny_llama):
     torch.testing.assert_close(after_logits[0], _reference(model, PROMPTS[0][:5] + [X, Y, Z]), atol=ATOL, rtol=0)
 
 
-def test_compact_right_aligns_rows_of_different_lengths(tiny_llama):
+def test_compact_right_aligns_rows_of_different_lengths(tiny_llama, kind):
     model, _ = tiny_llama
-    kv, holed = _prefill(model, PROMPTS), _prefill(model, PROMPTS)
+    kv, holed = _prefill(model, PROMPTS, kind), _prefill(model, PROMPTS, kind)
     for cache in (kv, holed):
         cache.invalidate(0, [1, 2, 3, 4, 5, 6, 7])
         cache.invalidate(1, [2, 3])
@@ -148,9 +156,9 @@ def test_compact_right_aligns_rows_of_different_lengths(tiny_llama):
     torch.testing.assert_close(logits, _feed(model, holed, [X, X], [1, 8]), atol=ATOL, rtol=0)
 
 
-def test_crop_tail_single_row_is_plain_rollback(tiny_llama):
+def test_crop_tail_single_row_is_plain_rollback(tiny_llama, kind):
     model, _ = tiny_llama
-    kv = _prefill(model, PROMPTS[:1])
+    kv = _prefill(model, PROMPTS[:1], kind)
     full = kv.nbytes()
     kv.invalidate(0, [5, 6, 7])
     assert kv.crop_tail() == 3
@@ -161,9 +169,9 @@ def test_crop_tail_single_row_is_plain_rollback(tiny_llama):
     assert kv.mask.tolist() == [[1] * 6]  # the cut columns' mask was cleared, not reused
 
 
-def test_crop_tail_cuts_only_columns_that_are_holes_in_every_row(tiny_llama):
+def test_crop_tail_cuts_only_columns_that_are_holes_in_every_row(tiny_llama, kind):
     model, _ = tiny_llama
-    kv = _prefill(model, PROMPTS)
+    kv = _prefill(model, PROMPTS, kind)
     kv.invalidate(0, [5, 6, 7])
     assert kv.crop_tail() == 0  # row 1 still holds the tail
     assert kv.length == 8
@@ -176,9 +184,9 @@ def test_crop_tail_cuts_only_columns_that_are_holes_in_every_row(tiny_llama):
     torch.testing.assert_close(logits[1], _reference(model, PROMPTS[1][:6] + [X]), atol=ATOL, rtol=0)
 
 
-def test_release_keeps_one_column_for_the_finished_row(tiny_llama):
+def test_release_keeps_one_column_for_the_finished_row(tiny_llama, kind):
     model, _ = tiny_llama
-    kv = _prefill(model, PROMPTS)
+    kv = _prefill(model, PROMPTS, kind)
     kv.invalidate(0, [7])
     kv.release(0)
     # The last valid column stays, so the finished row's query never sees an all-masked row.
@@ -218,8 +226,8 @@ def test_attention_mask_overwrites_uncommitted_columns():
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_nbytes_of_an_empty_and_a_directly_filled_cache(rows):
-    kv = BatchKV(rows, torch.device("cpu"))
+def test_nbytes_of_an_empty_and_a_directly_filled_cache(rows, kind):
+    kv = BatchKV(rows, torch.device("cpu"), kind)
     assert kv.nbytes() == 0 and kv.reclaimable() == 0
     k = torch.randn(rows, 2, 5, 4)
     for layer in range(3):
@@ -235,10 +243,10 @@ def test_nbytes_of_an_empty_and_a_directly_filled_cache(rows):
     assert kv.nbytes() == 3 * 2 * k.nbytes * kv.length // 5
 
 
-def test_compact_keeps_column_order_on_long_rows():
+def test_compact_keeps_column_order_on_long_rows(kind):
     # Long enough that an unstable sort would reorder columns (it does from ~100 on the CPU).
     rows, T = 3, 300
-    kv = BatchKV(rows, torch.device("cpu"))
+    kv = BatchKV(rows, torch.device("cpu"), kind)
     gen = torch.Generator().manual_seed(0)
     old = []
     for layer in range(2):
@@ -260,3 +268,83 @@ def test_compact_keeps_column_order_on_long_rows():
         for (k, v), layer in zip(old, kv.cache.layers):
             assert torch.equal(layer.keys[row, :, pad:], k[row][:, kept])
             assert torch.equal(layer.values[row, :, pad:], v[row][:, kept])
+
+
+# ------------------------------------------------------------------ GrowingCache on its own
+def _kv(n: int, start: int, rows: int = 2) -> torch.Tensor:
+    """(rows, 2 heads, n, 4) whose entries name their column, so a misplaced write shows."""
+    cols = torch.arange(start, start + n, dtype=torch.float32)
+    return cols[None, None, :, None].expand(rows, 2, n, 4) + torch.arange(rows, dtype=torch.float32)[:, None, None, None] * 1000
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_growing_layer_writes_new_columns_at_the_write_position():
+    layer = GrowingLayer()
+    keys, values = layer.update(_kv(3, 0), -_kv(3, 0))
+    assert layer.get_seq_length() == 3 and layer.capacity == GrowingLayer.CHUNK
+    storage = _ptr(layer.key_buffer)
+    keys, values = layer.update(_kv(1, 3), -_kv(1, 3))
+    assert torch.equal(keys, _kv(4, 0)) and torch.equal(values, -_kv(4, 0))
+    # What attention reads is a view of the buffer: no concatenation, no new storage.
+    assert _ptr(keys) == _ptr(layer.keys) == storage
+    assert layer.get_mask_sizes(1) == (5, 0)
+
+
+def test_growing_layer_crop_moves_the_write_position_back_without_a_copy():
+    layer = GrowingLayer()
+    layer.update(_kv(5, 0), -_kv(5, 0))
+    storage = (_ptr(layer.key_buffer), _ptr(layer.value_buffer))
+    layer.crop(-2)
+    assert layer.get_seq_length() == 3 and torch.equal(layer.keys, _kv(3, 0))
+    assert (_ptr(layer.keys), _ptr(layer.values)) == storage
+    keys, _ = layer.update(_kv(1, 50), -_kv(1, 50))  # overwrites the cropped column 3
+    assert torch.equal(keys, torch.cat([_kv(3, 0), _kv(1, 50)], 2))
+    assert (_ptr(layer.key_buffer), _ptr(layer.value_buffer)) == storage
+    with pytest.raises(ValueError, match="negative"):
+        layer.crop(1)
+
+
+def test_growing_layer_grows_by_doubling_and_keeps_its_contents():
+    layer = GrowingLayer()
+    pointers = set()
+    for start in range(0, 1000, 10):
+        keys, values = layer.update(_kv(10, start), -_kv(10, start))
+        pointers.add(_ptr(layer.key_buffer))
+    assert torch.equal(keys, _kv(1000, 0)) and torch.equal(values, -_kv(1000, 0))
+    # 256 -> 512 -> 1024 columns: three buffers for 100 updates, the copy only on growth.
+    assert layer.capacity == 1024 and len(pointers) == 3
+    layer.update(_kv(600, 1000), -_kv(600, 1000))  # one update past twice the capacity
+    assert layer.capacity == 2048 and torch.equal(layer.keys, _kv(1600, 0))
+
+
+def test_growing_cache_compaction_gathers_in_place():
+    kv = BatchKV(2, torch.device("cpu"), "static")
+    assert isinstance(kv.cache, GrowingCache)
+    for layer in range(2):
+        kv.cache.update(_kv(6, 0), -_kv(6, 0), layer)
+    kv.attention_mask(torch.ones(2, 6, dtype=torch.long))
+    kv.advance(6)
+    storage = [_ptr(layer.key_buffer) for layer in kv.cache.layers]
+    kv.invalidate(0, [1, 2])
+    kv.invalidate(1, [0, 5])
+    kv.compact()
+    assert kv.length == kv.cache.get_seq_length() == 4
+    for layer in kv.cache.layers:
+        assert torch.equal(layer.keys[0], _kv(6, 0)[0][:, [0, 3, 4, 5]])
+        assert torch.equal(layer.keys[1], _kv(6, 0)[1][:, [1, 2, 3, 4]])
+        assert torch.equal(layer.values[1], -_kv(6, 0)[1][:, [1, 2, 3, 4]])
+    assert [_ptr(layer.key_buffer) for layer in kv.cache.layers] == storage
+    kv.cache.update(_kv(1, 9), -_kv(1, 9), 0)  # the next write lands right after the kept columns
+    assert torch.equal(kv.cache.layers[0].keys[:, :, 4], _kv(1, 9)[:, :, 0])
+
+
+def test_unknown_kv_cache_is_a_clear_error():
+    with pytest.raises(ConfigError, match="unknown kv_cache 'paged'; choose one of: dynamic, static"):
+        BatchKV(1, torch.device("cpu"), "paged")
+    from e3rl_core.generation.config import GenerationConfig
+
+    with pytest.raises(ConfigError, match="unknown kv_cache 'paged'"):
+        GenerationConfig(kv_cache="paged")

@@ -42,6 +42,24 @@ def test_fixed_snap_to_newline():
     assert len(segment_stream(seg, early)[0][0]) == 13  # a newline before 10 - 3 does not count
 
 
+def test_fixed_snap_to_blank_line_between_reasoning_steps():
+    cfg = SegmentConfig(mode="fixed", segment_tokens=10, snap_to_newline=True, snap_window=3, snap_to="\n\n")
+    seg = make_segmenter(cfg)
+    # A single newline inside the window no longer ends the segment; the blank line after it does,
+    # also when it arrives as two "\n" tokens.
+    segs, _ = segment_stream(seg, ["a"] * 7 + ["\n"] + ["b"] + ["\n", "\n"] + ["c"] * 30)
+    assert "".join(segs[0]) == "a" * 7 + "\nb\n\n" and len(segs[0]) == 11
+    segs, _ = segment_stream(seg, ["a"] * 8 + ["\n\n"] + ["c"] * 30)  # one "\n\n" token (byte-level BPE)
+    assert len(segs[0]) == 9
+    segs, _ = segment_stream(seg, ["a"] * 7 + ["\n"] + ["b"] * 30)  # no blank line: cut at 10 + 3
+    assert len(segs[0]) == 13
+    # The default is unchanged: any newline.
+    assert SegmentConfig().snap_to == "\n"
+    assert apply_overrides(GenerationConfig(), ["segment.snap_to=\\n\\n"]).segment.snap_to == "\n\n"
+    with pytest.raises(ConfigError, match="snap_to"):
+        SegmentConfig(snap_to_newline=True, snap_to="")
+
+
 def test_delimiter_segments():
     seg = make_segmenter(SegmentConfig(mode="delimiter", segment_tokens=6, delimiters=("\n", ". ")))
     pieces = list("12+3=15\n") + list("ab") + ["."] + [" The"] + list("xxxxxxxxxx")

@@ -172,7 +172,10 @@ def test_render_prompt_uses_the_chat_template():
         "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
-    assert render_prompt("What is 1+1?", tok) == "<|user|>What is 1+1?\n<|assistant|>"
+    assert render_prompt("What is 1+1?", tok, user_template="{question}") == "<|user|>What is 1+1?\n<|assistant|>"
+    # by default the user turn carries the step-by-step / \boxed{} instruction (tests/tasks/test_reasoning_io.py)
+    assert render_prompt("What is 1+1?", tok) == (
+        "<|user|>What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}.\n<|assistant|>")
 
 
 # ------------------------------------------------------------------------------ errors
