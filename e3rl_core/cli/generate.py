@@ -7,16 +7,8 @@ import time
 from typing import Any
 
 from ..errors import E3RLError
-from .options import (
-    add_device_flags,
-    add_generation_flags,
-    add_prompt_flags,
-    add_trust_remote_code_flag,
-    check_output_file,
-    config_from_args,
-    prompt_options,
-    resolve_device,
-)
+from .options import add_device_flags, add_generation_flags, add_prompt_flags, add_trust_remote_code_flag
+from .options import check_output_file, config_from_args, prompt_options, resolve_device
 
 
 def add_parser(sub: Any) -> None:
