@@ -19,7 +19,7 @@ from typing import Any
 
 from e3rl_core.cli.train import train_command
 from e3rl_core.errors import E3RLError
-from e3rl_core.events import NON_FINITE
+from e3rl_core.events import json_number
 from e3rl_core.training.checkpoint import LOG_FILE, RUN_FILE, STALE_STATUS, checkpoints, live_status
 
 LOCK = "active-run.json"
@@ -211,7 +211,7 @@ def read_status(run: Path) -> dict[str, Any]:
     for line in lines:
         try:
             # Non-finite metrics are written as "NaN"/"Infinity" (strict JSON): numbers again for the charts.
-            status["rows"].append({k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in json.loads(line).items()})
+            status["rows"].append({k: json_number(v) for k, v in json.loads(line).items()})
         except json.JSONDecodeError:
             continue  # a line being written right now
     try:

@@ -153,7 +153,8 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     return cls(**payload)
 
 
-def _number(value: Any) -> Any:
+def json_number(value: Any) -> Any:
+    """A value read from strict JSON, with the strings written for non-finite floats turned back into floats."""
     return NON_FINITE.get(value, value) if isinstance(value, str) else value
 
 
@@ -162,11 +163,11 @@ def _revive_non_finite(payload: dict[str, Any]) -> None:
     fields of token and segment events only (a token's text may well be "NaN")."""
     for name in ("entropy", "surprisal", "score", "baseline", "penalty", "history", "threshold"):
         if name in payload:
-            payload[name] = _number(payload[name])
+            payload[name] = json_number(payload[name])
     if isinstance(payload.get("features"), dict):
-        payload["features"] = {k: _number(v) for k, v in payload["features"].items()}
+        payload["features"] = {k: json_number(v) for k, v in payload["features"].items()}
     if isinstance(payload.get("top"), list):  # [token_id, text, probability]: only the probability
-        payload["top"] = [[*t[:2], _number(t[2]), *t[3:]] if isinstance(t, list) and len(t) > 2 else t
+        payload["top"] = [[*t[:2], json_number(t[2]), *t[3:]] if isinstance(t, list) and len(t) > 2 else t
                           for t in payload["top"]]
 
 

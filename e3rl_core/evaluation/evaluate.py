@@ -93,7 +93,7 @@ def evaluate(
     if not examples:
         raise ConfigError("no examples to evaluate")
     prompts = [render_prompt(ex.question, gen.tokenizer, **(prompt_options or {})) for ex in examples]
-    fits = [i for i, p in enumerate(prompts) if _fits(gen, p)]
+    fits = [i for i, p in enumerate(prompts) if gen.fits(len(gen.text_ids(p)))]
     too_long = [examples[i] for i in sorted(set(range(len(examples))) - set(fits))]
     if not fits and overlong == "skip":
         raise PromptError(f"no prompt of the {len(examples)} problem(s) fits the model's context "
@@ -136,11 +136,6 @@ def evaluate(
     return summary, rows
 
 
-def _fits(gen: ErasableGenerator, prompt: str) -> bool:
-    """Whether a prompt leaves room for at least one new token (what ``gen.encode`` demands)."""
-    if gen.context is None:
-        return True
-    return len(gen.text_ids(prompt)) < gen.context
 
 
 def _overlong_row(ex: Example, sample: int) -> dict[str, Any]:

@@ -177,6 +177,11 @@ class ErasableGenerator:
         return text
 
     # ----------------------------------------------------------------- prompts
+    def fits(self, n_tokens: int) -> bool:
+        """Whether a prompt of ``n_tokens`` leaves room for at least one new token: the one rule
+        ``encode`` enforces, and that eval and training use to leave overlong prompts out."""
+        return self.context is None or n_tokens < self.context
+
     def text_ids(self, text: str) -> list[int]:
         """Token ids of prompt text, with the tokenizer's special tokens (its BOS) unless the text
         already starts with the BOS token: a chat template rendered it (Llama-3, DeepSeek-R1), and
@@ -195,7 +200,7 @@ class ErasableGenerator:
             ids = [int(i) for i in prompt]
         if not ids:
             raise PromptError("the prompt has no tokens; give the model some text to continue")
-        if self.context is not None and len(ids) >= self.context:
+        if not self.fits(len(ids)):
             raise PromptError(
                 f"the prompt has {len(ids)} tokens but the model's context is {self.context}; "
                 f"shorten it to at most {self.context - 1} tokens"

@@ -116,7 +116,7 @@ class Trainer:
             return self.examples, 0
         prompts = [render_prompt(ex.question, self.tokenizer) for ex in self.examples]
         lengths = [len(self.generator.text_ids(p)) for p in prompts]  # as encode counts them (one BOS)
-        kept = [ex for ex, n in zip(self.examples, lengths) if n < context]
+        kept = [ex for ex, n in zip(self.examples, lengths) if self.generator.fits(n)]
         if not kept:
             self._discard_out_dir(created)
             raise DataError(
