@@ -229,9 +229,14 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
     "small": ("llama", dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                             num_attention_heads=8, num_key_value_heads=4)),
+    # Qwen3's layout (q/k norm, GQA 2:1, head_dim 32) at a size a CPU decodes 4k-token traces with.
+    "small-qwen3": ("qwen3", dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                                  num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                                  max_position_embeddings=40960)),
     "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                                  num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                                 vocab_size=151936, tie_word_embeddings=True)),
+                                 vocab_size=151936, tie_word_embeddings=True,
+                                 max_position_embeddings=40960)),
 }
 
 
@@ -256,9 +261,12 @@ def char_tokenizer(vocab_size: int | None = None) -> "PreTrainedTokenizerFast":
     )
 
 
-def random_model(preset: str = "tiny-llama", *, seed: int = 0, max_positions: int = 2048,
+def random_model(preset: str = "tiny-llama", *, seed: int = 0, max_positions: int | None = None,
                  init_std: float = 0.02, vocab_size: int | None = None) -> tuple[Any, "PreTrainedTokenizerFast"]:
-    """A random-init causal LM (eval mode) and a matching character tokenizer."""
+    """A random-init causal LM (eval mode) and a matching character tokenizer.
+
+    ``max_positions`` defaults to the preset's context (Qwen3's 40,960 for the Qwen3-shaped
+    long-trace presets, 2,048 for the rest)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if preset not in PRESETS:
@@ -268,7 +276,8 @@ def random_model(preset: str = "tiny-llama", *, seed: int = 0, max_positions: in
     vocab = vocab_size or overrides.get("vocab_size", len(tokenizer))
     if vocab > len(tokenizer):
         tokenizer = char_tokenizer(vocab)
-    kwargs = dict(overrides, vocab_size=vocab, max_position_embeddings=max_positions,
+    kwargs = dict(overrides, vocab_size=vocab,
+                  max_position_embeddings=max_positions or overrides.get("max_position_embeddings", 2048),
                   initializer_range=init_std, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Any
 
-from .options import add_device_flags, add_trust_remote_code_flag, resolve_device
+from .options import add_compile_flag, add_device_flags, add_trust_remote_code_flag, resolve_device
 
 
 def add_parser(sub: Any) -> None:
@@ -16,6 +16,13 @@ def add_parser(sub: Any) -> None:
     add_device_flags(bg)
     bg.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median reported)")
     bg.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    bg.add_argument("--parts", default="abcdefgh",
+                    help="which parts to run (default all): a-d on --model; e-h, the long-trace parts, on "
+                         "--long-model (e also on the shipped model, at the lengths its context holds)")
+    bg.add_argument("--long-model", default="random:small-qwen3",
+                    help="model of the long-trace parts (default: a random-init Qwen3-shaped model a CPU can "
+                         "decode 4k tokens with; random:qwen3-0.6b on a GPU)")
+    add_compile_flag(bg)
     add_trust_remote_code_flag(bg)
     bg.set_defaults(func=cmd_bench_generate)
 
@@ -28,7 +35,8 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
 
     result = run_generate_bench(
         args.model, device=resolve_device(args.device), dtype=args.dtype, repeats=args.repeats, quick=args.quick,
-        progress=progress, trust_remote_code=args.trust_remote_code,
+        progress=progress, trust_remote_code=args.trust_remote_code, parts=args.parts, long_model=args.long_model,
+        compile=bool(args.compile),
     )
     print(format_table(result))
     return 0

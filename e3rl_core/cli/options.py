@@ -17,8 +17,15 @@ FIELDS = {
     "max_new_tokens": "max_new_tokens", "temperature": "sampling.temperature", "top_p": "sampling.top_p",
     "top_k": "sampling.top_k", "policy": "threshold.policy", "threshold": "threshold.value",
     "signal": "score.signal", "erase_budget": "erase.budget", "segment_mode": "segment.mode",
-    "segment_tokens": "segment.segment_tokens",
+    "segment_tokens": "segment.segment_tokens", "compile": "compile",
 }
+
+
+def add_compile_flag(p: argparse.ArgumentParser) -> None:
+    """--compile: torch.compile the decode step (GenerationConfig.compile); unset = the config's own."""
+    p.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="torch.compile the one-token decode step (the first run compiles, about a minute on a "
+                        "CPU; needs a C++ compiler on CPU, Triton on CUDA)")
 
 
 def add_trust_remote_code_flag(p: argparse.ArgumentParser) -> None:
@@ -81,6 +88,7 @@ def add_generation_flags(p: argparse.ArgumentParser, with_erase_switch: bool = T
         g.add_argument("--no-erase", action="store_true", help="score segments but never erase")
     g.add_argument("--segment-mode", help="segmenter: fixed or delimiter (segment.mode)")
     g.add_argument("--segment-tokens", type=int, help="segment length (segment.segment_tokens)")
+    add_compile_flag(g)
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any other config field, e.g. --set threshold.kappa=1.5 (repeatable)")
 

@@ -17,12 +17,12 @@ from typing import Any, Sequence
 from ..errors import E3RLError
 from ..overrides import apply_overrides
 from . import e3rl_command
-from .options import add_device_flags, add_trust_remote_code_flag, resolve_device
+from .options import add_compile_flag, add_device_flags, add_trust_remote_code_flag, resolve_device
 
 # flag -> TrainConfig field; each flag is a shortcut for --set FIELD=VALUE
 FLAGS = {"steps": "max_steps", "group_size": "num_generations", "prompts_per_step": "prompts_per_step",
          "learning_rate": "learning_rate", "seed": "seed", "token_budget": "rollout_token_budget",
-         "erase_budget": "generation.erase.budget", "save_steps": "save_steps"}
+         "erase_budget": "generation.erase.budget", "save_steps": "save_steps", "compile": "generation.compile"}
 
 
 def train_command(*, out: str | os.PathLike[str], model: str | None = None, data: str | None = None,
@@ -69,6 +69,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="any TrainConfig field, e.g. --set beta=0.01 or --set generation.threshold.kappa=1.5")
     add_device_flags(p, dtype_default="float32", dtype_note="; the optimizer then updates float32 weights")
+    add_compile_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_trust_remote_code_flag(p)
     p.set_defaults(func=cmd_train)
@@ -92,8 +93,9 @@ def _config(args: argparse.Namespace) -> tuple[Any, str, str]:
     return apply_overrides(config, items + list(args.overrides)), args.model, args.data
 
 
-# what --resume may change: how far the run goes
-RESUMABLE = ("max_steps", "rollout_token_budget")
+# what --resume may change: how far the run goes, and whether the decode step is compiled (the
+# same tokens either way)
+RESUMABLE = ("max_steps", "rollout_token_budget", "generation.compile")
 
 
 def _resume_config(args: argparse.Namespace, run: dict[str, Any], items: list[str]) -> Any:

@@ -4,11 +4,13 @@
 (b) erasing + regenerating an L-token segment at prefix P vs decoding L tokens, and vs naive
     regeneration that re-prefills the kept prefix;
 (c) peak KV-cache memory vs tokens generated with erasures on (linear fit, R^2);
-(d) a G=8 group decoded in lockstep with erasure vs the same 8 rollouts one after another.
+(d) a G=8 group decoded in lockstep with erasure vs the same 8 rollouts one after another;
+(e)-(h) the long-trace parts, on a Qwen3-shaped model: see ``bench_long``.
 Returns rows; the CLI prints them. Timings are medians over ``repeats`` runs after a warm-up.
 """
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -17,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import ConfigError
 from ..events import DoneEvent, EraseEvent, SegmentEvent, TokenEvent
 from ..generation.config import GenerationConfig
 from ..generation.generator import ErasableGenerator
@@ -154,7 +157,7 @@ def _bench_throughput(b: _Bench, p32: list[int], gen_tokens: int) -> list[BenchR
     return rows
 
 
-def _bench_erase_cost(b: _Bench, prompts: dict[int, list[int]], seg: int) -> list[BenchRow]:
+def _bench_erase_cost(b: _Bench, prompts: dict[int, list[int]], seg: int, part: str = "(b)") -> list[BenchRow]:
     """(b) cost of one erase + regenerate of an L-token segment at prefix P, timed inside one run
     from the event stream: attempt 0 (decode L) and erase -> attempt 1 done (rollback + redo L)."""
     # Threshold -inf erases the first attempt; budget 1 then keeps the retry (fallback=last).
@@ -162,7 +165,7 @@ def _bench_erase_cost(b: _Bench, prompts: dict[int, list[int]], seg: int) -> lis
                       "erase.budget=1", "erase.fallback=last", f"segment.segment_tokens={seg}")
     rows = []
     for P, pp in prompts.items():
-        b.progress(f"(b) erase cost at prefix {P}")
+        b.progress(f"{part} erase cost at prefix {P}")
 
         def timed_run() -> tuple[float, float]:
             marks: dict[str, float] = {}
@@ -191,7 +194,7 @@ def _bench_erase_cost(b: _Bench, prompts: dict[int, list[int]], seg: int) -> lis
         t_prefill, _ = _median_time(prefill, b.repeats, b.dev)
         naive = t_prefill + decode
         rows.append(BenchRow(
-            "(b) erase+regenerate", f"P={P}, L={seg}",
+            f"{part} erase+regenerate", f"P={P}, L={seg}",
             f"{redo * 1e3:.1f} ms", f"decode L: {decode * 1e3:.1f} ms; naive re-prefill+decode: {naive * 1e3:.1f} ms",
             f"{redo / decode:.2f}x decode; {redo / naive:.2f}x naive", "<= 1.1x decode",
         ))
@@ -247,6 +250,21 @@ def _bench_group(b: _Bench, p32: list[int], gen_tokens: int) -> BenchRow:
     )
 
 
+PARTS = "abcdefgh"
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                       "checkpoints", "arith-demo")
+
+
+def _prompt_maker(vocab: int) -> Callable[[int], list[int]]:
+    rng = torch.Generator().manual_seed(0)
+
+    def prompt(n: int) -> list[int]:
+        # Ordinary tokens only (ids past the specials), so the prompt is valid for any tokenizer.
+        return torch.randint(min(8, vocab - 1), min(vocab, 1000), (n,), generator=rng).tolist()
+
+    return prompt
+
+
 def run_generate_bench(
     model_spec: str = "random:small",
     *,
@@ -256,25 +274,41 @@ def run_generate_bench(
     quick: bool = False,
     progress: Callable[[str], None] = lambda msg: None,
     trust_remote_code: bool = False,
+    parts: str = PARTS,
+    long_model: str = "random:small-qwen3",
+    shipped_model: str | None = SHIPPED,
+    compile: bool = False,
 ) -> BenchResult:
-    model, tok = load_model(model_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    dev = next(model.parameters()).device
-    vocab = len(tok)
-    gen_tokens = 64 if quick else 256
-    rng = torch.Generator().manual_seed(0)
+    """Parts (a)-(d) on ``model_spec``; the long-trace parts (e)-(h) on ``long_model`` (Qwen3's
+    layout) and (e) also on ``shipped_model`` at the lengths its context holds."""
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ConfigError(f"unknown bench parts {''.join(sorted(unknown)) or '(none given)'}; choose from {PARTS}")
+    result = BenchResult(machine="", model=model_spec if set(parts) & set("abcd") else long_model)
+    if set(parts) & set("abcd"):
+        model, tok = load_model(model_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        dev = next(model.parameters()).device
+        result.machine = machine_description(dev)
+        prompt = _prompt_maker(len(tok))
+        gen_tokens = 64 if quick else 256
+        p32 = prompt(32)
+        b = _Bench(model, tok, model_spec, dev, repeats, progress)
+        if "a" in parts:
+            result.rows += _bench_throughput(b, p32, gen_tokens)
+        if "b" in parts:
+            long_prompts = {P: prompt(P) for P in (256, 1024)}
+            result.rows += _bench_erase_cost(b, long_prompts, seg=32 if quick else 64)
+        if "c" in parts:
+            result.rows.append(_bench_memory(b, p32, [64, 128, 192, 256] if quick else [128, 256, 512, 768, 1024]))
+        if "d" in parts:
+            result.rows.append(_bench_group(b, p32, gen_tokens))
+        del model, b
+    if set(parts) & set("efgh"):
+        from . import bench_long
 
-    def prompt(n: int) -> list[int]:
-        # Ordinary tokens only (ids past the specials), so the prompt is valid for any tokenizer.
-        return torch.randint(min(8, vocab - 1), min(vocab, 1000), (n,), generator=rng).tolist()
-
-    p32 = prompt(32)
-    long_prompts = {P: prompt(P) for P in (256, 1024)}
-    b = _Bench(model, tok, model_spec, dev, repeats, progress)
-    result = BenchResult(machine=machine_description(dev), model=model_spec)
-    result.rows += _bench_throughput(b, p32, gen_tokens)
-    result.rows += _bench_erase_cost(b, long_prompts, seg=32 if quick else 64)
-    result.rows.append(_bench_memory(b, p32, [64, 128, 192, 256] if quick else [128, 256, 512, 768, 1024]))
-    result.rows.append(_bench_group(b, p32, gen_tokens))
+        result.rows += bench_long.run_long_parts(
+            result, parts, long_model, shipped_model, device=device, dtype=dtype, repeats=repeats, quick=quick,
+            progress=progress, trust_remote_code=trust_remote_code, compile=compile)
     return result
 
 

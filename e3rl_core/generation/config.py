@@ -204,6 +204,11 @@ class GenerationConfig:
     rollback moves the write position back) or ``dynamic`` (transformers' ``DynamicCache``, which
     concatenates the whole cache at every step: the reference). Both give the same tokens and
     signals (tested); ``static`` avoids the per-token copy that dominates long traces."""
+    compile: bool = False
+    """``torch.compile`` the one-token decode forward (``--compile``; dynamic shapes, the prefill
+    stays eager). The first run pays the compilation (about a minute on a CPU), later runs with the
+    same model reuse it; tokens and signals are the same (tested on CPU). Needs a C++ compiler on a
+    CPU and Triton on CUDA; without one the run stops at once saying so."""
 
     def __post_init__(self) -> None:
         require_finite(self)

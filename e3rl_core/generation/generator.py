@@ -28,6 +28,7 @@ from ..events import DoneEvent, EraseEvent, ErrorEvent, Event, SegmentEvent, Sta
 from . import detok
 from .config import GenerationConfig
 from .decision import decide
+from .compile import check_compiler, compiled_forward
 from .kvcache import BatchKV
 from .sampling import choose_tokens
 from .scoring import SegmentFeatures, segment_features, segment_score
@@ -165,6 +166,10 @@ class ErasableGenerator:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
+        self._decode_forward: Callable[..., Any] = model
+        if self.config.compile:
+            check_compiler(self.device)
+            self._decode_forward = compiled_forward(model)
         self.last_stats = RunStats()
         self.decoder = detok.Decoder(tokenizer)
         self._token_texts: dict[int, str] = {}
@@ -302,7 +307,13 @@ class _Run:
         }
         if self.gen._has_logits_to_keep:
             kwargs["logits_to_keep"] = keep
-        logits = self.gen.model(**kwargs).logits
+        # Decode steps (one token per row) may go through the compiled forward; prefills never do.
+        forward = self.gen.model
+        if input_ids.shape[1] == 1 and self.cfg.compile:
+            forward = self.gen._decode_forward
+            # A contiguous mask keeps its strides the same from step to step: no recompilation.
+            kwargs["attention_mask"] = attention_mask.contiguous()
+        logits = forward(**kwargs).logits
         return logits[:, -keep:].float()  # (B, keep, V)
 
     def _prefill(self) -> None:
