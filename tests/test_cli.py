@@ -1,6 +1,7 @@
 """The e3rl command line, end to end on a saved tiny model."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -87,3 +88,14 @@ def test_train_command_is_read_back_by_the_train_parser():
     assert args.overrides == ["beta=0.01", "generation.erase.budget=1"]
     assert args.quiet and args.overwrite and not args.resume and args.device == "cpu"
     assert args.seed is None and args.save_steps is None  # left out: the preset's defaults
+
+
+@pytest.mark.parametrize("algo", ["e3rl", "dapo"])
+def test_bench_train_prints_phases_against_bare_work(capsys, algo):
+    assert main(["bench", "train", "--model", "random:tiny-llama", "--data", "synthetic:train?n=8", "--algo", algo,
+                 "--steps", "1", "--set", "num_generations=2", "--set", "prompts_per_step=2",
+                 "--set", "max_completion_length=16"]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert re.search(r"[\d,]+ tok/s \(trainer\) \| [\d,]+ tok/s \(bare engine\) \| \d+\.\d\dx", rows["rollouts"])
+    assert re.search(r"[\d,]+ ms \(_optimize\) \| [\d,]+ ms \(forward \+ backward\) \| \d+\.\d\dx", rows["optimizer phase"])

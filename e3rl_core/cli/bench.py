@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..errors import E3RLError
 from .options import add_compile_flag, add_device_flags, add_trust_remote_code_flag, resolve_device
 
 
@@ -25,6 +26,15 @@ def add_parser(sub: Any) -> None:
     add_compile_flag(bg)
     add_trust_remote_code_flag(bg)
     bg.set_defaults(func=cmd_bench_generate)
+    bt = bench_sub.add_parser("train", help="a training step's phases vs the same work done bare")
+    bt.add_argument("--model", default="checkpoints/arith-demo", help="model directory or random:<preset>")
+    bt.add_argument("--data", default="synthetic:train?n=2000", help="training data spec (as e3rl train)")
+    bt.add_argument("--algo", default="e3rl", choices=["grpo", "dapo", "e3rl"])
+    bt.add_argument("--steps", type=int, default=3, help="steps measured (median reported)")
+    bt.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any TrainConfig field, e.g. --set num_generations=8 (repeatable)")
+    add_device_flags(bt, dtype_default="float32")
+    bt.set_defaults(func=cmd_bench_train)
 
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
@@ -37,6 +47,21 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         args.model, device=resolve_device(args.device), dtype=args.dtype, repeats=args.repeats, quick=args.quick,
         progress=progress, trust_remote_code=args.trust_remote_code, parts=args.parts, long_model=args.long_model,
         compile=bool(args.compile),
+    )
+    print(format_table(result))
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from ..evaluation.bench import format_table
+    from ..evaluation.bench_train import run_train_bench
+
+    if args.steps < 1:
+        raise E3RLError("--steps must be >= 1")
+    result = run_train_bench(
+        args.model, args.data, args.algo, steps=args.steps, overrides=args.overrides,
+        device=resolve_device(args.device), dtype=args.dtype,
+        progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True),
     )
     print(format_table(result))
     return 0

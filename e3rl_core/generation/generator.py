@@ -121,11 +121,18 @@ class RunStats:
     crops: int = 0
     compactions: int = 0
     peak_columns: int = 0
+    peak_capacity: int = 0
     kv_bytes_per_column: int = 0
 
     @property
     def peak_kv_bytes(self) -> int:
+        """Peak bytes of the cache's columns in use."""
         return self.peak_columns * self.kv_bytes_per_column
+
+    @property
+    def peak_kv_allocated(self) -> int:
+        """Peak bytes the cache held allocated (the growing cache's buffer runs up to 2x ahead)."""
+        return max(self.peak_capacity, self.peak_columns) * self.kv_bytes_per_column
 
 
 class ErasableGenerator:
@@ -332,6 +339,7 @@ class _Run:
         self.kv.advance(longest)
         self.stats.kv_bytes_per_column = self.kv.nbytes() // max(1, self.kv.length)
         self.stats.peak_columns = self.kv.length
+        self.stats.peak_capacity = self.kv.capacity()
         self.cur = logits[:, -1].clone()
         self.boundary = self.cur.clone()
         if keep > 1:
@@ -605,6 +613,7 @@ class _Run:
         kv.advance(1)
         self.stats.forwards += 1
         self.stats.peak_columns = max(self.stats.peak_columns, kv.length)
+        self.stats.peak_capacity = max(self.stats.peak_capacity, kv.capacity())
         col = kv.length - 1
         idx = torch.tensor([r.index for r in feeding], device=dev)
         self.cur[idx] = logits[idx]

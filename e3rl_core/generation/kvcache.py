@@ -196,6 +196,13 @@ class BatchKV:
             _get(holder, attr).nbytes for holder, k, v in cache_layers(self.cache) for attr in (k, v)
         )
 
+    def capacity(self) -> int:
+        """Columns allocated: the growing buffer's size, or the length for a concatenating cache."""
+        layers = getattr(self.cache, "layers", None)
+        if layers and isinstance(layers[0], GrowingLayer):
+            return layers[0].capacity
+        return self.length
+
     def invalidate(self, row: int, columns: list[int]) -> None:
         if columns:
             self._mask[row, columns] = 0

@@ -86,6 +86,9 @@ class Trainer:
         self._load_models(device, dtype, created)
         self.gen_config = config.effective_generation()
         self.allocation = config.effective_allocation
+        # Causal allocation with one pass takes its attention weights from the training forward
+        # (see _optimize); tests turn this off to compare with the separate no-grad forward.
+        self.fuse_attention = True
         self._check_attention_layout(created)
         self._reward_memo: dict[tuple[str, str | None], float | None] = {}
         # A template that opens the think block in the prompt (DeepSeek-R1 distills) starts every
@@ -350,8 +353,8 @@ class Trainer:
         w_all = torch.cat(weights) if weights else torch.ones(len(b), n_max)
         return torch.cat(old), (torch.cat(ref) if ref else None), w_all
 
-    def _advantages(self, b: RolloutBatch, weights: torch.Tensor) -> torch.Tensor:
-        """Token advantages (R, T): rollout advantages over the global batch, spread over segments."""
+    def _rollout_advantages(self, b: RolloutBatch) -> torch.Tensor:
+        """Rollout advantages (R,) of this process's rows, estimated over the global batch."""
         gathered = distributed.all_gather_object((b.rewards.tolist(), b.group_ids.tolist()))
         rewards, groups, offset, mine = [], [], 0, 0
         for r, (rw, gi) in enumerate(gathered):
@@ -362,14 +365,23 @@ class Trainer:
             offset += (max(gi) + 1) if gi else 0
         adv_all = ADVANTAGES.get(self.cfg.advantage_estimator)(
             torch.tensor(rewards, dtype=torch.float32), torch.tensor(groups, dtype=torch.long), self.cfg.scale_rewards)
-        adv = adv_all[mine : mine + len(b)]
-        seg_adv = ALLOCATORS.get(self.allocation)(adv, weights, b.n_segments, self.cfg.allocation_lambda)  # (R, N)
-        tok = seg_adv.gather(1, b.segment_ids.clamp(min=0)) * (b.segment_ids >= 0)  # (R, T)
-        erased = (b.parent >= 0).nonzero().squeeze(1)
-        if erased.numel():  # erased attempts: -delta * |A| of the rollout they were erased from
-            penalty = -self.cfg.erased_advantage_delta * adv[b.parent[erased]].abs()
-            tok[erased] = penalty[:, None] * (b.segment_ids[erased] >= 0)
+        return adv_all[mine : mine + len(b)]
+
+    def _token_advantages(self, adv: torch.Tensor, mb: RolloutBatch, sl: slice, weights: torch.Tensor) -> torch.Tensor:
+        """Token advantages (r, T) of the rows ``sl`` (``mb`` = those rows): each rollout's advantage
+        spread over its segments by ``weights`` (r, N); an erased attempt's row gets -delta * |A| of
+        the rollout it was erased from (``adv`` holds every row, as ``parent`` indexes them)."""
+        seg_adv = ALLOCATORS.get(self.allocation)(adv[sl], weights, mb.n_segments, self.cfg.allocation_lambda)  # (r, N)
+        tok = seg_adv.gather(1, mb.segment_ids.clamp(min=0)) * (mb.segment_ids >= 0)  # (r, T)
+        erased = (mb.parent >= 0).nonzero().squeeze(1)
+        if erased.numel():
+            penalty = -self.cfg.erased_advantage_delta * adv[mb.parent[erased]].abs()
+            tok[erased] = penalty[:, None] * (mb.segment_ids[erased] >= 0)
         return tok
+
+    def _advantages(self, b: RolloutBatch, weights: torch.Tensor) -> torch.Tensor:
+        """Token advantages (R, T): rollout advantages over the global batch, spread over segments."""
+        return self._token_advantages(self._rollout_advantages(b), b, slice(0, len(b)), weights)
 
     def _optimize(self, b: RolloutBatch) -> dict[str, float]:
         c = self.cfg
@@ -377,13 +389,18 @@ class Trainer:
         # With one pass and no attention to read, the old policy is the current one: skip a forward
         # and take the detached log-probs of the training forward (as TRL does).
         reuse = c.num_iterations == 1 and self.allocation != "causal_attention" and self.ref_model is None
-        if reuse or not len(b):
+        # One pass, no reference model, linear causal allocation: the attention weights come from
+        # hooks on the training forward itself, so the step needs no extra forward.
+        fused = (self.fuse_attention and c.num_iterations == 1 and self.ref_model is None
+                 and self.allocation == "causal_attention" and c.attention_impl == "linear")
+        if reuse or fused or not len(b):
             old, ref, weights = None, None, torch.ones(len(b), max(int(b.n_segments.max()), 1) if len(b) else 1)
         else:
             old, ref, weights = self._old_logps_and_weights(b)
             if c.num_iterations == 1:
                 old = None  # the same policy: exact ratio 1 (the eager forward may differ in the last bits)
-        adv = self._advantages(b, weights)  # every process joins the gather, even with no rollouts
+        rollout_adv = self._rollout_advantages(b)  # every process joins the gather, even with no rollouts
+        adv = None if fused else self._token_advantages(rollout_adv, b, slice(0, len(b)), weights)
         g = distributed.sum_floats({"seq": float(len(b)), "tok": float(b.completion_mask.sum()) if len(b) else 0.0})
         norm = LossNorm(int(g["seq"]), int(g["tok"]), self.gen_config.max_new_tokens)
         aggregate = LOSSES.get(c.loss_type)
@@ -395,9 +412,17 @@ class Trainer:
             for sl in self._micro(len(b)):
                 mb = b.rows(sl)
                 mask = mb.completion_mask.to(self.device)
-                logp = token_logps(self._forward(self.model, mb).logits, mb.input_ids.to(self.device), T)
+                if fused:
+                    with answer_attention(self.model, c.attention_layers, mb.segment_ids, mb.n_segments,
+                                          mb.attention_mask) as att:
+                        logits = self._forward(self.model, mb).logits
+                    mb_adv = self._token_advantages(rollout_adv, mb, sl, att.weights())
+                else:
+                    logits = self._forward(self.model, mb).logits
+                    mb_adv = adv[sl]
+                logp = token_logps(logits, mb.input_ids.to(self.device), T)
                 per_tok, st = clipped_surrogate(
-                    logp, logp.detach() if old is None else old[sl].to(self.device), adv[sl].to(self.device), epsilon_low=c.epsilon,
+                    logp, logp.detach() if old is None else old[sl].to(self.device), mb_adv.to(self.device), epsilon_low=c.epsilon,
                     epsilon_high=eps_high, ref_logp=None if ref is None else ref[sl].to(self.device), beta=c.beta)
                 loss = aggregate(per_tok, mask, norm)
                 loss.backward()
@@ -405,7 +430,7 @@ class Trainer:
                 sums["kl"] += float((st.kl * mask).sum())
                 sums["low"] += float((st.low_clipped * mask).sum())
                 sums["high"] += float((st.high_clipped * mask).sum())
-                sums["adv_abs"] += float((adv[sl].abs() * mb.completion_mask).sum())
+                sums["adv_abs"] += float((mb_adv.abs() * mb.completion_mask).sum())
             distributed.sum_gradients(self.model)
             sums = distributed.sum_floats(sums)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(

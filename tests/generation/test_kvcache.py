@@ -348,3 +348,26 @@ def test_unknown_kv_cache_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="unknown kv_cache 'paged'"):
         GenerationConfig(kv_cache="paged")
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_run_stats_count_allocated_columns_as_well_as_used_ones(tiny_llama, kind):
+    model, tok = tiny_llama
+    from e3rl_core.generation.config import GenerationConfig
+    from e3rl_core.generation.generator import ErasableGenerator
+    from e3rl_core.overrides import apply_overrides
+
+    gen = ErasableGenerator(model, tok, apply_overrides(GenerationConfig(), [
+        f"kv_cache={kind}", "max_new_tokens=40", "erase.enabled=false", "threshold.policy=none"]))
+    gen.eos_ids = set()
+    gen.generate([_ids(3, 300)], group_size=2)
+    st = gen.last_stats
+    assert st.peak_columns == 300 + 39  # the last token is drawn, never fed
+    c = model.config
+    # keys and values of every layer, 2 rows, float32
+    per_column = c.num_hidden_layers * 2 * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    assert st.kv_bytes_per_column == per_column
+    if kind == "static":  # 339 columns in a buffer that doubled from 256 to 512
+        assert st.peak_capacity == 512 and st.peak_kv_allocated == 512 * per_column
+    else:
+        assert st.peak_kv_allocated == st.peak_kv_bytes == 339 * per_column

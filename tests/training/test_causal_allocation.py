@@ -176,3 +176,37 @@ def test_trainer_refuses_an_unsupported_layout_before_any_rollout(tmp_path, monk
 def test_attention_impl_is_validated():
     with pytest.raises(ConfigError, match="attention_impl must be one of linear, eager"):
         apply_overrides(TrainConfig.for_algo("e3rl"), ["attention_impl=flash"])
+
+
+def test_one_pass_takes_its_weights_from_the_training_forward(tmp_path):
+    """With num_iterations = 1 the attention weights come from hooks on the training forward (no
+    extra forward); the loss, gradient norm and updated weights equal the two-forward path."""
+    import copy
+
+    model, tok = random_model("tiny-qwen3", init_std=0.3, seed=1)
+    thr = median_score(model, tok, PROMPTS[0])
+    cfg = make_config("threshold.policy=fixed", f"threshold.value={thr}")
+    traces = ErasableGenerator(model, tok, cfg).generate(PROMPTS, group_size=2, seed=1)
+    batch = build_batch(traces, [1.0, 0.0, 1.0, 0.0], pad_id=tok.pad_token_id, erased_rows=True)
+    assert (batch.parent >= 0).any()
+    config = apply_overrides(TrainConfig.for_algo("e3rl", recommended_config(DEMO)),
+                             ["num_generations=2", "prompts_per_step=2", "micro_batch_size=3",
+                              "erased_advantage_delta=0.5", "learning_rate=1e-3"])
+    results = {}
+    for fused in (True, False):
+        trainer = Trainer(config, model="random:tiny-qwen3", data=DATA, out=tmp_path / f"run{fused}")
+        trainer.model, trainer.device = copy.deepcopy(model), torch.device("cpu")
+        trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-3)
+        trainer.fuse_attention = fused
+        forwards = []
+        handle = trainer.model.register_forward_pre_hook(lambda m, a: forwards.append(torch.is_grad_enabled()))
+        metrics = trainer._optimize(batch)
+        handle.remove()
+        results[fused] = (metrics, forwards, [p.detach().clone() for p in trainer.model.parameters()])
+    (m_f, fw_f, p_f), (m_u, fw_u, p_u) = results[True], results[False]
+    micro = -(-len(batch) // 3)
+    assert fw_f == [True] * micro and fw_u == [False] * micro + [True] * micro  # one forward per micro-batch saved
+    for key in ("loss", "grad_norm", "advantage_abs_mean"):
+        assert m_f[key] == pytest.approx(m_u[key], rel=1e-5, abs=1e-8), key
+    assert m_f["advantage_abs_mean"] > 0
+    assert max((a - b).abs().max() for a, b in zip(p_f, p_u)) <= 1e-6
