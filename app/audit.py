@@ -10,16 +10,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 import pandas as pd
 
 from e3rl_core.errors import E3RLError, TraceFormatError
-from e3rl_core.events import SegmentEvent, StartEvent, Trace, dumps, group_traces, read_events
-from e3rl_core.generation.config import GenerationConfig
+from e3rl_core.events import (
+    Event,
+    SegmentEvent,
+    StartEvent,
+    TokenEvent,
+    Trace,
+    dumps,
+    group_traces,
+    is_gzip,
+    open_events,
+    parse_events,
+    write_events,
+)
+from e3rl_core.generation.config import GenerationConfig, ThresholdConfig
 from e3rl_core.generation.decision import ScoredAttempt, decide
 from e3rl_core.generation.schedule import decision_order
 from e3rl_core.generation.scoring import SegmentFeatures, segment_score
@@ -44,10 +57,20 @@ def counterfactual_twins(traces: Sequence[Trace]) -> dict[str, Trace]:
     off = {key(t): t for t in traces if not t.start.config.get("erase", {}).get("enabled", True)}
     return {t.trace_id: off[key(t)] for t in traces
             if t.start.config.get("erase", {}).get("enabled", True) and key(t) in off}
-MAX_TRACE_FILE_BYTES = 50 * 2**20
-MAX_SESSION_TRACE_BYTES = 100 * 2**20
-"""Trace files one browser session holds loaded at once (they stay in the server's memory, about
-1.6 times their size on disk)."""
+
+
+MAX_TRACE_FILE_BYTES = 96 * 2**20
+"""The largest trace file an upload may be, as stored (plain or gzip): gradio refuses a larger one
+before it reaches the disk. A G = 8 x 16k-token group with top-5 alternatives is about 70 MB of JSONL."""
+MAX_TRACE_TEXT_BYTES = 128 * 2**20
+"""The most JSONL text one file may hold once decompressed: reading stops there, so a small gzip
+file that inflates to gigabytes costs no more than this."""
+MAX_SESSION_TRACE_BYTES = 128 * 2**20
+"""JSONL text (decompressed) one browser session holds loaded at once; its events stay in the
+server's memory, at most about MEMORY_PER_TEXT_BYTE times this."""
+MEMORY_PER_TEXT_BYTE = 3.5
+"""Bytes of server memory a loaded event costs per byte of its JSONL text (3.1 measured on long
+rollouts with top-5 alternatives, once ``_compact``; 5.3 before), tested in tests/app/test_audit_gz.py."""
 MAX_CELL_CHARS = 1000
 """Characters of a text cell the tables show (exports keep every character)."""
 
@@ -97,42 +120,100 @@ def filter_frame(df: pd.DataFrame, only_erasures: bool = False, trace: str = "",
     return out
 
 
-def export(df: pd.DataFrame, directory: str | os.PathLike[str], stem: str = "e3rl-audit") -> tuple[Path, Path]:
-    """Write the table as CSV and JSONL (atomically); returns both paths."""
+def export(df: pd.DataFrame, directory: str | os.PathLike[str], stem: str = "e3rl-audit", compress: bool = False,
+           traces: Sequence[Trace] = ()) -> list[Path]:
+    """Write the table as CSV and JSONL, and ``traces`` (the table's rollouts) as a trace file the
+    Audit tab loads again; with ``compress`` the two JSONL files are gzipped (``.jsonl.gz``).
+    Each file is written under a temporary name and renamed, so a reader never sees half of one."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    csv, jsonl = d / f"{stem}.csv", d / f"{stem}.jsonl"
-    for path, write in ((csv, lambda p: df.to_csv(p, index=False)),
-                        (jsonl, lambda p: df.to_json(p, orient="records", lines=True, force_ascii=False))):
-        tmp = path.with_name(path.name + ".tmp")
+    gz = ".gz" if compress else ""
+    csv, rows, events = d / f"{stem}.csv", d / f"{stem}.jsonl{gz}", d / f"{stem}-traces.jsonl{gz}"
+    writers = [(csv, lambda p: df.to_csv(p, index=False)),
+               (rows, lambda p: df.to_json(p, orient="records", lines=True, force_ascii=False,
+                                           compression="gzip" if compress else None))]
+    if traces:  # the trace writer picks gzip by the name's .gz, which the temporary name keeps
+        writers.append((events, lambda p: write_events((e for t in traces for e in t.events), p)))
+    for path, write in writers:
+        tmp = path.with_name(f".tmp-{path.name}")
         write(tmp)
         os.replace(tmp, path)
-    return csv, jsonl
+    return [path for path, _ in writers]
+
+
+def _compact(event: Event) -> Event:
+    """A loaded event made smaller in place: its repeated strings (trace id, token texts, which
+    come from one vocabulary) shared, and a token's top-k alternatives held as tuples. A token
+    event with top-5 costs 3.1 bytes per byte of JSONL text so, 5.3 as parsed."""
+    event.trace_id = sys.intern(event.trace_id)
+    if isinstance(event, TokenEvent):
+        event.text = _shared(event.text)
+        if event.top:
+            event.top = tuple((t[0], _shared(t[1]), *t[2:]) if isinstance(t, list) and len(t) > 1 else t
+                              for t in event.top)
+    return event
+
+
+def _shared(text: Any) -> Any:
+    return sys.intern(text) if isinstance(text, str) and len(text) <= 64 else text  # a long text is rarely repeated
+
+
+class TraceTooLarge(E3RLError):
+    """A trace file holds more JSONL text than may be loaded."""
+
+
+def _bounded_lines(fh: IO[bytes], limit: int, read: list[int]) -> Iterator[bytes]:
+    """The file's lines, one at a time; raises TraceTooLarge once more than ``limit`` bytes were
+    read (each line is read with at most the bytes left, so one endless line costs no more).
+    ``read[0]`` counts the bytes read so far."""
+    while True:
+        line = fh.readline(limit - read[0] + 1)
+        if not line:
+            return
+        read[0] += len(line)
+        if read[0] > limit:
+            raise TraceTooLarge(f"more than {limit / 2**20:.0f} MiB of JSONL text")
+        yield line
 
 
 def load_trace_file(path: str | os.PathLike[str], name: str | None = None) -> list[Trace]:
-    """Traces from a JSONL event file, validated; errors say what is wrong and where. ``name``: the
-    file as its user named it (an upload's original name), which errors use instead of the path."""
+    """Traces from a JSONL event file, plain or gzip; see ``read_trace_file``."""
+    return read_trace_file(path, name)[0]
+
+
+def read_trace_file(path: str | os.PathLike[str], name: str | None = None,
+                    max_text_bytes: int = MAX_TRACE_TEXT_BYTES) -> tuple[list[Trace], int]:
+    """Traces from a JSONL event file, plain or gzip (told by its first bytes, whatever its name),
+    validated, and the bytes of JSONL text read. The file is streamed: what stays in memory is its
+    events, and reading stops once ``max_text_bytes`` of text were read (TraceTooLarge). Errors say
+    what is wrong and where; ``name``: the file as its user named it (an upload's original name),
+    which errors use instead of the path."""
     p = Path(path)
     name = name or p.name
     if not p.is_file():
         raise E3RLError(f"no such trace file: {name}")
     if p.stat().st_size > MAX_TRACE_FILE_BYTES:
         raise E3RLError(f"{name} is {p.stat().st_size / 2**20:.0f} MiB; load at most "
-                        f"{MAX_TRACE_FILE_BYTES // 2**20} MiB of traces at once (split the file)")
+                        f"{MAX_TRACE_FILE_BYTES // 2**20} MiB of traces at once (gzip it or split the file)")
+    read = [0]
     try:
-        events = read_events(p, allow_truncated=True)
+        with open_events(p) as fh:
+            lines = _bounded_lines(fh, max_text_bytes, read)
+            events = [_compact(e) for e in parse_events(lines, name, allow_truncated=True)]
     except UnicodeDecodeError:
         raise TraceFormatError(f"{name} is not a UTF-8 text file; load a JSONL trace written by e3rl") from None
-    except TraceFormatError as err:  # its message starts with the path read: name the file as the user did
-        raise TraceFormatError(f"{str(err).replace(str(p), name)}; load a JSONL trace written by e3rl") from None
+    except TraceTooLarge as err:
+        raise TraceTooLarge(f"{name} holds {err}; load at most {max_text_bytes // 2**20} MiB of traces "
+                            f"at once (split the file)") from None
+    except TraceFormatError as err:  # its message starts with the name read
+        raise TraceFormatError(f"{err}; load a JSONL trace written by e3rl") from None
     if not events:
         raise TraceFormatError(f"{name} holds no events; load a JSONL trace written by e3rl generate --trace-out")
     traces = group_traces(events)
     starts = [t for t in traces if not any(isinstance(e, StartEvent) for e in t.events)]
     if starts:
         raise TraceFormatError(f"{name}: trace {starts[0].trace_id!r} has no start event; the file is incomplete")
-    return traces
+    return traces, read[0]
 
 
 @dataclass(eq=False)
@@ -146,19 +227,27 @@ class LoadedTraces:
 
     def add(self, path: str | os.PathLike[str], name: str, max_bytes: int = MAX_SESSION_TRACE_BYTES,
             known: Iterable[str] = ()) -> str:
-        """Load one file into the session; returns what happened, in a line. Traces whose id is
-        loaded already (or in ``known``: the session's own) are skipped, so no decision is listed
-        twice. Raises E3RLError, changing nothing, for a bad file or one over the session's budget."""
+        """Load one file (plain or gzip) into the session; returns what happened, in a line. Traces
+        whose id is loaded already (or in ``known``: the session's own) are skipped, so no decision
+        is listed twice. ``nbytes`` counts JSONL text (decompressed), which is what memory follows.
+        Raises E3RLError, changing nothing, for a bad file or one over the session's budget."""
         p = Path(path)
         if not p.is_file() or p.stat().st_size > MAX_TRACE_FILE_BYTES:
             load_trace_file(p, name)  # raises the error that says so
-        size, digest = p.stat().st_size, _digest(p)
+        digest = _digest(p)
         if digest in self.digests:
             return f"{name} is loaded already; nothing added"
-        if self.nbytes + size > max_bytes:
-            raise E3RLError(f"this session holds {self.nbytes / 2**20:.1f} MiB of loaded traces and {name} would "
-                            f"pass the {max_bytes // 2**20} MiB a session may hold; reload the page to start over")
-        traces = load_trace_file(p, name)
+        room = max_bytes - self.nbytes
+        over = (f"this session holds {self.nbytes / 2**20:.1f} MiB of loaded traces and {name} would pass the "
+                f"{max_bytes // 2**20} MiB a session may hold; reload the page to start over")
+        if not is_gzip(p) and p.stat().st_size > room:  # plain text: its size is known before reading
+            raise E3RLError(over)
+        try:
+            traces, size = read_trace_file(p, name, max_text_bytes=min(MAX_TRACE_TEXT_BYTES, room))
+        except TraceTooLarge:
+            if room < MAX_TRACE_TEXT_BYTES:  # the session's budget stopped it, not the file's
+                raise E3RLError(over) from None
+            raise
         seen = {t.trace_id for t in self.traces} | set(known)
         new = [t for t in traces if t.trace_id not in seen]
         self.traces.extend(new)
@@ -304,6 +393,19 @@ def _kept_signal(trace: Trace, signal: str) -> dict[int, list[float]]:
 def _rescore(s: SegmentEvent, weights: tuple[float, float, float]) -> float:
     f = s.features
     return segment_score(SegmentFeatures(base=f["base"], max=f["max"], delta=f["delta"]), weights)
+
+
+def recorded_thresholds(trace: Trace, names: Sequence[str]) -> list[Any]:
+    """The trace's own threshold settings (``ThresholdConfig`` field names), each at
+    ThresholdConfig's default where the trace did not record it: where the what-if starts."""
+    recorded, default = trace.start.config.get("threshold", {}), ThresholdConfig()
+    return [recorded.get(name, getattr(default, name)) for name in names]
+
+
+def what_if_summary(df: pd.DataFrame) -> str:
+    """The what-if's line: how many recorded decisions the new settings change."""
+    changed = int(df["changed"].sum()) if len(df) else 0
+    return f"{changed} of {len(df)} recorded decisions would change"
 
 
 def group_of(traces: Sequence[Trace], trace_id: str) -> list[Trace]:

@@ -24,7 +24,7 @@ MAX_TEXT_CHARS = 2000
 CSS = """
 .e3rl-scroll{max-height:26em;overflow-y:auto;display:flex;flex-direction:column-reverse;contain:content}
 .e3rl-scroll .e3rl-trace{margin-bottom:auto !important;flex:none}
-#e3rl-heatmap .e3rl-scroll{height:20em}
+#e3rl-heatmap .e3rl-scroll{max-height:20em}
 .e3rl-trace{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:14px;line-height:1.9;white-space:pre-wrap;
   word-break:break-word;padding:8px;border:1px solid #ddd;border-radius:6px;background:#fff;color:#111}
 .e3rl-tok{border-radius:3px;padding:1px 0;cursor:help}
@@ -36,9 +36,15 @@ details.e3rl-erased{display:inline;font-size:11px;color:#a33}
 details.e3rl-erased summary{display:inline;cursor:pointer;list-style:none;background:#ffe1e1;border:1px solid #e99;
   border-radius:8px;padding:0 4px;margin:0 2px}
 details.e3rl-erased s{color:#a33;opacity:.8}
-.e3rl-legend{display:flex;align-items:center;gap:6px;font-size:12px;color:#333;margin:4px 0}
-.e3rl-legend .bar{width:180px;height:10px;border-radius:3px;
+details.e3rl-erased::details-content{display:none}
+details.e3rl-erased[open]::details-content{display:inline}
+.e3rl-legend{display:flex;align-items:flex-start;gap:8px;font-size:12px;color:#333;margin:4px 0}
+.e3rl-legend .scale{display:inline-flex;flex-direction:column;width:180px}
+.e3rl-legend .bar{height:10px;border-radius:3px;border:1px solid #ccc;
   background:linear-gradient(90deg,rgb(255,255,255),rgb(255,226,120),rgb(232,62,50))}
+.e3rl-legend .ticks{display:flex;justify-content:space-between;font-size:11px;color:#555}
+.e3rl-stopped{color:#a60;font-size:12px;margin-left:4px}
+.e3rl-offstage{display:none !important}
 """
 
 
@@ -65,6 +71,8 @@ class TraceView:
     error: ErrorEvent | None = None
     last_erased: tuple[int, int] | None = None
     """The most recently erased (segment, attempt), shown struck through until its retry is decided."""
+    stopped: bool = False
+    """Cut short by Stop before its done event (``stop``)."""
     n_events: int = 0
 
     def apply(self, ev: Event) -> None:
@@ -84,6 +92,15 @@ class TraceView:
             self.done, self.last_erased = ev, None
         elif isinstance(ev, ErrorEvent):
             self.error = ev
+
+    def stop(self) -> None:
+        """Mark the trace stopped where it stands: an erased attempt folds into its ✂ marker (it
+        was erased; only its retry is cut short), and the summary says where it stopped."""
+        self.stopped, self.last_erased = True, None
+
+    def generated(self) -> int:
+        """Tokens generated so far, erased ones included."""
+        return sum(len(a.tokens) for a in self.attempts)
 
     def _attempt(self, segment: int, attempt: int) -> Attempt:
         for a in reversed(self.attempts):
@@ -131,11 +148,14 @@ def colour(value: float, signal: str = "entropy") -> str:
 
 
 def legend_html(signal: str = "entropy") -> str:
+    """The colour scale (its labels under the bar, at the values the bar's left, middle and right
+    edge stand for) and what the marks mean."""
     top = SCALE_MAX.get(signal, 2.0)
     name = "entropy H" if signal == "entropy" else "surprisal −log p"
-    return (f'<div class="e3rl-legend"><span>{name}:</span><span>0</span><span class="bar"></span>'
-            f"<span>{top / 2:g}</span><span>≥ {top:g} nats</span>"
-            "<span style='margin-left:10px'>│ segment start · ✂ erased attempt (click to expand)</span></div>")
+    return (f'<div class="e3rl-legend"><span>{name}:</span>'
+            f'<span class="scale"><span class="bar"></span><span class="ticks"><span>0</span><span>{top / 2:g}</span>'
+            f"<span>≥ {top:g} nats</span></span></span>"
+            "<span>│ segment start · ✂ erased attempt (click to expand)</span></div>")
 
 
 def token_title(t: TokenEvent) -> str:
@@ -146,68 +166,122 @@ def token_title(t: TokenEvent) -> str:
     return "\n".join(lines)
 
 
-def _tokens_html(tokens: Sequence[TokenEvent], signal: str) -> str:
-    out = []
+def pieces(tokens: Sequence[TokenEvent]) -> list[list[TokenEvent]]:
+    """Tokens grouped as drawn: a token whose text is empty (a byte of a character that a later
+    token completes, in byte-level BPE) joins the tokens up to the one that completes it, so the
+    character is one visible span; every other token is a group of its own. Trailing pieces of a
+    character not completed yet form the last group."""
+    groups: list[list[TokenEvent]] = []
+    open_group = False  # the last group still waits for the token that completes its character
     for t in tokens:
-        value = t.entropy if signal == "entropy" else t.surprisal
-        out.append(f'<span class="e3rl-tok" style="background:{colour(float(value), signal)}" '
-                   f'title="{html.escape(token_title(t), quote=True)}">'
-                   f"{html.escape(clip(str(t.text), MAX_TOKEN_CHARS))}</span>")
+        if open_group:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+        open_group = t.text == ""
+    return groups
+
+
+def group_title(group: Sequence[TokenEvent]) -> str:
+    """The hover card of one drawn span: its token's, or each piece's of a multi-token character."""
+    if len(group) == 1:
+        return token_title(group[0])
+    head = f"{len(group)} tokens, one character (byte pieces):"
+    return "\n\n".join([head, *(f"piece {i + 1}: " + token_title(t) for i, t in enumerate(group))])
+
+
+def tokens_html(tokens: Sequence[TokenEvent], signal: str = "entropy") -> str:
+    """Tokens as coloured spans with their signals on hover (byte pieces of one character as one)."""
+    out = []
+    for group in pieces(tokens):
+        # a multi-token character is coloured by its most uncertain piece
+        value = max(float(t.entropy if signal == "entropy" else t.surprisal) for t in group)
+        text = "".join(str(t.text) for t in group) or "\ufffd"  # pieces of a character still incomplete
+        out.append(f'<span class="e3rl-tok" style="background:{colour(value, signal)}" '
+                   f'title="{html.escape(group_title(group), quote=True)}">'
+                   f"{html.escape(clip(text, MAX_TOKEN_CHARS))}</span>")
     return "".join(out)
 
 
-def _decision_text(d: SegmentEvent | None) -> str:
+def _decision_text(d: SegmentEvent | None, stopped: bool = False) -> str:
     if d is None:
-        return "generating"
+        return "not decided (stopped)" if stopped else "generating"
     thr = "none yet" if d.threshold is None else f"{d.threshold:.3f}"
     return f"U={d.score:.3f}, Θ={thr}: {d.decision} ({d.reason})"
 
 
-def trace_html(view: TraceView, signal: str = "entropy", with_css: bool = True) -> str:
-    """The trace as a token heatmap: segments marked, erased attempts struck through while their
-    retry streams in, then folded into an expandable ✂ marker in front of the kept attempt."""
-    parts = [f"<style>{CSS}</style>"] if with_css else []
-    parts.append('<div class="e3rl-scroll"><div class="e3rl-trace">')
+def segments(view: TraceView) -> dict[int, list[Attempt]]:
+    """Segment index -> its attempts in order, segments in order of appearance."""
     by_segment: dict[int, list[Attempt]] = {}
     for a in view.attempts:
         by_segment.setdefault(a.segment, []).append(a)
-    for seg, attempts in by_segment.items():
-        current = attempts[-1]
-        sid = html.escape(str(seg), quote=True)  # loaded files are not type-checked: escape everything
-        mark = html.escape(f"segment {seg}: " + _decision_text(current.decision), quote=True)
-        parts.append(f'<span class="e3rl-seg" data-seg="{sid}"><span class="e3rl-segmark" title="{mark}">{sid}</span>')
-        for a in attempts:
-            aid = html.escape(f"{seg}.{a.attempt}", quote=True)
-            if a.erased is None:
-                parts.append(_tokens_html(a.tokens, signal))
-            elif view.last_erased == (a.segment, a.attempt):
-                parts.append(f'<span class="e3rl-erasing" data-erased="{aid}">{html.escape(_shown_text(a))}</span>')
-            else:
-                why = html.escape(_decision_text(a.decision), quote=True)
-                parts.append(f'<details class="e3rl-erased" data-erased="{aid}"><summary title="{why}">✂</summary>'
-                             f"<s>{html.escape(_shown_text(a))}</s></details>")
-        parts.append("</span>")
+    return by_segment
+
+
+def segment_html(view: TraceView, seg: int, attempts: Sequence[Attempt], signal: str = "entropy") -> str:
+    """One segment's block: its mark, then each attempt (erased ones struck through while their
+    retry streams in, then folded into ✂), the streaming or kept attempt's tokens last."""
+    current = attempts[-1]
+    sid = html.escape(str(seg), quote=True)  # loaded files are not type-checked: escape everything
+    mark = html.escape(f"segment {seg}: " + _decision_text(current.decision, view.stopped), quote=True)
+    parts = [f'<span class="e3rl-seg" data-seg="{sid}"><span class="e3rl-segmark" title="{mark}">{sid}</span>']
+    for a in attempts:
+        aid = html.escape(f"{seg}.{a.attempt}", quote=True)
+        if a.erased is None:
+            parts.append(tokens_html(a.tokens, signal))
+        elif view.last_erased == (a.segment, a.attempt):
+            parts.append(f'<span class="e3rl-erasing" data-erased="{aid}">{html.escape(_shown_text(a))}</span>')
+        else:
+            why = html.escape(_decision_text(a.decision), quote=True)
+            parts.append(f'<details class="e3rl-erased" data-erased="{aid}"><summary title="{why}">✂</summary>'
+                         f"<s>{html.escape(_shown_text(a))}</s></details>")
+    parts.append("</span>")
+    return "".join(parts)
+
+
+def tail_html(view: TraceView) -> str:
+    """What follows the last segment: the stopped mark and the error, in one element (the live
+    view replaces it whole)."""
+    parts = ['<span class="e3rl-tail">']
+    if view.stopped:
+        parts.append(f'<span class="e3rl-stopped">■ stopped at token {view.generated()}</span>')
     if view.error:
         message = html.escape(clip(str(view.error.message), MAX_TEXT_CHARS))
         parts.append(f'<div style="color:#b00">error: {message}</div>')
+    parts.append("</span>")
+    return "".join(parts)
+
+
+def trace_html(view: TraceView, signal: str = "entropy", with_css: bool = True) -> str:
+    """The trace as a token heatmap: segments marked, erased attempts struck through while their
+    retry streams in, then folded into an expandable ✂ marker in front of the kept attempt. The
+    head, ``segment_html`` of each segment and ``tail_html``, concatenated (``app.live`` sends
+    the same pieces as edits)."""
+    parts = [f"<style>{CSS}</style>"] if with_css else []
+    parts.append('<div class="e3rl-scroll"><div class="e3rl-trace">')
+    parts += [segment_html(view, seg, attempts, signal) for seg, attempts in segments(view).items()]
+    parts.append(tail_html(view))
     parts.append("</div></div>")
     return "".join(parts)
 
 
 def _shown_text(a: Attempt) -> str:
-    """An attempt's text as drawn: each token cut as ``_tokens_html`` cuts it."""
+    """An attempt's text as drawn: each token cut as ``tokens_html`` cuts it."""
     return "".join(clip(str(t.text), MAX_TOKEN_CHARS) for t in a.tokens)
 
 
 def summary_markdown(view: TraceView, seconds: float | None = None, first_token_s: float | None = None,
-                     group_tokens: int | None = None) -> str:
+                     group_tokens: int | None = None, warning: str | None = None) -> str:
     """Answer with ✓/✗ (when the gold answer is known) and the counts; the rate is over the whole
-    group's tokens when ``group_tokens`` is given (all rows are generated together)."""
+    group's tokens when ``group_tokens`` is given (all rows are generated together). ``warning``:
+    a line shown first (a prompt the model cannot fully read)."""
     kept = len(view.kept_tokens())
-    generated = sum(len(a.tokens) for a in view.attempts)
+    generated = view.generated()
     erasures = len(view.erasures())
-    lines: list[str] = []
-    if view.done:
+    lines: list[str] = [f"⚠ **{_escape_md(warning)}**"] if warning else []
+    if view.stopped:
+        lines.append(f"**Answer:** _stopped at token {generated}_ (no answer)")
+    elif view.done:
         mark = "" if view.done.correct is None else (" ✓" if view.done.correct else " ✗")
         known = view.done.answer if view.start is None or view.start.gold is None else view.start.gold
         gold = f" (gold {_answer(known)})" if view.done.correct is not None else ""
@@ -222,6 +296,11 @@ def summary_markdown(view: TraceView, seconds: float | None = None, first_token_
         stats += f", first token after {first_token_s:.2f} s"
     lines.append(stats)
     return "  \n".join(lines)
+
+
+def _escape_md(text: str) -> str:
+    """Text shown literally in markdown (a warning quotes the prompt's characters)."""
+    return "".join("\\" + c if c in "\\`*_{}[]<>()#+-.!|~" else c for c in text)
 
 
 def _answer(text: object) -> object:
@@ -252,10 +331,11 @@ def _panel_layout(titles: Sequence[str], rows: int, cols: int, height: int) -> d
 
 def figure_spec(view: TraceView, signal: str = "entropy") -> dict:
     """The chart of one trace as a plotly JSON dict: segment score U_n vs threshold Θ_n per
-    attempt (✕ = erased), and the chosen signal per generated token (kept tokens as a line,
-    erased ones as grey dots)."""
+    attempt (kept ● and erased ✕ as two legend entries), and the chosen signal per generated token
+    (kept tokens as a line, erased ones as grey dots). Every kind of mark has its legend entry,
+    and the segment axis is labelled in whole segments."""
     decided = [a for a in view.attempts if a.decision is not None]
-    xs = [a.segment + 0.12 * a.attempt for a in decided]
+    xs = [a.segment + 0.12 * a.attempt for a in decided]  # an attempt sits just right of its segment
     with_thr = [(x, a) for x, a in zip(xs, decided) if a.decision.threshold is not None]
     base = [(x, a) for x, a in zip(xs, decided) if a.decision.baseline is not None]
     kept_steps, kept_vals, er_steps, er_vals = [], [], [], []
@@ -263,12 +343,17 @@ def figure_spec(view: TraceView, signal: str = "entropy") -> dict:
         for t in a.tokens:
             (er_steps if a.erased else kept_steps).append(t.step)
             (er_vals if a.erased else kept_vals).append(t.entropy if signal == "entropy" else t.surprisal)
+
+    def scores(erased: bool, name: str, colour_: str, symbol: str) -> dict:
+        pts = [(x, a) for x, a in zip(xs, decided) if bool(a.erased) == erased]
+        return dict(type="scatter", x=[x for x, _ in pts], y=[a.decision.score for _, a in pts], mode="markers",
+                    name=name, marker=dict(size=9, color=colour_, symbol=symbol),
+                    text=[f"segment {a.segment} attempt {a.attempt}: {a.decision.decision} ({a.decision.reason})"
+                          for _, a in pts], hoverinfo="text+y")
+
     data = [
-        dict(type="scatter", x=xs, y=[a.decision.score for a in decided], mode="markers", name="U_n",
-             marker=dict(size=9, color=["#d62728" if a.erased else "#1f77b4" for a in decided],
-                         symbol=["x" if a.erased else "circle" for a in decided]),
-             text=[f"segment {a.segment} attempt {a.attempt}: {a.decision.decision} ({a.decision.reason})"
-                   for a in decided], hoverinfo="text+y"),
+        scores(False, "U_n, kept", "#1f77b4", "circle"),
+        scores(True, "U_n, erased", "#d62728", "x"),
         dict(type="scatter", x=[x for x, _ in with_thr], y=[a.decision.threshold for _, a in with_thr],
              mode="lines+markers", name="Θ_n", line=dict(color="#ff7f0e", dash="dash"), marker=dict(size=5)),
         dict(type="scatter", x=[x for x, _ in base], y=[a.decision.baseline for _, a in base], mode="lines",
@@ -278,9 +363,17 @@ def figure_spec(view: TraceView, signal: str = "entropy") -> dict:
         dict(type="scatter", x=er_steps, y=er_vals, mode="markers", name=f"{signal} (erased)",
              marker=dict(color="#bbb", size=4), xaxis="x2", yaxis="y2"),
     ]
-    layout = _panel_layout(("segment score U_n vs threshold Θ_n", f"per-token {signal}"), 2, 1, 460)
-    layout["xaxis"]["title"] = dict(text="segment (offset = attempt)")
+    for trace in data:
+        trace["showlegend"] = True  # listed even before it has a point, so the legend never shifts
+    layout = _panel_layout(("segment score U_n vs threshold Θ_n", f"per-token {signal}"), 2, 1, 480)
+    n_segments = max((a.segment for a in view.attempts if isinstance(a.segment, int)), default=0) + 1
+    layout["xaxis"].update(title=dict(text="segment (an erased attempt's retry sits just right of it)"),
+                           tick0=0, dtick=max(1, -(-n_segments // 20)), tickformat="d")  # ≤ 20 whole-number ticks
     layout["xaxis2"]["title"] = dict(text="generation step")
+    layout["yaxis"]["title"] = dict(text="score")
+    layout["yaxis2"]["title"] = dict(text="nats")
+    layout["legend"] = dict(orientation="h", y=-0.2, yanchor="top")
+    layout["margin"]["b"] = 90
     return dict(data=data, layout=layout)
 
 
@@ -314,8 +407,8 @@ def group_markdown(views: Sequence[TraceView]) -> str:
     rows = ["| rollout | answer | erasures | tokens kept | last β_n |", "|---|---|---|---|---|"]
     for i, v in enumerate(views):
         last = next((a.decision for a in reversed(v.attempts) if a.decision is not None), None)
-        ans = _answer(v.done.answer) if v.done else "…"
+        ans = f"`{_answer(v.done.answer)}`" if v.done else ("_stopped_" if v.stopped else "…")
         mark = "" if not v.done or v.done.correct is None else (" ✓" if v.done.correct else " ✗")
         beta = "–" if last is None or last.baseline is None else f"{last.baseline:.3f}"
-        rows.append(f"| {i} | `{ans}`{mark} | {len(v.erasures())} | {len(v.kept_tokens())} | {beta} |")
+        rows.append(f"| {i} | {ans}{mark} | {len(v.erasures())} | {len(v.kept_tokens())} | {beta} |")
     return "\n".join(rows)

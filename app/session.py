@@ -11,6 +11,7 @@ and everything downstream (the store, the engine, the producers, ``same_run``) t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -32,6 +33,11 @@ from .render import TraceView, fold
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "checkpoints"
 MAX_PROMPT_CHARS = 4000
+MAX_NEW_TOKENS = 16_384
+"""The most new tokens one generation may ask for: a long reasoning trace (the paper samples up to
+16 x 512)."""
+SPACE_MAX_NEW_TOKENS = 1_024
+"""The most in Space mode, whose CPU is shared by every visitor (as its training runs are bounded)."""
 
 
 def shipped_models() -> list[str]:
@@ -190,13 +196,17 @@ class Frame:
     elapsed: float
     first_token_s: float | None
     finished: bool
+    stopped: bool = False
+    """The last frame of a generation stopped before every rollout was done: those rollouts' views
+    are marked stopped (``TraceView.stop``), and ``events`` holds their partial traces."""
 
 
 def stream_generation(store: ModelStore, req: GenRequest | Job, *, min_interval: float = 0.08,
                       stop: threading.Event | None = None, engine: str = "thread") -> Iterator[Frame]:
     """Run one generation and yield frames at most every ``min_interval`` seconds (the first
     token at once, and the last frame when the generation ends). Closing the iterator, or setting
-    ``stop``, ends the generation at the next token. ``engine``: where the engine runs, "thread"
+    ``stop``, ends the generation at the next token; after ``stop`` a last frame still comes, with
+    the partial traces (``Frame.stopped``). ``engine``: where the engine runs, "thread"
     (this process, torch's thread count) or "process" (a forked child on one torch thread; Linux)."""
     if engine not in ENGINES:
         raise E3RLError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
@@ -209,6 +219,8 @@ def stream_generation(store: ModelStore, req: GenRequest | Job, *, min_interval:
     check_prompt(asked.prompt)
     if not 1 <= asked.group_size <= 16:
         raise E3RLError("group size must be between 1 and 16")
+    if not 1 <= asked.max_new_tokens <= MAX_NEW_TOKENS:
+        raise E3RLError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS:,}, got {asked.max_new_tokens:,}")
     job = Job.of(req)  # a bad setting fails here, in the handler
     store.get(job.path)  # loaded here, so a worker forked now shares it
     run = functools.partial(engine_events, job)
@@ -243,7 +255,12 @@ def _frames(producer: Producer, min_interval: float, stop: threading.Event | Non
                     raise producer.error
                 for ev in producer.events[seen:]:  # appended after the last look
                     views.setdefault(ev.trace_id, TraceView()).apply(ev)
-                yield Frame(list(producer.events), views, time.perf_counter() - t0, first, True)
+                # Asked to stop: the rollouts not done are cut short where they stand.
+                asked = stop is not None and stop.is_set()
+                cut = [v for v in views.values() if asked and v.done is None and v.error is None]
+                for v in cut:
+                    v.stop()
+                yield Frame(list(producer.events), views, time.perf_counter() - t0, first, True, bool(cut))
                 return
             yield Frame(producer.events[:n], views, time.perf_counter() - t0, first, False)
             # the next frame after min_interval, or as soon as the generation ends
@@ -258,6 +275,65 @@ def _frames(producer: Producer, min_interval: float, stop: threading.Event | Non
         # wait for it, so no generation outlives its request (it stops at the next token).
         producer.stop.set()
         producer.join(timeout=30)
+
+
+class Stops:
+    """Stop requests by browser session. The Generate tab's Stop sets the events of the session's
+    running generations instead of cancelling their handlers: a cancelled handler sends nothing
+    more, and the page would keep "generating…" and a half-struck trace; a stopped one sends a last
+    frame that says where it stopped and keeps the partial trace for the Audit tab."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, set[threading.Event]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, session: str | None) -> Iterator[threading.Event]:
+        """An event that ``stop(session)`` sets while the block runs (a session of None: no one can)."""
+        event = threading.Event()
+        key = session or ""
+        if key:
+            with self._lock:
+                self._running.setdefault(key, set()).add(event)
+        try:
+            yield event
+        finally:
+            if key:
+                with self._lock:
+                    mine = self._running.get(key, set())
+                    mine.discard(event)
+                    if not mine:
+                        self._running.pop(key, None)
+
+    def stop(self, session: str | None) -> int:
+        """Stop every running generation of ``session``; how many there were."""
+        with self._lock:
+            events = list(self._running.get(session or "", ()))
+        for event in events:
+            event.set()
+        return len(events)
+
+
+def unknown_characters(tokenizer: Any, text: str) -> list[str] | None:
+    """None when ``tokenizer`` reads all of ``text``; else the characters it reads as its unknown
+    token, each once in order (empty when only a combination of known characters is unknown). A
+    character-level model knows only its task's characters."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk not in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        return None
+    # each distinct character alone: a few hundred short encodes at most (the prompt is bounded)
+    return [ch for ch in dict.fromkeys(text) if unk in tokenizer(ch, add_special_tokens=False)["input_ids"]]
+
+
+def unknown_warning(tokenizer: Any, req: GenRequest) -> str | None:
+    """A one-line warning when the prompt holds characters the model cannot read, else None."""
+    chars = unknown_characters(tokenizer, prompt_text(req, tokenizer))
+    if chars is None:
+        return None
+    unk = getattr(tokenizer, "unk_token", None) or "unknown"
+    which = ": " + " ".join(repr(c) for c in chars[:12]) + (" …" if len(chars) > 12 else "") if chars else ""
+    return (f"the model reads {len(chars) or 'some'} character(s) of the prompt as {unk}{which}; "
+            f"rephrase it with characters the model knows (the shipped model knows only its task's)")
 
 
 def engine_events(job: Job, store: ModelStore) -> Iterator[Event]:
@@ -298,5 +374,10 @@ def same_run(events: list[Event], req: GenRequest | Job, tokenizer: Any) -> bool
 
 
 def replay_view(trace: Trace, upto: int) -> TraceView:
-    """The view after the first ``upto`` events of a recorded trace (step-by-step replay)."""
-    return fold(trace.events[: max(0, upto)]).get(trace.trace_id, TraceView())
+    """The view after the first ``upto`` events of a recorded trace (step-by-step replay). Replayed
+    to its end, a trace without a done or error event (a stopped run, a cut-off file) is shown
+    stopped where it ends, not as still generating."""
+    view = fold(trace.events[: max(0, upto)]).get(trace.trace_id, TraceView())
+    if upto >= len(trace.events) and view.start is not None and view.done is None and view.error is None:
+        view.stop()
+    return view

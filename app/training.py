@@ -7,6 +7,7 @@ stopped". A lock file holding the PID keeps it to one run per runs directory.
 """
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from e3rl_core.events import json_number
 from e3rl_core.training.checkpoint import LOG_FILE, RUN_FILE, STALE_STATUS, checkpoints, live_status
 
 LOCK = "active-run.json"
+STOPPING = "stopping: the current step finishes and a checkpoint is written"
 
 
 @dataclass
@@ -55,9 +57,12 @@ def _alive(pid: int) -> bool:
 class TrainingManager:
     """Start, watch and stop one background run under ``root``."""
 
-    def __init__(self, root: str | os.PathLike[str], max_steps: int | None = None, offline: bool = False) -> None:
-        """offline: the run never reaches the network (HF_HUB_OFFLINE for its process; a Space)."""
+    def __init__(self, root: str | os.PathLike[str], max_steps: int | None = None, offline: bool = False,
+                 device: str = "cpu") -> None:
+        """offline: the run never reaches the network (HF_HUB_OFFLINE for its process; a Space);
+        device: where the run trains (the app's --device, so a GPU app trains on its GPU)."""
         self.root = Path(root)
+        self.device = device
         self.max_steps = max_steps
         self.offline = offline
         self._proc: subprocess.Popen | None = None
@@ -108,7 +113,7 @@ class TrainingManager:
         cmd = train_command(model=req.model, data=req.data, algo=req.algo, out=out, steps=req.steps,
                             group_size=req.group_size, prompts_per_step=req.prompts_per_step,
                             learning_rate=req.learning_rate, seed=req.seed, save_steps=req.save_steps,
-                            quiet=True, device="cpu")
+                            quiet=True, device=self.device)
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **({"HF_HUB_OFFLINE": "1"} if self.offline else {})}
         try:
             with open(_console(out), "w") as log:  # beside the run: the trainer wants an empty --out
@@ -124,13 +129,30 @@ class TrainingManager:
         return out
 
     def stop(self) -> str:
+        """Ask the running run to stop (SIGTERM): it finishes its step and writes a checkpoint. The
+        request is recorded in the lock, so every page (a reloaded one too) says "stopping" until
+        the process has ended."""
         info = self.active()
         if not info:
             return "no run in progress"
         if info.get("pid") is None:
             return "a run is starting; press Stop again in a moment"
         os.kill(int(info["pid"]), signal.SIGTERM)
-        return "stopping: the current step finishes and a checkpoint is written"
+        lock = self.root / LOCK
+        tmp = lock.with_name(f".{LOCK}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:  # replaced in one rename: a reader sees the old record or the new, never half of one
+            tmp.write_text(json.dumps({**info, "stop_requested": time.time()}))
+            os.replace(tmp, lock)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # the stop was sent all the same; only the note is missing
+        return STOPPING
+
+    def clamp_steps(self, steps: int) -> tuple[int, str]:
+        """``steps`` within this deployment's bound, and a note saying so when it was lowered."""
+        if self.max_steps is not None and steps > self.max_steps:
+            return self.max_steps, (f"steps lowered from {steps} to {self.max_steps}, the most this deployment "
+                                    f"trains per run")
+        return steps, ""
 
     def runs(self) -> list[Path]:
         """Run directories under root, newest first."""
@@ -176,22 +198,83 @@ def _console(run: Path) -> Path:
     return run.with_name(run.name + ".console.log")
 
 
-def status_markdown(run: Path, status: dict[str, Any], active: bool) -> str:
-    """One run's state for the Train tab: its name, status and step, and the error if it failed
-    (or the console's last line, when it died before writing run.json)."""
-    msg = (f"**{run.name}**: {status.get('status')} — step {status.get('step', len(status.get('rows', [])))} of "
-           f"{status.get('max_steps', '?')}" + (" (running)" if active else ""))
+def status_markdown(run: Path, status: dict[str, Any], active: dict[str, Any] | bool | None) -> str:
+    """One run's state for the Train tab: its name, status and step (counted from log.jsonl, which
+    gains a row every step, while run.json's step moves only at checkpoints), the model and settings
+    it runs with, and the error if it failed (or the console's last line, when it died before
+    writing run.json). ``active``: the lock record of the running run (``TrainingManager.active``)."""
+    own = isinstance(active, dict) and active.get("out") == str(run)
+    # active=True (a caller that knows no record) or this run's record; another run's lock is not this one's
+    running = active is True or own or (isinstance(active, dict) and active.get("out") is None)
+    state = STOPPING if own and active.get("stop_requested") else status.get("status")
+    request = active.get("request") if own else None
+    step = max(int(status.get("step") or 0), int(status.get("step_logged") or 0))
+    total = status.get("max_steps") or (request or {}).get("steps") or "?"
+    msg = f"**{run.name}**: {state} — step {step} of {total}" + (" (running)" if running else "")
+    notes = []
     if status.get("status") == "failed":
-        msg += f"\n\n⚠️ {status.get('message')}"
+        notes.append(f"⚠️ {status.get('message')}")
     elif status.get("status") == STALE_STATUS:  # SIGKILL, out of memory: the trainer wrote no status
         last = status.get("last_checkpoint")
         msg += (f" — resume it: `e3rl train --out {run} --resume` continues from {last}" if last else
                 " — it wrote no checkpoint, so start it again")
         if status.get("console", "").strip():
-            msg += "\n\n⚠️ " + status["console"].strip().splitlines()[-1]
-    elif not active and status.get("status") == "starting" and "error" in status.get("console", ""):
-        msg += "\n\n⚠️ " + status["console"].strip().splitlines()[-1]
-    return msg
+            notes.append("⚠️ " + status["console"].strip().splitlines()[-1])
+    elif not running and status.get("status") == "starting" and "error" in status.get("console", ""):
+        notes.append("⚠️ " + status["console"].strip().splitlines()[-1])
+    settings = settings_line(status, request)
+    return "\n\n".join([msg, *notes, *([settings] if settings else [])])
+
+
+def settings_line(status: dict[str, Any], request: dict[str, Any] | None = None) -> str:
+    """The model and settings a run uses, from its run.json (as ``read_status`` returns it); before
+    the trainer wrote run.json, from the request it was started with (the lock's record)."""
+    cfg = status.get("config") or {}
+    if status.get("model"):
+        values = dict(model=status["model"], algo=status.get("algo"), steps=status.get("max_steps"),
+                      group=cfg.get("num_generations"), prompts=cfg.get("prompts_per_step"),
+                      lr=cfg.get("learning_rate"), seed=cfg.get("seed"), data=status.get("data"))
+    elif request:
+        values = dict(model=request.get("model"), algo=request.get("algo"), steps=request.get("steps"),
+                      group=request.get("group_size"), prompts=request.get("prompts_per_step"),
+                      lr=request.get("learning_rate"), seed=request.get("seed"), data=request.get("data"))
+    else:
+        return ""
+    parts = [f"model `{values['model']}`", str(values["algo"]), f"{values['steps']} steps",
+             f"group size {values['group']}", f"{values['prompts']} prompts per step",
+             f"learning rate {values['lr']:g}" if isinstance(values["lr"], (int, float)) else None,
+             f"seed {values['seed']}", f"data `{values['data']}`" if values["data"] else None]
+    return "run settings: " + " · ".join(p for p in parts if p is not None)
+
+
+def curves_spec(rows: list[dict]) -> dict:
+    """The training curves (``render.training_spec``) with axis titles: the step below each panel,
+    the metric beside it."""
+    from . import render
+
+    spec = render.training_spec(rows)
+    layout = spec["layout"]
+    for i, (_, title) in enumerate(render.TRAINING_KEYS):
+        n = "" if i == 0 else str(i + 1)
+        layout[f"xaxis{n}"]["title"] = dict(text="step", standoff=4)
+        layout[f"yaxis{n}"]["title"] = dict(text=title, standoff=2)
+    layout["margin"] = dict(layout.get("margin", {}), l=55, b=45)
+    return spec
+
+
+def rollout_html(events: list) -> str:
+    """The latest logged rollout as a heatmap under a heading: its training step, gold answer and
+    prompt (cut, escaped)."""
+    from . import render
+
+    if not events:
+        return ""
+    start = events[0]
+    step = f" of step {start.train_step}" if getattr(start, "train_step", None) else ""
+    gold = f" · gold answer <code>{html.escape(str(start.gold))}</code>" if getattr(start, "gold", None) else ""
+    heading = (f'<div class="e3rl-rollout-head"><b>Latest rollout{step}</b>{gold}<br>prompt: '
+               f"<code>{html.escape(render.clip(start.prompt, 500))}</code></div>")
+    return heading + render.trace_html(list(render.fold(events).values())[-1], with_css=False)
 
 
 def read_status(run: Path) -> dict[str, Any]:
@@ -214,6 +297,8 @@ def read_status(run: Path) -> dict[str, Any]:
             status["rows"].append({k: json_number(v) for k, v in json.loads(line).items()})
         except json.JSONDecodeError:
             continue  # a line being written right now
+    # The last step logged: log.jsonl gains a row per step, run.json's step moves only at checkpoints.
+    status["step_logged"] = max((r["step"] for r in status["rows"] if isinstance(r.get("step"), int)), default=0)
     try:
         status["console"] = _console(run).read_text()[-2000:]
     except OSError:

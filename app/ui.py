@@ -34,7 +34,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
     store = ModelStore(device=device, dtype=dtype)
     # In a Space, training runs offline: its models are local directories, and nothing is fetched.
     trainer = TrainingManager(runs_root or os.environ.get("E3RL_RUNS", "runs/app"), max_steps=30 if space else None,
-                              offline=space)
+                              offline=space, device=device)
     models = shipped_models()
     default = default_model or (models[0] if models else None)
     if default:  # load before the first click, so it streams at once
@@ -50,10 +50,18 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
         audit_tab = audit.build(shared, traces_ttl_s)
         train_tab, timer = train.build(shared, model)
         # The Train tab polls its run only while it is open; coming back to Generate lists the
-        # checkpoints written meanwhile.
-        train_tab.select(lambda: gr.Timer(active=True), None, timer)
-        gen_tab.select(lambda m: (gr.Timer(active=False), gr.update(choices=shared.model_choices(), value=m)), model,
-                       [timer, model])
-        audit_tab.select(lambda: gr.Timer(active=False), None, timer)
+        # checkpoints written meanwhile. Page plumbing, not actions: private (no API endpoint).
+        def poll_on() -> gr.Timer:
+            return gr.Timer(active=True)
+
+        def poll_off() -> gr.Timer:
+            return gr.Timer(active=False)
+
+        def back_to_generate(current: str | None) -> tuple:
+            return gr.Timer(active=False), gr.update(choices=shared.model_choices(), value=current)
+
+        train_tab.select(poll_on, None, timer, api_visibility="private")
+        gen_tab.select(back_to_generate, model, [timer, model], api_visibility="private")
+        audit_tab.select(poll_off, None, timer, api_visibility="private")
         demo.unload(audit.end_session)
     return demo

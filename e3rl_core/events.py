@@ -2,17 +2,22 @@
 
 One JSON object per line (JSONL). Field meanings are documented in docs/trace-format.md.
 ``event_from_dict(event.to_dict()) == event`` for every event, and so does a JSONL round trip.
+A file whose name ends in ``.gz`` is written gzipped; a gzipped file is read as such whatever its
+name (told by its first bytes).
 """
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import math
 import os
 import re
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, TextIO, Union
+from typing import IO, Any, ClassVar, Iterable, Iterator, TextIO, Union
 
 from .errors import TraceFormatError
 
@@ -230,18 +235,42 @@ def dumps(event: Event) -> str:
     return strict_dumps(event_to_dict(event), ensure_ascii=False)
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip(path: str | os.PathLike[str]) -> bool:
+    """Whether the file starts with gzip's magic bytes (its name may say otherwise)."""
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def open_events(path: str | os.PathLike[str]) -> IO[bytes]:
+    """A trace file opened for reading its bytes, decompressed when it is gzip."""
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
 class TraceWriter:
-    """Appends events to a JSONL file, one flushed line each, so a killed run keeps what it wrote."""
+    """Appends events to a JSONL file, one flushed line each, so a killed run keeps what it wrote.
+    A name ending in ``.gz`` writes gzip, flushed at most every ``GZ_FLUSH_S`` seconds (a flush
+    per line would cost a deflate block per line, a third more bytes): a killed run's file reads
+    (``read_events(..., allow_truncated=True)``) up to what was flushed."""
+
+    GZ_FLUSH_S = 0.5
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: TextIO = open(self.path, "w", encoding="utf-8")
+        self._gz = self.path.name.endswith(".gz")
+        self._fh: TextIO = (gzip.open(self.path, "wt", encoding="utf-8") if self._gz
+                            else open(self.path, "w", encoding="utf-8"))
+        self._flushed = time.monotonic()
 
     def write(self, event: Event) -> None:
         self._fh.write(dumps(event) + "\n")
-        self._fh.flush()
+        if not self._gz or time.monotonic() - self._flushed >= self.GZ_FLUSH_S:
+            self._fh.flush()
+            self._flushed = time.monotonic()
 
     def close(self) -> None:
         self._fh.close()
@@ -254,32 +283,66 @@ class TraceWriter:
 
 
 def write_events(events: Iterable[Event], path: str | os.PathLike[str]) -> None:
-    with TraceWriter(path) as w:
+    """Write a trace file (gzip when the name ends in ``.gz``). Flushed once at the end, not per
+    line as ``TraceWriter`` does: a file written whole has no partial state worth keeping."""
+    p = Path(path)
+    opener = gzip.open if p.name.endswith(".gz") else open
+    with opener(p, "wt", encoding="utf-8") as fh:
         for e in events:
-            w.write(e)
+            fh.write(dumps(e) + "\n")
 
 
-def read_events(path: str | os.PathLike[str], *, allow_truncated: bool = False) -> list[Event]:
-    """Read a JSONL trace file. A malformed line raises TraceFormatError naming the line; a last
-    line cut off mid-write is dropped when ``allow_truncated`` (a run killed while writing)."""
+def parse_events(lines: Iterable[bytes | str], where: str, *, allow_truncated: bool = False) -> Iterator[Event]:
+    """Events from JSONL lines (as a file yields them, newline kept), one at a time. A malformed
+    line raises TraceFormatError naming ``where`` and the line; a last line cut off mid-write (no
+    newline), or a gzip stream that ends early, ends the events when ``allow_truncated`` (a run
+    killed while writing). Bytes are decoded as UTF-8 (UnicodeDecodeError if they are not)."""
+    lines = iter(lines)
+    no = 0
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except EOFError:  # gzip: the stream stops before its end marker
+            if allow_truncated:
+                return
+            raise TraceFormatError(f"{where}: the compressed file ends early (pass allow_truncated=True to read "
+                                   f"what it holds)") from None
+        except (gzip.BadGzipFile, zlib.error) as err:
+            raise TraceFormatError(f"{where}: not a readable gzip file ({err})") from None
+        no += 1
+        text = line.decode("utf-8") if isinstance(line, bytes) else line
+        if not text.strip():
+            continue
+        try:
+            yield event_from_dict(json.loads(text))
+        except (json.JSONDecodeError, TraceFormatError, TypeError) as err:
+            last = not text.endswith("\n")  # no newline: the writer was cut off
+            if last and allow_truncated:
+                return
+            hint = " (the file ends mid-line; pass allow_truncated=True to drop it)" if last else ""
+            raise TraceFormatError(f"{where}:{no}: {err}{hint}") from None
+
+
+def iter_events(path: str | os.PathLike[str], *, allow_truncated: bool = False) -> Iterator[Event]:
+    """The events of a JSONL trace file (plain or gzip), read line by line: only one line at a time
+    is held besides the events the caller keeps."""
     p = Path(path)
     if not p.is_file():
         raise TraceFormatError(f"trace file not found: {p}")
-    events: list[Event] = []
-    with open(p, encoding="utf-8") as fh:
-        lines = fh.read().split("\n")
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            events.append(event_from_dict(json.loads(line)))
-        except (json.JSONDecodeError, TraceFormatError, TypeError) as err:
-            last = no == len(lines)  # no trailing newline: the writer was cut off
-            if last and allow_truncated:
-                break
-            hint = " (the file ends mid-line; pass allow_truncated=True to drop it)" if last else ""
-            raise TraceFormatError(f"{p}:{no}: {err}{hint}") from None
-    return events
+    with open_events(p) as fh:
+        yield from parse_events(fh, str(p), allow_truncated=allow_truncated)
+
+
+def read_events(path: str | os.PathLike[str], *, allow_truncated: bool = False) -> list[Event]:
+    """Read a JSONL trace file (plain or gzip). A malformed line raises TraceFormatError naming the
+    line; a last line cut off mid-write is dropped when ``allow_truncated`` (a run killed while
+    writing)."""
+    p = Path(path)
+    if not p.is_file():  # checked here, not in the generator, so the error comes at the call
+        raise TraceFormatError(f"trace file not found: {p}")
+    return list(iter_events(p, allow_truncated=allow_truncated))
 
 
 @dataclass

@@ -82,6 +82,60 @@ def test_truncated_and_malformed_files(events, tmp_path):
         read_events(tmp_path / "missing.jsonl")
 
 
+def test_gzip_files_written_by_name_and_read_by_their_first_bytes(events, tmp_path):
+    """A name ending in .gz writes gzip (write_events, and TraceWriter as `e3rl generate --trace-out`
+    uses it); reading tells gzip by its magic bytes, whatever the name, one line at a time."""
+    import gzip
+
+    from e3rl_core.events import TraceWriter, is_gzip, iter_events
+
+    whole, live = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz"
+    write_events(events, whole)
+    with TraceWriter(live) as w:
+        for e in events:
+            w.write(e)
+    plain = tmp_path / "c.jsonl"
+    write_events(events, plain)
+    for path in (whole, live):
+        assert is_gzip(path) and gzip.decompress(path.read_bytes()) == plain.read_bytes()
+        assert read_events(path) == events
+    assert not is_gzip(plain)
+    disguised = tmp_path / "gz-named-plain.jsonl"
+    disguised.write_bytes(whole.read_bytes())
+    assert read_events(disguised) == events
+    lazy = iter_events(whole)
+    assert next(lazy) == events[0]  # a generator: the rest is not read yet
+    lazy.close()
+
+
+def test_a_gzip_file_cut_off_mid_stream(events, tmp_path):
+    """A writer killed before gzip's end marker: what was flushed reads with allow_truncated, and
+    a stream cut inside a line drops that line; without allow_truncated, one line says so."""
+    import gzip
+
+    from e3rl_core.events import TraceWriter
+
+    path = tmp_path / "live.jsonl.gz"
+    w = TraceWriter(path)
+    w.GZ_FLUSH_S = 0.0  # flush each line, as the writer does once its flush interval has passed
+    for e in events:
+        w.write(e)
+    cut = path.read_bytes()  # no end marker yet: the process was killed here
+    w.close()
+    killed = tmp_path / "killed.jsonl.gz"
+    killed.write_bytes(cut)
+    with pytest.raises(TraceFormatError, match=r"killed.jsonl.gz: the compressed file ends early"):
+        read_events(killed)
+    assert read_events(killed, allow_truncated=True) == events
+    killed.write_bytes(cut[: len(cut) * 2 // 3])  # cut inside the deflate stream
+    partial = read_events(killed, allow_truncated=True)
+    assert 0 < len(partial) < len(events) and partial == events[: len(partial)]
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(gzip.compress(b"")[:10] + b"\xff" * 64)  # a bare header, then no valid deflate block
+    with pytest.raises(TraceFormatError, match="not a readable gzip file"):
+        read_events(corrupt, allow_truncated=True)
+
+
 def test_kept_tokens_view():
     t = Trace([
         TokenEvent("a", 0, 5, "x", 0.1, 0.2, 0, 0),

@@ -3,6 +3,7 @@ filter, sort and export; a step-by-step replay of one trace; and the what-if, wh
 group's recorded decisions under other thresholds."""
 from __future__ import annotations
 
+import html
 import os
 from pathlib import Path
 from typing import Any
@@ -27,54 +28,82 @@ open (a closed page frees them at once: ``end_session``)."""
 
 
 def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> gr.Tab:
+    """The tab. Its public endpoints: ``/load_traces``, ``/decisions``, ``/replay``, ``/what_if`` and
+    ``/export_audit``; every other listener only keeps the page in step and is private."""
     history = shared.session_events
     with gr.Tab("Audit") as tab:
         # traces loaded from files, in this browser session (an audit.LoadedTraces, None until a load)
         loaded = gr.State(None, time_to_live=traces_ttl_s, delete_callback=audit.release)
         with gr.Row():
-            upload = gr.File(label="load a JSONL trace file", file_types=[".jsonl"], type="filepath")
+            upload = gr.File(label="load a trace file (.jsonl or .jsonl.gz)", file_types=[".jsonl", ".gz"],
+                             type="filepath")
             refresh = gr.Button("refresh from this session")
-        load_msg = gr.Markdown()
+        load_msg = gr.Markdown(label="message")
         with gr.Row():
             only_erasures = gr.Checkbox(label="only erasures")
             only_flipped = gr.Checkbox(label="only erasures that flipped the answer (needs a counterfactual)")
-            trace_filter = gr.Textbox(label="trace id contains")
+            trace_filter = gr.Textbox("", label="trace id contains")
             sort_by = gr.Dropdown(["", "score", "threshold", "segment", "attempt", "baseline"], value="",
                                   label="sort by (descending)")
         # one line per decision (long text cells scroll sideways); numbers shown to 4 places, exported in full
         table = gr.Dataframe(pd.DataFrame(columns=audit.COLUMNS), interactive=False, wrap=False, max_height=480,
-                             elem_id="e3rl-audit")
+                             elem_id="e3rl-audit", label="decisions")
         with gr.Row():
-            export_btn = gr.Button("export CSV + JSONL")
-            export_files = gr.File(label="exports", file_count="multiple")
+            with gr.Column(scale=1, min_width=200):
+                gz = gr.Checkbox(label="gzip the JSONL files (.jsonl.gz)")
+                export_btn = gr.Button("export the table (CSV, JSONL) and its traces")
+            export_files = gr.File(label="exports", file_count="multiple", scale=2)
         gr.Markdown("### Replay a trace step by step")
         with gr.Row():
-            replay_trace = gr.Dropdown([], label="trace")
+            # custom values: a script may name any trace of the session (see /replay and /what_if)
+            replay_trace = gr.Dropdown([], label="trace", allow_custom_value=True)
             replay_step = gr.Slider(0, 1, value=1, step=1, label="events shown")
-        replay_html = gr.HTML(elem_id="e3rl-replay")
+        replay_html = gr.HTML(elem_id="e3rl-replay", label="heatmap")
         what_if_controls, wi_table, wi_msg = _what_if_panel()
 
     filters = [history, loaded, only_erasures, trace_filter, sort_by, only_flipped]
-    for trigger in (refresh.click, only_erasures.change, trace_filter.submit, sort_by.change, only_flipped.change):
-        trigger(refresh_all, filters, [table, replay_trace])
+    choices = ([replay_trace, history, loaded], replay_trace)
+    private: dict = dict(api_visibility="private")
+    refresh.click(decisions, filters, table, api_name="decisions").then(trace_choices, *choices, **private)
+    # Opening the tab shows the session's decisions as they are now (generated in the other tab),
+    # and the table follows the session's generations as they finish (the state changes only then).
+    tab.select(decisions, filters, table, **private).then(trace_choices, *choices, **private)
+    history.change(decisions, filters, table, **private).then(trace_choices, *choices, **private)
+    # The filters apply as they change: the trace filter on every keystroke (the latest one wins).
+    for trigger in (only_erasures.change, trace_filter.change, sort_by.change, only_flipped.change):
+        trigger(decisions, filters, table, show_progress="hidden", **private)
     # Unprocessed, so the handler sees the upload's original name (gradio still checks that the
     # file is one uploaded to this server); and gradio's filepath processing would leave an empty
     # temporary file behind per upload.
-    upload.upload(load_file, [upload, loaded, history, only_erasures, trace_filter, sort_by, only_flipped],
-                  [loaded, load_msg, table, replay_trace, upload], api_name="load_traces", preprocess=False)
-    table.select(select_row, None, replay_trace)
+    upload.upload(load_traces, [upload, loaded, history, only_erasures, trace_filter, sort_by, only_flipped],
+                  [loaded, load_msg, table, replay_trace, upload], api_name="load_traces", preprocess=False).then(
+        trace_choices, *choices, **private)
+    table.select(select_row, None, replay_trace, **private)
 
-    def do_export(events: list, files: audit.LoadedTraces | None, only: bool, contains: str, sort: str,
-                  flipped: bool) -> list[str]:
-        csv, jsonl = audit.export(table_for(events, files, only, contains, sort, flipped), shared.audit_dir)
-        return [str(csv), str(jsonl)]
+    def export_audit(history: list, loaded: audit.LoadedTraces | None, only_erasures: bool = False,
+                     trace_contains: str = "", sort_by: str = "", only_flipped: bool = False,
+                     gzip_jsonl: bool = False) -> list[str]:
+        """Export the decisions table as filtered (CSV and JSONL) and the traces of its rows (a trace
+        file the Audit tab loads again); gzip_jsonl writes the JSONL files as .jsonl.gz."""
+        df = table_for(history, loaded, only_erasures, trace_contains, sort_by, only_flipped)
+        ids = set(df["trace"])
+        traces = [t for t in all_traces(history, loaded) if t.trace_id in ids]
+        return [str(p) for p in audit.export(df, shared.audit_dir, compress=gzip_jsonl, traces=traces)]
 
-    export_btn.click(do_export, filters, export_files, api_name="export_audit")
-    replay_trace.change(pick_trace, [replay_trace, history, loaded], [replay_step, replay_html])
-    replay_step.change(step_to, [replay_trace, replay_step, history, loaded], replay_html)
-    replay_trace.change(recorded_settings, [replay_trace, history, loaded], what_if_controls)
+    export_btn.click(export_audit, [*filters, gz], export_files, api_name="export_audit")
+    # The slider first spans the picked trace (a range set after its value would leave the thumb
+    # where the old range put it), then the whole trace is drawn.
+    replay_trace.change(replay_range, [replay_trace, history, loaded], replay_step, **private).then(
+        replay, [replay_trace, history, loaded], replay_html, api_name="replay")
+    replay_step.change(step_to, [replay_trace, replay_step, history, loaded], replay_html, **private)
+    # A picked trace starts the what-if at its recorded settings and shows its recorded decisions
+    # at once; after that, the table follows the controls as the user moves them (input, not
+    # change: setting the recorded values must not re-run it four times).
+    wi_inputs = [replay_trace, *what_if_controls, history, loaded]
+    replay_trace.change(recorded_settings, [replay_trace, history, loaded], what_if_controls, **private).then(
+        what_if, wi_inputs, [wi_table, wi_msg], api_name="what_if")
     for ctl in what_if_controls:
-        ctl.change(run_what_if, [replay_trace, *what_if_controls, history, loaded], [wi_table, wi_msg])
+        ctl.input(what_if, wi_inputs, [wi_table, wi_msg], trigger_mode="always_last", **private)
     return tab
 
 
@@ -88,8 +117,8 @@ def _what_if_panel() -> tuple[list, gr.Dataframe, gr.Markdown]:
                     gr.Slider(0, 1, value=d.penalty_lambda, step=0.05, label="penalty λ"),
                     gr.Slider(0, 5, value=d.value, step=0.05, label="fixed threshold")]
     table = gr.Dataframe(pd.DataFrame(columns=audit.WHAT_IF_COLUMNS), interactive=False, max_height=300,
-                         elem_id="e3rl-whatif-table")
-    return controls, table, gr.Markdown(elem_id="e3rl-whatif")
+                         elem_id="e3rl-whatif-table", label="recorded and re-judged decisions")
+    return controls, table, gr.Markdown(elem_id="e3rl-whatif", label="what-if summary")
 
 
 def end_session(request: gr.Request) -> None:
@@ -119,31 +148,49 @@ def table_for(history: list, files: audit.LoadedTraces | None, only: bool, conta
     return audit.filter_frame(df, only, contains or "", sort or "", only_flipped=flipped)
 
 
-def refresh_all(history: list, files: audit.LoadedTraces | None, only: bool, contains: str, sort: str,
-                flipped: bool) -> tuple:
+def decisions(history: list, loaded: audit.LoadedTraces | None, only_erasures: bool = False,
+              trace_contains: str = "", sort_by: str = "", only_flipped: bool = False) -> pd.DataFrame:
+    """Every recorded decision of this session's generations and loaded trace files, one row each:
+    only_erasures / only_flipped keep erasures (that flipped the answer against the recorded
+    counterfactual); trace_contains keeps traces whose id contains it; sort_by names a column
+    (sorted descending). Numbers shown to 4 places, long texts cut (the export keeps both whole)."""
+    df = table_for(history, loaded, only_erasures, trace_contains, sort_by, only_flipped)
+    return audit.display_frame(df.round(4))
+
+
+def trace_choices(current: str | None, history: list, files: audit.LoadedTraces | None):
+    """The replay's trace list: every trace of the session and its files; the one shown stays
+    picked while it exists (else the first)."""
     ids = [t.trace_id for t in all_traces(history, files)]
-    return (audit.display_frame(table_for(history, files, only, contains, sort, flipped).round(4)),
-            gr.update(choices=ids, value=ids[0] if ids else None))
+    value = current if current in ids else (ids[0] if ids else None)
+    return gr.update(choices=ids, value=value)
 
 
-def load_file(upload: Any, files: audit.LoadedTraces | None, history: list, only: bool, contains: str, sort: str,
-              flipped: bool, request: gr.Request) -> tuple:
-    """Load an uploaded trace file (unprocessed: gradio's FileData) into this session's traces, then
-    delete the upload: what was read is in memory, and uploads must not pile up on the server."""
-    path, name = _upload(upload)
+def load_traces(trace_file: Any, loaded: audit.LoadedTraces | None, history: list, only_erasures: bool = False,
+                trace_contains: str = "", sort_by: str = "", only_flipped: bool = False,
+                request: gr.Request = None) -> tuple:
+    """Load a trace file (.jsonl or .jsonl.gz, told by its content) into this session's traces:
+    returns a one-line message, the decisions table with the file's rows and the id of the file's
+    first trace. Then the upload is deleted: what was read is in memory, and uploads must not pile
+    up on the server."""
+    path, name = _upload(trace_file)
     if not path:
-        return files, "", gr.update(), gr.update(), gr.update()
+        return loaded, "", gr.update(), gr.update(), gr.update()
     files = audit.SESSIONS.of(request.session_hash if request else None)
+    before = len(files.traces)
     try:
-        if not name.lower().endswith(".jsonl"):
-            raise E3RLError(f"{name} is not a .jsonl file; load a JSONL trace written by e3rl generate --trace-out")
+        if not (name.lower().endswith((".jsonl", ".gz")) or audit.is_gzip(path)):
+            raise E3RLError(f"{name} is not a .jsonl or .jsonl.gz file; load a trace written by "
+                            f"e3rl generate --trace-out")
         msg = files.add(path, name, known=[t.trace_id for t in group_traces(history)])
     except E3RLError as err:
         return files, f"⚠️ {err}", gr.update(), gr.update(), None
     finally:
         _discard(path)
-    df, choice = refresh_all(history, files, only, contains, sort, flipped)
-    return files, msg, df, choice, None
+    # The replay shows the file's first trace (a plain id: what a script passes on to /replay; the
+    # list of traces follows in the next step); a file that added nothing leaves the pick as it is.
+    picked = files.traces[before].trace_id if len(files.traces) > before else gr.update()
+    return files, msg, decisions(history, files, only_erasures, trace_contains, sort_by, only_flipped), picked, None
 
 
 def _upload(upload: Any) -> tuple[str | None, str]:
@@ -169,12 +216,20 @@ def select_row(evt: gr.SelectData):  # selecting a table row replays its trace b
     return gr.update(value=row[0]) if row else gr.update()
 
 
-def pick_trace(trace_id: str | None, history: list, files: audit.LoadedTraces | None) -> tuple:
-    tr = find_trace(trace_id, history, files)
+def replay(trace_id: str | None, history: list, loaded: audit.LoadedTraces | None) -> str:
+    """A recorded trace drawn whole as the live view drew it (heatmap HTML)."""
+    tr = find_trace(trace_id, history, loaded)
     if tr is None:
-        return gr.update(maximum=1, value=1), ""
-    n = len(tr.events)
-    return gr.update(maximum=n, value=n), render.trace_html(replay_view(tr, n), with_css=False)
+        return (f"<p>no trace '{html.escape(trace_id, quote=False)}' in this session or its loaded files</p>"
+                if trace_id else "")
+    return render.trace_html(replay_view(tr, len(tr.events)), with_css=False)
+
+
+def replay_range(trace_id: str | None, history: list, loaded: audit.LoadedTraces | None):
+    """The replay slider spans the picked trace's events, all of them shown."""
+    tr = find_trace(trace_id, history, loaded)
+    n = len(tr.events) if tr is not None else 1
+    return gr.update(maximum=n, value=n)
 
 
 def step_to(trace_id: str | None, upto: int, history: list, files: audit.LoadedTraces | None) -> str:
@@ -187,19 +242,19 @@ def recorded_settings(trace_id: str | None, history: list, files: audit.LoadedTr
     tr = find_trace(trace_id, history, files)
     if tr is None:
         return tuple(gr.update() for _ in WHAT_IF)
-    recorded, default = tr.start.config.get("threshold", {}), ThresholdConfig()
-    return tuple(gr.update(value=recorded.get(name, getattr(default, name))) for name in WHAT_IF)
+    return tuple(gr.update(value=v) for v in audit.recorded_thresholds(tr, WHAT_IF))
 
 
-def run_what_if(trace_id: str | None, policy: str, kappa: float, lam: float, value: float, history: list,
-                files: audit.LoadedTraces | None) -> tuple:
+def what_if(trace_id: str | None, policy: str, kappa: float, penalty_lambda: float, threshold_value: float,
+            history: list, loaded: audit.LoadedTraces | None) -> tuple:
+    """Re-judge the recorded decisions of trace_id's group under other threshold settings: (one row
+    per recorded attempt with its recorded and new decision, a line counting the changed ones)."""
     if not trace_id:
         return None, "pick a trace above"
     try:
-        df = audit.what_if(audit.group_of(all_traces(history, files), trace_id), {
-            "threshold.policy": policy, "threshold.kappa": kappa, "threshold.penalty_lambda": lam,
-            "threshold.value": value})
+        df = audit.what_if(audit.group_of(all_traces(history, loaded), trace_id), {
+            "threshold.policy": policy, "threshold.kappa": kappa, "threshold.penalty_lambda": penalty_lambda,
+            "threshold.value": threshold_value})
     except E3RLError as err:
         return None, f"⚠️ {err}"
-    changed = int(df["changed"].sum()) if len(df) else 0
-    return audit.display_frame(df.round(4)), f"{changed} of {len(df)} recorded decisions would change"
+    return audit.display_frame(df.round(4)), audit.what_if_summary(df)

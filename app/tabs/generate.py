@@ -1,7 +1,14 @@
 """The Generate tab: a prompt and the E3RL settings in; the streamed heatmap, summary and chart
-out; and the counterfactual, the same request with erasure off beside it."""
+out; and the counterfactual, the same request with erasure off beside it.
+
+Two endpoints are public (``/generate`` and ``/counterfactual``, for gradio_client); their handlers
+name every parameter, because gradio names an endpoint's parameters after its handler's (a
+``*values`` handler's read param_3, param_4, ...). Every other listener is UI-only and private.
+"""
 from __future__ import annotations
 
+import inspect
+import threading
 import time
 from dataclasses import replace
 from typing import Any, Iterator
@@ -13,11 +20,13 @@ from e3rl_core.generation.segmenter import SEGMENTERS
 from e3rl_core.generation.thresholds import POLICIES
 from e3rl_core.tasks import arith
 
-from .. import render
-from ..session import Frame, GenRequest, Job, defaults, same_run, stream_generation
+from .. import live, render
+from ..session import (MAX_NEW_TOKENS, SPACE_MAX_NEW_TOKENS, Frame, GenRequest, Job, Stops, check_prompt, defaults,
+                       same_run, stream_generation, unknown_warning)
 from . import Shared
 
-# The order the controls are sent in: GenRequest's fields, and the /generate API's arguments.
+# The order the controls are sent in: GenRequest's fields, and the API's parameters after the
+# leading ones (the handlers below name them in this order; a test checks they agree).
 GEN_FIELDS = ["model", "prompt", "gold", "temperature", "top_p", "max_new_tokens", "signal", "segment_mode",
               "segment_tokens", "policy", "kappa", "threshold_value", "warmup_segments", "erase_budget", "erase",
               "group_size", "seed"]
@@ -40,60 +49,145 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
             with gr.Column(scale=2):
                 controls = _prompt_controls(shared)
             with gr.Column(scale=1):
-                controls.update(_settings())
-                color_by = gr.Radio(["entropy", "surprisal"], value="entropy", label="colour tokens by")
+                controls.update(_settings(shared))
+                color_by = gr.Radio(["entropy", "surprisal"], value="entropy", label="colour tokens by",
+                                    elem_id="e3rl-colour")
                 with gr.Row():
                     go_btn = gr.Button("Generate", variant="primary", elem_id="e3rl-generate")
-                    stop_btn = gr.Button("Stop")
+                    stop_btn = gr.Button("Stop", elem_id="e3rl-stop")
                     cf_btn = gr.Button("Counterfactual (erasure off)")
         row = gr.Radio([0], value=0, label="rollout of the group", type="value")
-        legend = gr.HTML(render.legend_html("entropy"))
-        shown = [gr.HTML(elem_id="e3rl-heatmap"), gr.Markdown(elem_id="e3rl-summary"), gr.Markdown(),
+        legend = gr.HTML(render.legend_html("entropy"), elem_id="e3rl-legend")
+        # Labels name the API's return values (none is drawn: HTML and Markdown hide theirs).
+        heatmap = gr.HTML(live.page_html(render.TraceView()), elem_id="e3rl-heatmap", label="heatmap")
+        # While a run streams, the heatmap is edited in the page (app.live): each frame sends what
+        # changed, not the whole trace; the last frame and every redraw send the whole trace.
+        edits = gr.Textbox(elem_id="e3rl-live-edits", elem_classes=["e3rl-offstage"], label="heatmap edits")
+        summary = gr.Markdown(elem_id="e3rl-summary", label="summary")
+        cf_outputs = _counterfactual_panel()  # under the run it compares with, above the table and chart
+        shown = [heatmap, summary, gr.Markdown(label="group table"),
                  # An empty chart from the start: the browser loads plotly with the page, not on the first click.
                  gr.Plot(render.trace_figure(render.TraceView()), label="scores vs thresholds; per-token signal",
                          elem_id="e3rl-chart"), row]
-        cf_outputs = _counterfactual_panel()
     inputs = [controls[name] for name in GEN_FIELDS]
     last, history = shared.last_events, shared.session_events
+    run_info = gr.State({})  # the shown run's timing, warning and whether it was stopped (for redraws)
+    stops = Stops()
 
-    def on_generate(colour: str, which: int, events: list, *values: Any) -> Iterator[tuple]:
-        yield from generate(shared, colour, which, events, *values)
+    def generate_endpoint(colour_by: str, rollout: int, history: list, model: str, prompt: str, gold: str,
+                          temperature: float, top_p: float, max_new_tokens: int, signal: str, segment_mode: str,
+                          segment_tokens: int, policy: str, kappa: float, threshold_value: float,
+                          warmup_segments: int, erase_budget: int, erase: bool, group_size: int, seed: int,
+                          request: gr.Request) -> Iterator[tuple]:
+        """Generate a group of rollouts with erasure, streamed: each update is the heatmap (HTML), the
+        summary (markdown: answer, counts, timing), the group table, the chart and the rollout picker.
 
-    def on_counterfactual(colour: str, shown_events: list, events: list, *values: Any) -> tuple:
-        return counterfactual(shared, colour, shown_events, events, *values)
+        Parameters:
+            colour_by: "entropy" or "surprisal", the signal the heatmap colours tokens by
+            rollout: which rollout of the group the heatmap, summary and chart show (0-based)
+            model: a shipped or trained checkpoint directory, or a local model directory
+            prompt: a one-line question (wrapped in the task template) or full prompt text
+            gold: the known answer, checked against the model's ("" for none)
+            temperature: sampling temperature (0 = greedy)
+            top_p: nucleus sampling mass
+            max_new_tokens: tokens to generate at most per rollout
+            signal: the decision signal, "surprisal" or "entropy"
+            segment_mode: how the trace is cut into segments
+            segment_tokens: segment length in tokens (fixed mode; a cap otherwise)
+            policy: threshold policy
+            kappa: κ of the e3rl baseline μ + κσ
+            threshold_value: the fixed policy's threshold
+            warmup_segments: segments decided before any is erased
+            erase_budget: erasures allowed per segment (Erase@K)
+            erase: erasure on (False: plain sampling, for comparison)
+            group_size: rollouts generated together (G)
+            seed: rollout r samples with seed + r
+        """
+        yield from run(locals(), edits=False)
 
-    gen_event = go_btn.click(on_generate, [color_by, row, history, *inputs], [*shown, last, history],
-                             concurrency_limit=2, show_progress="hidden",  # the spinner would repaint all run long
-                             api_name="generate")
-    stop_btn.click(None, None, None, cancels=[gen_event])
-    color_by.change(draw, [last, row, color_by], shown)
-    color_by.change(render.legend_html, color_by, legend)
-    row.change(draw, [last, row, color_by], shown)
-    cf_btn.click(on_counterfactual, [color_by, last, history, *inputs], [*cf_outputs, history], concurrency_limit=2,
-                 api_name="counterfactual")
+    def generate_in_page(*args: Any, **kwargs: Any) -> Iterator[tuple]:
+        """The Generate button: /generate's frames, the heatmap sent as edits while it streams."""
+        yield from run(signature.bind(*args, **kwargs).arguments, edits=True)
+
+    # gradio passes arguments (and the request) by the handler's signature: the button's handler
+    # takes exactly /generate's.
+    signature = inspect.signature(generate_endpoint)
+    generate_in_page.__signature__ = signature  # type: ignore[attr-defined]
+    generate_in_page.__annotations__ = generate_endpoint.__annotations__  # where gradio finds gr.Request
+
+    def run(params: dict[str, Any], edits: bool) -> Iterator[tuple]:
+        request = params.get("request")
+        with stops.watch(request.session_hash if request else None) as stop:
+            yield from generate(shared, params["colour_by"], params["rollout"], params["history"],
+                                _request_values(params), stop, edits=edits)
+
+    def counterfactual_endpoint(colour_by: str, shown_run: list, history: list, model: str, prompt: str, gold: str,
+                                temperature: float, top_p: float, max_new_tokens: int, signal: str,
+                                segment_mode: str, segment_tokens: int, policy: str, kappa: float,
+                                threshold_value: float, warmup_segments: int, erase_budget: int, erase: bool,
+                                group_size: int, seed: int) -> tuple:
+        """The same request with erasure on and with erasure off, rollout 0 of each side by side: its
+        heatmap (HTML) and summary (markdown) with erasure, then without. The run on screen is reused
+        when it is this request.
+
+        Parameters:
+            colour_by: "entropy" or "surprisal", the signal the heatmaps colour tokens by
+            model: as for /generate, and every parameter after it
+        """
+        return counterfactual(shared, colour_by, shown_run, history, _request_values(locals()))
+
+    def stop_running(request: gr.Request) -> None:
+        stops.stop(request.session_hash)
+
+    go_btn.click(generate_in_page, [color_by, row, history, *inputs], [*shown, last, history, run_info, edits],
+                 concurrency_limit=2, show_progress="hidden",  # the spinner would repaint all run long
+                 api_visibility="private")
+    # /generate for scripts: the same run with the whole heatmap in every frame (no page to edit).
+    # Its listener sits on a button nobody sees; the page's own button is the one above.
+    api_btn = gr.Button("generate (API)", elem_classes=["e3rl-offstage"])
+    api_btn.click(generate_endpoint, [color_by, row, history, *inputs], [*shown, last, history, run_info],
+                  concurrency_limit=2, api_name="generate")
+    edits.change(None, edits, None, js=live.live_js("#e3rl-heatmap"), api_visibility="private")
+    # Stop ends the session's runs at their next token, and each then sends its last frame (see
+    # Stops); cancelling the handler instead would leave the page mid-run.
+    stop_btn.click(stop_running, None, None, queue=False, api_visibility="private")
+    redraw = dict(fn=draw, inputs=[last, row, color_by, run_info], outputs=shown, api_visibility="private")
+    color_by.change(**redraw)
+    color_by.change(render.legend_html, color_by, legend, api_visibility="private")
+    row.change(**redraw)
+    cf_btn.click(counterfactual_endpoint, [color_by, last, history, *inputs], [*cf_outputs, history],
+                 concurrency_limit=2, api_name="counterfactual")
     return tab, controls["model"]
+
+
+def _request_values(params: dict[str, Any]) -> tuple:
+    """A handler's named request parameters, in GEN_FIELDS order."""
+    return tuple(params[name] for name in GEN_FIELDS)
 
 
 def _prompt_controls(shared: Shared) -> dict[str, Any]:
     first = examples()[0]
     model = gr.Dropdown(shared.model_choices(), value=shared.default_model, label="model",
-                        allow_custom_value=not shared.space)
+                        allow_custom_value=not shared.space, elem_id="e3rl-model")
     if not shared.space:
         gr.Markdown("Any local model directory, or a hub id when online, can be typed into the model box.")
-    prompt = gr.Textbox(label="prompt (a one-line question is wrapped in the task template)", lines=3, value=first[0])
-    gold = gr.Textbox(label="gold answer (optional: shows ✓/✗)", value=first[1])
-    gr.Examples(examples(), inputs=[prompt, gold], label="examples")
+    prompt = gr.Textbox(label="prompt (a one-line question is wrapped in the task template)", lines=3, value=first[0],
+                        elem_id="e3rl-prompt")
+    gold = gr.Textbox(label="gold answer (optional: shows ✓/✗)", value=first[1], elem_id="e3rl-gold")
+    gr.Examples(examples(), inputs=[prompt, gold], label="examples", api_visibility="private")
     return {"model": model, "prompt": prompt, "gold": gold}
 
 
-def _settings() -> dict[str, Any]:
+def _settings(shared: Shared) -> dict[str, Any]:
     """The sampling and E3RL controls, starting at GenRequest's defaults."""
     d = defaults()
+    most = SPACE_MAX_NEW_TOKENS if shared.space else MAX_NEW_TOKENS  # a Space's CPU is shared by every visitor
     with gr.Accordion("sampling and E3RL", open=False):
         c = {
             "temperature": gr.Slider(0, 2, value=d["temperature"], step=0.05, label="temperature (0 = greedy)"),
             "top_p": gr.Slider(0.05, 1, value=d["top_p"], step=0.05, label="top-p"),
-            "max_new_tokens": gr.Slider(16, 1024, value=d["max_new_tokens"], step=16, label="max new tokens"),
+            "max_new_tokens": gr.Slider(16, most, value=d["max_new_tokens"], step=16,
+                                        label=f"max new tokens (at most {most:,} here)", elem_id="e3rl-max-new-tokens"),
             "signal": gr.Radio(["surprisal", "entropy"], value=d["signal"], label="decision signal"),
             "segment_mode": gr.Dropdown(SEGMENTERS.names(), value=d["segment_mode"], label="segment mode"),
             "segment_tokens": gr.Slider(4, 512, value=d["segment_tokens"], step=4, label="segment length (tokens)"),
@@ -111,52 +205,77 @@ def _settings() -> dict[str, Any]:
 
 def _counterfactual_panel() -> list[Any]:
     """Hidden until a counterfactual is asked for: the run with erasure beside the run without."""
-    with gr.Row(visible=False) as cf_row:
+    with gr.Row(visible=False, elem_id="e3rl-counterfactual") as cf_row:
         with gr.Column():
             gr.Markdown("**with erasure**")
-            cf_on, cf_on_md = gr.HTML(), gr.Markdown()
+            cf_on, cf_on_md = gr.HTML(label="heatmap with erasure"), gr.Markdown(label="summary with erasure")
         with gr.Column():
             gr.Markdown("**erasure off (same prompt and seed)**")
-            cf_off, cf_off_md = gr.HTML(), gr.Markdown()
+            cf_off, cf_off_md = gr.HTML(label="heatmap, erasure off"), gr.Markdown(label="summary, erasure off")
     return [cf_row, cf_on, cf_on_md, cf_off, cf_off_md]
 
 
 def request(shared: Shared, values: tuple) -> GenRequest:
-    """The controls' values as a request (a Space refuses unlisted models here)."""
+    """The controls' values as a request (a Space refuses unlisted models and long generations here)."""
     kw = dict(zip(GEN_FIELDS, values))
     shared.check_model(kw["model"], "used")
-    return GenRequest(**kw)
+    req = GenRequest(**kw)
+    if shared.space and req.max_new_tokens > SPACE_MAX_NEW_TOKENS:
+        raise E3RLError(f"this Space generates at most {SPACE_MAX_NEW_TOKENS:,} new tokens; lower max new tokens")
+    return req
 
 
-def draw(events: list, which: int, colour: str) -> tuple:
-    """Heatmap, summary, group table, chart and row picker for rollout ``which`` of a finished run."""
+def draw(events: list, which: int, colour: str, info: dict | None = None) -> tuple:
+    """Heatmap, summary, group table, chart and row picker for rollout ``which`` of a finished run;
+    ``info``: the run's timing, warning and whether it was stopped, as ``_stream`` recorded them."""
+    info = info or {}
     views = list(render.fold(events).values())
     if not views:
-        return "", "", "", None, gr.update()
+        return live.page_html(render.TraceView(), colour), "", "", None, gr.update()
+    if info.get("stopped"):
+        for v in views:
+            if v.done is None and v.error is None:
+                v.stop()
     which = min(int(which or 0), len(views) - 1)
     v = views[which]
     grp = render.group_markdown(views) if len(views) > 1 else ""
-    return (render.trace_html(v, colour, with_css=False), render.summary_markdown(v), grp,
-            render.trace_figure(v, colour), gr.update(choices=list(range(len(views))), value=which))
+    md = render.summary_markdown(v, info.get("seconds"), info.get("first_token_s"), info.get("group_tokens"),
+                                 info.get("warning")) + info.get("tail", "")
+    return (live.page_html(v, colour), md, grp, render.trace_figure(v, colour),
+            gr.update(choices=list(range(len(views))), value=which))
 
 
-def generate(shared: Shared, colour: str, which: int, history: list, *values: Any) -> Iterator[tuple]:
+def generate(shared: Shared, colour: str, which: int, history: list, values: tuple,
+             stop: threading.Event | None = None, edits: bool = False) -> Iterator[tuple]:
+    """The Generate click: frames of the run as the tab's outputs (see ``_stream``). ``stop``: set
+    to end the run at its next token; a last frame then says where it stopped. ``edits``: for the
+    page's button (the heatmap as edits while it streams) rather than the API (the whole heatmap)."""
     try:
         req = request(shared, values)
+        check_prompt(req.prompt)
+        job = Job.of(req)
+        warning = unknown_warning(shared.store.get(job.path)[1], req)  # loads the model (once)
+        if warning:
+            gr.Warning(warning)
         # Frames at most every 0.25 s: each update is serialized and drawn by a browser that shares
         # the CPU with the model.
-        frames = stream_generation(shared.store, req, min_interval=0.25, engine=shared.engine)
-        yield from _stream(frames, colour, which, history)
+        frames = stream_generation(shared.store, job, min_interval=0.25, stop=stop, engine=shared.engine)
+        yield from _stream(frames, colour, which, history, warning, edits)
     except E3RLError as err:
         raise gr.Error(str(err)) from None
 
 
-def _stream(frames: Iterator[Frame], colour: str, which: int, history: list) -> Iterator[tuple]:
+def _stream(frames: Iterator[Frame], colour: str, which: int, history: list,
+            warning: str | None = None, edits: bool = False) -> Iterator[tuple]:
     """The frames as the tab's outputs: heatmap, summary, group table, chart, row picker, the run's
-    events and the session's."""
+    events, the session's, the run's info for redraws (timing, warning, stopped), and the heatmap's
+    edits (with ``edits``). Then while the run streams the heatmap itself is left alone and the
+    edits (``app.live``) bring the page up to date, so a frame costs what changed; the last frame
+    sends the whole trace (what a redraw or a reconnect shows)."""
     n_fig, fig_at, out, n_rows = 0, 0.0, None, 0
     v = render.TraceView()
-    for frame in frames:
+    page = live.LiveFrames(colour)
+    for seq, frame in enumerate(frames):
         views = list(frame.views.values())
         which_ = min(int(which or 0), len(views) - 1) if views else 0
         v = views[which_] if views else render.TraceView()
@@ -172,13 +291,23 @@ def _stream(frames: Iterator[Frame], colour: str, which: int, history: list) -> 
         rows = gr.update()
         if len(views) != n_rows:  # the row picker changes only when rollouts start
             n_rows, rows = len(views), gr.update(choices=list(range(len(views))), value=which_)
-        total = sum(len(a.tokens) for w in views for a in w.attempts)
-        md = render.summary_markdown(v, frame.elapsed, frame.first_token_s, total if len(views) > 1 else None)
+        total = sum(w.generated() for w in views)
+        info = dict(seconds=frame.elapsed, first_token_s=frame.first_token_s,
+                    group_tokens=total if len(views) > 1 else None, warning=warning, stopped=frame.stopped)
         if frame.finished:
-            md += f"  \n_finished: {total} tokens over {len(views)} rollout(s)_"
-        out = [render.trace_html(v, colour, with_css=False), md,
+            info["tail"] = (f"  \n_{'stopped' if frame.stopped else 'finished'}: {total} tokens over "
+                            f"{len(views)} rollout(s)_")
+        md = render.summary_markdown(v, info["seconds"], info["first_token_s"], info["group_tokens"], warning)
+        # A stopped run's partial traces join the session's events too: the Audit tab shows them.
+        if not edits:  # the API: the whole trace in every frame
+            heatmap, ops = render.trace_html(v, colour, with_css=False), ""
+        elif frame.finished:
+            heatmap, ops = live.page_html(v, colour), live.encode([], seq)
+        else:
+            heatmap, ops = gr.skip(), live.encode(page.frame(v), seq)
+        out = [heatmap, md + info.get("tail", ""),
                render.group_markdown(views) if len(views) > 1 else "", fig, rows, list(frame.events),
-               history + (list(frame.events) if frame.finished else [])]
+               history + (list(frame.events) if frame.finished else []), info] + ([ops] if edits else [])
         yield tuple(out)
     if out is not None:
         # The finished text first, then its chart a moment later, so the browser paints the answer
@@ -188,7 +317,7 @@ def _stream(frames: Iterator[Frame], colour: str, which: int, history: list) -> 
         yield tuple(out)
 
 
-def counterfactual(shared: Shared, colour: str, last: list, history: list, *values: Any) -> tuple:
+def counterfactual(shared: Shared, colour: str, last: list, history: list, values: tuple) -> tuple:
     """The request with erasure on (the run on screen when it is this request) and off, side by side."""
     try:
         job = Job.of(request(shared, values))

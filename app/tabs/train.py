@@ -1,5 +1,6 @@
 """The Train tab: start and stop one background ``e3rl train`` run on the model picked in the
-Generate tab, and watch its curves and latest rollout while the tab is open."""
+Generate tab, and watch its status, settings, curves and latest rollout while the tab is open.
+Its public endpoints: ``/start_training``, ``/stop_training`` and ``/training_status``."""
 from __future__ import annotations
 
 from dataclasses import fields
@@ -10,38 +11,60 @@ from e3rl_core.errors import E3RLError
 
 from .. import render
 from ..session import resolve
-from ..training import RunRequest, latest_trace_events, read_status, status_markdown
+from ..training import RunRequest, curves_spec, latest_trace_events, read_status, rollout_html, status_markdown
 from . import Shared
+
+MAX_STEPS = 500
+"""The steps slider's end. A deployment that trains fewer (a Space: 30) lowers a larger request
+and says so, rather than the slider silently stopping short."""
 
 
 def build(shared: Shared, model: gr.Dropdown) -> tuple[gr.Tab, gr.Timer]:
     """The tab, and its timer (active only while the tab is open; ``app.ui`` switches it)."""
     d = {f.name: f.default for f in fields(RunRequest)}
+    bound = shared.trainer.max_steps
     with gr.Tab("Train") as tab:
         with gr.Row():
             algo = gr.Dropdown(["e3rl", "grpo", "dapo"], value=d["algo"], label="algorithm")
-            # the slider stops where this deployment's trainer does (30 steps in a Space)
-            steps = gr.Slider(1, shared.trainer.max_steps or 500, value=d["steps"], step=1, label="steps")
+            steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="steps",
+                              info=f"this deployment trains at most {bound} steps per run" if bound else None)
             group = gr.Slider(2, 16, value=d["group_size"], step=1, label="group size")
             lr = gr.Number(value=d["learning_rate"], label="learning rate")
             seed = gr.Number(value=d["seed"], precision=0, label="seed")
         with gr.Row():
             start_btn = gr.Button("Start training", variant="primary")
-            stop_btn = gr.Button("Stop")
-        msg = gr.Markdown()
-        plot = gr.Plot(label="training curves")
-        rollout = gr.HTML(label="latest rollout")
+            stop_btn = gr.Button("Stop", elem_id="e3rl-train-stop")
+        msg = gr.Markdown(elem_id="e3rl-train-status", label="status")
+        plot = gr.Plot(label="training curves", elem_id="e3rl-train-curves")
+        rollout = gr.HTML(label="latest rollout", elem_id="e3rl-train-rollout")
         timer = gr.Timer(2.0, active=False)
 
-    def on_start(mdl: str, algo_: str, steps_: int, grp: int, rate: float, sd: int) -> str:
-        return start_run(shared, mdl, algo_, steps_, grp, rate, sd)
+    def start_training(model: str | None, algo: str = d["algo"], steps: int = d["steps"],
+                       group_size: int = d["group_size"], learning_rate: float = d["learning_rate"],
+                       seed: int = d["seed"]) -> str:
+        """Start a background training run of `model` (a listed model or a local directory); returns
+        a line saying which run started, or why none did."""
+        return start_run(shared, model, algo, steps, group_size, learning_rate, seed)
 
-    def on_poll(current_model: str) -> tuple:
-        return poll(shared, current_model)
+    def stop_training() -> str:
+        """Ask the running run to stop after its current step (it writes a checkpoint first)."""
+        return shared.trainer.stop()
 
-    start_btn.click(on_start, [model, algo, steps, group, lr, seed], msg, api_name="start_training")
-    stop_btn.click(shared.trainer.stop, None, msg, api_name="stop_training")
-    timer.tick(on_poll, model, [msg, plot, rollout, model])
+    def training_status() -> tuple:
+        """The newest run: its status line (step from its log, model and settings from its run.json),
+        its training curves, and its latest logged rollout as a heatmap."""
+        return status(shared)
+
+    def model_choices(current: str | None):  # new checkpoints appear in the Generate tab's model box
+        return gr.update(choices=shared.model_choices(), value=current)
+
+    start_btn.click(start_training, [model, algo, steps, group, lr, seed], msg, api_name="start_training")
+    stop_btn.click(stop_training, None, msg, api_name="stop_training")
+    timer.tick(training_status, None, [msg, plot, rollout], api_name="training_status",
+               show_progress="hidden").then(model_choices, model, model, api_visibility="private",
+                                            show_progress="hidden")
+    # Opening the tab shows the status at once, not at the timer's first tick.
+    tab.select(training_status, None, [msg, plot, rollout], api_visibility="private")
     return tab, timer
 
 
@@ -52,25 +75,23 @@ def start_run(shared: Shared, model: str | None, algo: str, steps: int, group_si
         chosen = model or shared.default_model
         if not chosen:
             raise E3RLError("no model chosen; pick one in the Generate tab's model box")
+        steps, note = shared.trainer.clamp_steps(int(steps))
         # Resolved as the Generate tab resolves it: the training process must not read a relative
         # path against the server's working directory (or take it for a hub id).
         out = shared.trainer.start(RunRequest(
-            model=resolve(chosen), algo=algo, steps=int(steps),
+            model=resolve(chosen), algo=algo, steps=steps,
             group_size=int(group_size), learning_rate=float(learning_rate), seed=int(seed)))
     except E3RLError as err:
         return f"⚠️ {err}"
-    return f"started {out.name}"
+    return f"started {out.name}" + (f" (⚠️ {note})" if note else "")
 
 
-def poll(shared: Shared, current_model: str) -> tuple:
-    """The newest run's status, curves and latest rollout; and the model picker, with new checkpoints."""
+def status(shared: Shared) -> tuple:
+    """The newest run's status markdown, curves figure and latest rollout."""
     runs = shared.trainer.runs()
     if not runs:
-        return "no training run yet", None, "", gr.update()
+        return "no training run yet", None, ""
     st = read_status(runs[0])
     rows = st.get("rows", [])
-    fig = render.as_figure(render.training_spec(rows)) if rows else None
-    evs = latest_trace_events(runs[0])
-    html = render.trace_html(list(render.fold(evs).values())[-1], with_css=False) if evs else ""
-    return (status_markdown(runs[0], st, bool(shared.trainer.active())), fig, html,
-            gr.update(choices=shared.model_choices(), value=current_model))
+    fig = render.as_figure(curves_spec(rows)) if rows else None
+    return status_markdown(runs[0], st, shared.trainer.active()), fig, rollout_html(latest_trace_events(runs[0]))

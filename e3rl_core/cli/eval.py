@@ -25,7 +25,7 @@ def add_parser(sub: Any) -> None:
     ev.add_argument("--limit", type=int, help="only the first N problems (N >= 1)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", help="write one JSON row per sample here (pandas.read_json(..., lines=True))")
-    ev.add_argument("--traces-out", help="also write every sample's event stream (JSONL)")
+    ev.add_argument("--traces-out", help="also write every sample's event stream (JSONL; gzip when the name ends in .gz)")
     ev.add_argument("--overlong", choices=("skip", "fail"), default="skip",
                     help="problems whose prompt does not fit the model's context: skip them (the default; "
                     "counted in the summary) or fail = score their samples as wrong answers")

@@ -20,7 +20,7 @@ def add_parser(sub: Any) -> None:
                      "(or 'Question: ...\\nAnswer:\\n' when it has none)")
     gen.add_argument("--group-size", type=int, default=1, help="rollouts of the prompt, decoded as one batch")
     gen.add_argument("--seed", type=int, default=0, help="row r uses seed + r")
-    gen.add_argument("--trace-out", help="write the event stream as JSONL here")
+    gen.add_argument("--trace-out", help="write the event stream as JSONL here (gzip when the name ends in .gz)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (G = 1)")
     add_device_flags(gen)
     add_prompt_flags(gen)

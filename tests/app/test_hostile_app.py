@@ -1,6 +1,7 @@
 """The workbench under hostile or careless use: uploads and the session state they fill are bounded
-and freed, huge token texts are shown cut, errors name files as their user named them; the Train
-tab works wherever the app was started, and in Space mode nothing reaches the network."""
+and freed (gzip files by the text they inflate to), huge token texts are shown cut, errors name
+files as their user named them; the Train tab works wherever the app was started, and in Space
+mode nothing reaches the network."""
 from __future__ import annotations
 
 import hashlib
@@ -119,6 +120,30 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_stored(server, tmp_pat
     assert files_under(cache) == []
 
 
+def test_a_gzip_file_loads_and_a_gzip_bomb_stops_at_the_text_limit(server, trace_file, tmp_path, monkeypatch):
+    """Gzip is told by its first bytes (this one is named .jsonl); one that inflates past the text a
+    file may hold is refused when reading reaches the limit, holding nothing and leaving no file."""
+    import gzip
+
+    url, cache = server
+    disguised = tmp_path / "gzipped.jsonl"
+    disguised.write_bytes(gzip.compress(trace_file.read_bytes()))
+    client = Client(url, verbose=False)
+    msg, rows = load(client, disguised)
+    assert msg.startswith("loaded 2 trace(s) from gzipped.jsonl") and rows > 0
+    assert audit.SESSIONS.bytes_of(client.session_hash) == trace_file.stat().st_size  # the text, decompressed
+    client.close()
+    monkeypatch.setattr(audit, "MAX_TRACE_TEXT_BYTES", 4 * 2**20)  # the server runs in this process
+    bomb = tmp_path / "bomb.jsonl.gz"
+    bomb.write_bytes(gzip.compress(b"\n" * 2**20 + b" " * 64 * 2**20))  # 65 MiB of text in ~70 KB
+    client = Client(url, verbose=False)
+    msg, _ = load(client, bomb)
+    assert msg == "⚠️ bomb.jsonl.gz holds more than 4 MiB of JSONL text; load at most 4 MiB of traces at once " \
+                  "(split the file)"
+    assert audit.SESSIONS.bytes_of(client.session_hash) == 0 and files_under(cache) == []
+    client.close()
+
+
 def test_a_bad_file_is_named_as_its_user_named_it(server, tmp_path):
     url, cache = server
     bad = tmp_path / "my traces.jsonl"
@@ -141,11 +166,11 @@ def test_a_huge_token_is_shown_cut_in_the_table_and_the_replay(server, trace_fil
     client = Client(url, verbose=False)
     msg, _ = load(client, huge)
     assert msg.startswith("loaded 2 trace(s)")
-    table, _ = client.predict(False, "", "", False, api_name="/refresh_all")
+    table = client.predict(False, "", "", False, api_name="/decisions")
     longest = max(len(cell) for row in table["data"] for cell in row if isinstance(cell, str))
     assert longest <= audit.MAX_CELL_CHARS + 40
     started = time.perf_counter()
-    _, html = client.predict(tok["trace_id"], api_name="/pick_trace")
+    html = client.predict(tok["trace_id"], api_name="/replay")
     client.close()
     assert len(html) < 100_000 and "more characters]" in html
     assert time.perf_counter() - started < 20

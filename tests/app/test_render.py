@@ -99,9 +99,10 @@ def test_figure_summary_and_group(frames):
     v = views[0]
     fig = render.trace_figure(v)
     names = [t.name for t in fig.data]
-    assert "U_n" in names and "Θ_n" in names and any("erased" in n for n in names)
+    assert "U_n, kept" in names and "U_n, erased" in names and "Θ_n" in names
     decided = [a for a in v.attempts if a.decision is not None]
-    assert len(fig.data[0].x) == len(decided)
+    kept, erased = fig.data[names.index("U_n, kept")], fig.data[names.index("U_n, erased")]
+    assert len(kept.x) + len(erased.x) == len(decided) and len(erased.x) == len(v.erasures())
     md = render.summary_markdown(v, 1.0, 0.1)
     assert "✓" in md and f"erasures {len(v.erasures())}" in md
     table = render.group_markdown(views)
@@ -458,3 +459,167 @@ def test_same_run_recognises_the_run_just_shown(frames):
                    dict(group_size=2), dict(prompt=q.replace("12", "13"))):
         other = GenRequest(**{**req.__dict__, **change})
         assert not same_run(events, other, tok), change
+
+
+# ---------------------------------------------------------------- what a first-time user trips over
+def _tok(step: int, text: str, value: float = 0.1, segment: int = 0, attempt: int = 0):
+    from e3rl_core.events import TokenEvent
+
+    return TokenEvent(trace_id="t", step=step, token_id=step, text=text, entropy=value, surprisal=2 * value,
+                      segment=segment, attempt=attempt, index=step)
+
+
+@pytest.fixture(scope="module")
+def byte_bpe():
+    """A byte-level BPE trained here on ASCII only: every other character is several byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"], show_progress=False)
+    tok.train_from_iterator(["plain ascii text, the cat sat on the mat."] * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def test_byte_pieces_of_one_character_are_one_span_with_every_signal(byte_bpe):
+    """Tokens that decode to nothing alone (bytes of a character completed by a later token) are
+    drawn as one visible span: coloured by its most uncertain piece, each piece's signals on hover."""
+    from e3rl_core.generation.detok import Decoder, push, start_state
+
+    text = "é 東 😀 ok"
+    ids = byte_bpe(text, add_special_tokens=False).input_ids
+    state, decode = start_state(byte_bpe("a", add_special_tokens=False).input_ids), Decoder(byte_bpe)
+    texts = [push(decode, state, i) for i in ids]
+    assert "" in texts and len(ids) > len(text)  # the fixture does split characters into bytes
+    v = render.TraceView()
+    for step, piece in enumerate(texts):
+        v.apply(_tok(step, piece, value=0.1 * (step + 1)))
+    groups = render.pieces(v.kept_tokens())
+    assert sum(len(g) for g in groups) == len(ids) and all("".join(t.text for t in g) for g in groups)
+    html = render.trace_html(v, "entropy", with_css=False)
+    spans = re.findall(r'<span class="e3rl-tok" style="background:(rgb\([^)]*\))" title="([^"]*)">([^<]*)</span>',
+                       html)
+    assert len(spans) == len(groups) and "".join(s[2] for s in spans) == text  # nothing invisible, nothing lost
+    emoji = next(s for s in spans if s[2] == "😀")
+    pieces = next(g for g in groups if "".join(t.text for t in g) == "😀")
+    assert len(pieces) == 4 and emoji[1].count("piece ") == 4  # the four byte tokens' signals on hover
+    assert emoji[0] == render.colour(max(t.entropy for t in pieces))
+    # a character whose last byte has not arrived yet shows as one replacement mark, not as nothing
+    partial = render.TraceView()
+    partial.apply(_tok(0, texts[0]))  # the first of "é"'s two byte tokens, alone
+    assert texts[0] == "" and texts[1] == "é" and ">\ufffd</span>" in render.trace_html(partial, with_css=False)
+
+
+def _partial_run_with_erasure_in_flight(events):
+    """The default run's first rollout cut just after an erasure, its retry streaming."""
+    tid = events[0].trace_id
+    view = render.TraceView()
+    for ev in events:
+        if ev.trace_id != tid:
+            continue
+        view.apply(ev)
+        if view.last_erased is not None and view.attempts[-1].tokens and view.attempts[-1].erased is None:
+            return view
+    raise AssertionError("the default run erases nothing")
+
+
+def test_a_stopped_trace_says_where_it_stopped_and_folds_its_erasures(frames):
+    v = _partial_run_with_erasure_in_flight(frames[-1].events)
+    assert 'class="e3rl-erasing"' in render.trace_html(v) and "generating" in render.summary_markdown(v)
+    v.stop()
+    html, md = render.trace_html(v, with_css=False), render.summary_markdown(v, 2.0, 0.1)
+    n = sum(len(a.tokens) for a in v.attempts)
+    assert f"stopped at token {n}" in html and f"stopped at token {n}" in md and "generating" not in md
+    assert 'class="e3rl-erasing"' not in html and html.count('class="e3rl-erased"') == len(v.erasures())
+    assert html.count('class="e3rl-tok"') == len(v.kept_tokens())  # the partial retry stays, as kept text
+    # the Audit tab's replay of such a partial trace ends the same way (and steps through it as before)
+    from e3rl_core.events import Trace
+
+    partial = Trace([e for e in frames[-1].events if e.trace_id == v.trace_id][: v.n_events])
+    assert replay_view(partial, len(partial.events)).stopped and not replay_view(partial, 5).stopped
+    assert render.trace_html(replay_view(partial, len(partial.events)), with_css=False) == html
+    assert "2.00 s" in md  # the timing stays
+    assert "_stopped_" in render.group_markdown([v])
+
+
+def test_stop_ends_the_run_with_a_last_frame_that_keeps_the_partial_traces():
+    import threading
+
+    q, g = examples()[2]
+    stop = threading.Event()
+    out = []
+    for frame in stream_generation(STORE, GenRequest(model=MODEL, prompt=q, gold=g, group_size=4, seed=1),
+                                   min_interval=0.0, stop=stop):
+        out.append(frame)
+        stop.set()
+    last = out[-1]
+    assert last.finished and last.stopped and any(e.kind == "token" for e in last.events)
+    cut = [v for v in last.views.values() if v.done is None]
+    assert cut and all(v.stopped and v.last_erased is None for v in cut)
+    assert all(not v.stopped for v in last.views.values() if v.done is not None)
+
+
+def test_stops_reach_only_their_own_session():
+    from app.session import Stops
+
+    stops = Stops()
+    with stops.watch("a") as a1, stops.watch("a") as a2, stops.watch("b") as b:
+        assert stops.stop("a") == 2 and a1.is_set() and a2.is_set() and not b.is_set()
+    assert stops.stop("a") == 0 and stops.stop("b") == 0  # nothing left running
+    with stops.watch(None) as anonymous:
+        assert stops.stop(None) == 0 and not anonymous.is_set()
+
+
+def test_a_prompt_with_characters_the_model_cannot_read_gets_a_warning():
+    from app.session import unknown_characters, unknown_warning
+
+    _, tok = STORE.get(MODEL)
+    assert unknown_characters(tok, examples()[0][0]) is None
+    assert unknown_warning(tok, GenRequest(model=MODEL, prompt=examples()[0][0])) is None
+    assert unknown_characters(tok, "a = 5 × 3. b = a ÷ 5. What is b? ×") == ["×", "÷"]
+    msg = unknown_warning(tok, GenRequest(model=MODEL, prompt="a = 5 × 3. What is a?"))
+    assert "'×'" in msg and tok.unk_token in msg and "rephrase" in msg
+    assert "⚠" in render.summary_markdown(render.TraceView(), warning=msg)
+
+
+def test_max_new_tokens_goes_to_16k_and_no_further():
+    from app.session import MAX_NEW_TOKENS
+
+    assert MAX_NEW_TOKENS == 16_384
+    q, g = examples()[0]
+    with pytest.raises(E3RLError, match="between 1 and 16,384"):
+        next(stream_generation(STORE, GenRequest(model=MODEL, prompt=q, gold=g, max_new_tokens=MAX_NEW_TOKENS + 1)))
+    assert GenRequest(model=MODEL, prompt=q, max_new_tokens=MAX_NEW_TOKENS).config().max_new_tokens == MAX_NEW_TOKENS
+
+
+def test_chart_explains_every_mark_and_counts_segments_in_whole_numbers(frames):
+    v = list(frames[-1].views.values())[0]
+    spec = render.figure_spec(v)
+    assert all(t["name"] and t["showlegend"] for t in spec["data"])  # each mark has its legend entry
+    assert len({t["name"] for t in spec["data"]}) == len(spec["data"])
+    def look(t: dict) -> tuple:
+        return (t["mode"], *(str(t.get(part, {}).get(key)) for part, key in
+                             (("marker", "symbol"), ("marker", "color"), ("line", "color"), ("line", "dash"))))
+
+    assert len({look(t) for t in spec["data"]}) == len(spec["data"])  # no two entries look alike
+    axis = spec["layout"]["xaxis"]
+    n_segments = max(a.segment for a in v.attempts) + 1
+    assert axis["tickformat"] == "d" and axis["tick0"] == 0 and isinstance(axis["dtick"], int)
+    assert axis["dtick"] >= 1 and n_segments / axis["dtick"] <= 20
+    long = render.TraceView()
+    for i in range(300):
+        long.apply(_tok(i, "x", segment=i // 2))
+    dtick = render.figure_spec(long)["layout"]["xaxis"]["dtick"]
+    assert isinstance(dtick, int) and 150 / dtick <= 20 < 150 / (dtick - 1)  # whole numbers, at most 20 ticks
+    assert all(t["title"]["text"] for t in (axis, spec["layout"]["xaxis2"], spec["layout"]["yaxis"]))
+
+
+def test_legend_labels_its_scale_under_the_bar():
+    html = render.legend_html("surprisal")
+    scale = re.search(r'<span class="scale"><span class="bar"></span><span class="ticks">((?:<span>[^<]*</span>)*)'
+                      r"</span></span>", html)
+    assert scale is not None  # the tick labels follow the bar inside one column (placed in Chromium: test_generate_tab)
+    assert re.findall(r"<span>([^<]*)</span>", scale.group(1)) == ["0", "1.5", "≥ 3 nats"]

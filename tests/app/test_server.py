@@ -78,11 +78,7 @@ def test_space_mode_allows_only_listed_models(tmp_path):
             client.predict(*gen_args(q, g, model=str(tmp_path)), api_name="/generate")
         out = client.predict(*gen_args(q, g, group_size=1), api_name="/generate")
         assert 'class="e3rl-tok"' in out[0]
-        try:  # the steps slider stops at 30 in a Space, and the trainer side refuses more as well
-            msg = client.predict("checkpoints/arith-demo", "grpo", 31, 4, 5e-5, 0, api_name="/start_training")
-        except Exception as err:  # rejected by the slider's bounds
-            msg = str(err)
-        assert "30" in msg and "started" not in msg
+        # (a bounded training request is clamped and says so: test_api_audit_train.py, without starting a run)
     finally:
         demo.close()
 

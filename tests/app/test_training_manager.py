@@ -1,12 +1,25 @@
 """Background training for the Train tab: one run at a time, survives its caller, stops cleanly."""
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from app.training import RunRequest, TrainingManager, read_status
+from app.training import (
+    LOCK,
+    STOPPING,
+    RunRequest,
+    TrainingManager,
+    curves_spec,
+    read_status,
+    rollout_html,
+    status_markdown,
+)
 from e3rl_core.errors import E3RLError
 from e3rl_core.training.checkpoint import checkpoints
 
@@ -64,3 +77,116 @@ def test_latest_trace_events_reads_only_the_tail(tmp_path):
     got = latest_trace_events(tmp_path, max_bytes=4096)
     assert [e.trace_id for e in got] == ["s299r0d0-0-0"] * 2
     assert latest_trace_events(tmp_path / "missing") == []
+
+
+def write_run(run: Path, pid: int, status: str = "running", step: int = 0, logged: int = 0) -> None:
+    """A run directory as the trainer writes it: run.json (its step moves only at checkpoints) and
+    one log.jsonl row per step."""
+    run.mkdir(exist_ok=True)
+    (run / "run.json").write_text(json.dumps({
+        "status": status, "message": "", "algo": "grpo", "model": "/models/arith", "data": "synthetic:train?n=64",
+        "step": step, "max_steps": 20, "config": {"num_generations": 2, "prompts_per_step": 3,
+                                                   "learning_rate": 1e-4, "seed": 7},
+        "pid": pid, "host": socket.gethostname()}))
+    rows = [json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(1, logged + 1)]
+    (run / "log.jsonl").write_text("".join(rows))
+
+
+@pytest.fixture
+def slow_stopper():
+    """A stand-in trainer that takes its time to stop, as one finishing its step does (SIGTERM is
+    noted, not obeyed); killed at the end."""
+    code = ("import signal, time; signal.signal(signal.SIGTERM, lambda *a: None); print('ready', flush=True); "
+            "time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout.readline().strip() == b"ready"  # its SIGTERM handler is in place
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_status_counts_steps_from_the_log_and_shows_the_runs_own_settings(tmp_path, slow_stopper):
+    run = tmp_path / "grpo-1"
+    write_run(run, slow_stopper.pid, step=0, logged=3)  # no checkpoint yet: run.json still says step 0
+    lock = {"pid": slow_stopper.pid, "out": str(run), "request": {"model": "form default", "algo": "e3rl"}}
+    md = status_markdown(run, read_status(run), lock)
+    assert "running — step 3 of 20 (running)" in md
+    # what the run uses, from its run.json (not the request, nor the form's starting values)
+    assert ("run settings: model `/models/arith` · grpo · 20 steps · group size 2 · 3 prompts per step · "
+            "learning rate 0.0001 · seed 7") in md and "form default" not in md
+    write_run(run, slow_stopper.pid, step=5, logged=4)  # a resumed run: run.json ahead of the truncated log
+    assert "step 5 of 20" in status_markdown(run, read_status(run), lock)
+
+
+def test_a_starting_run_shows_the_settings_it_was_started_with(tmp_path):
+    run = tmp_path / "dapo-1"  # run.json not written yet: the lock's request tells
+    req = RunRequest(model="/models/x", algo="dapo", steps=5, group_size=3, learning_rate=2e-4, seed=4)
+    md = status_markdown(run, read_status(run), {"pid": 1, "out": str(run), "request": req.__dict__})
+    assert "starting — step 0 of 5 (running)" in md
+    assert "model `/models/x` · dapo · 5 steps · group size 3 · 4 prompts per step · learning rate 0.0002" in md
+
+
+def test_stopping_shows_until_the_run_has_stopped(tmp_path, slow_stopper):
+    run = tmp_path / "e3rl-1"
+    write_run(run, slow_stopper.pid, logged=2)
+    (tmp_path / LOCK).write_text(json.dumps({"pid": slow_stopper.pid, "out": str(run), "request": {}}))
+    mgr = TrainingManager(tmp_path)
+    assert mgr.stop() == STOPPING
+    for _ in range(3):  # every poll while it finishes its step, from this page or a reloaded one
+        for manager in (mgr, TrainingManager(tmp_path)):
+            md = status_markdown(run, read_status(run), manager.active())
+            assert md.startswith(f"**e3rl-1**: {STOPPING} — step 2 of 20 (running)"), md
+        time.sleep(0.2)
+    slow_stopper.kill()  # it has stopped (and written its status)
+    slow_stopper.wait()
+    write_run(run, slow_stopper.pid, status="stopped", step=2, logged=2)
+    assert mgr.active() is None
+    md = status_markdown(run, read_status(run), mgr.active())
+    assert md.startswith("**e3rl-1**: stopped — step 2 of 20") and "stopping" not in md and "(running)" not in md
+
+
+def test_a_bounded_deployment_lowers_steps_and_says_so(tmp_path):
+    assert TrainingManager(tmp_path, max_steps=30).clamp_steps(100) == (
+        30, "steps lowered from 100 to 30, the most this deployment trains per run")
+    assert TrainingManager(tmp_path, max_steps=30).clamp_steps(30) == (30, "")
+    assert TrainingManager(tmp_path).clamp_steps(400) == (400, "")
+
+
+def test_curves_have_axis_titles_and_the_rollout_a_heading_with_its_prompt():
+    from e3rl_core.events import StartEvent, TokenEvent
+
+    spec = curves_spec([{"step": 1, "reward_mean": 0.5, "loss": 0.1}, {"step": 2, "reward_mean": 0.7, "loss": 0.2}])
+    axes = {k: v for k, v in spec["layout"].items() if k.startswith(("xaxis", "yaxis"))}
+    assert len(axes) == 10 and all(a["title"]["text"] for a in axes.values())
+    assert {a["title"]["text"] for k, a in axes.items() if k.startswith("x")} == {"step"}
+    events = [StartEvent(trace_id="s3r0d0-0-0", model="m", prompt="Compute <b>12</b> + 7 = ", prompt_ids=[1],
+                         config={}, seed=0, group_index=0, gold="19", train_step=3),
+              TokenEvent(trace_id="s3r0d0-0-0", step=0, token_id=1, text="19", entropy=0.1, surprisal=0.1,
+                         segment=0, attempt=0)]
+    html = rollout_html(events)
+    assert "Latest rollout of step 3" in html and "Compute &lt;b&gt;12&lt;/b&gt; + 7 = " in html
+    assert "gold answer <code>19</code>" in html and 'class="e3rl-tok"' in html
+    assert rollout_html([]) == ""
+
+
+def test_the_run_trains_on_the_apps_device(tmp_path, monkeypatch):
+    """A GPU app's Train tab trains on its GPU: the command carries the manager's device."""
+    import app.training as training
+
+    launched = []
+
+    class FakePopen:
+        pid = 999_999_999
+
+        def __init__(self, cmd, **kwargs):
+            launched.append(cmd)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(training.subprocess, "Popen", FakePopen)
+    for device in ("cpu", "cuda:1"):
+        mgr = TrainingManager(tmp_path / device, device=device)
+        mgr.start(RunRequest(model=DEMO, algo="grpo", steps=1))
+        cmd = launched[-1]
+        assert cmd[cmd.index("--device") + 1] == device

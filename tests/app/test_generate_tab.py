@@ -1,0 +1,206 @@
+"""The Generate tab: its handlers without a server (Stop, redraws, Space bounds, the unknown-character
+warning), then what a first-time user sees in Chromium (Stop, the heatmap's size, the ✂ marker, the
+legend, the chart, the summary across a colour toggle, where the counterfactual appears, the warning)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+from app.session import SPACE_MAX_NEW_TOKENS, ModelStore  # noqa: E402
+from app.tabs import Shared  # noqa: E402
+from app.tabs.generate import GEN_FIELDS, draw, examples, generate, request  # noqa: E402
+from app.ui import DEFAULTS  # noqa: E402
+from e3rl_core.errors import E3RLError  # noqa: E402
+
+MODEL = "checkpoints/arith-demo"
+STORE = ModelStore()
+
+
+def shared(space: bool = False) -> Shared:
+    """What the handlers use of the server's shared state (no trained checkpoints)."""
+    return Shared(store=STORE, trainer=SimpleNamespace(checkpoints=list), space=space, engine="thread",
+                  default_model=MODEL, shipped=[MODEL], audit_dir=Path(tempfile.gettempdir()), session_events=None,
+                  last_events=None)
+
+
+def values(**kw) -> tuple:
+    q, g = examples()[0]
+    return tuple({**DEFAULTS, "model": MODEL, "prompt": q, "gold": g, **kw}[name] for name in GEN_FIELDS)
+
+
+def test_stop_ends_with_a_frame_that_says_so_and_hands_the_partial_trace_to_audit():
+    stop = threading.Event()
+    before = ["an earlier event"]
+    outs = []
+    for out in generate(shared(), "entropy", 0, before, values(group_size=8, prompt=examples()[2][0]), stop):
+        outs.append(out)
+        stop.set()  # Stop as soon as the first frame is shown
+    heatmap, summary, _, chart, _, events, history, info = outs[-1]
+    assert re.search(r"stopped at token \d+", summary) and "generating" not in summary
+    assert "stopped:" in summary and 'class="e3rl-erasing"' not in heatmap and 'class="e3rl-tok"' in heatmap
+    assert info["stopped"] and history == before + events  # the partial traces join the session's events
+    assert not any(e.kind == "done" for e in events if e.trace_id == events[0].trace_id)
+    assert len(chart.data[-2].x) > 0  # the chart is drawn for the partial trace too
+    # a redraw (the colour toggle, another rollout) keeps the stop, the timing and the counts
+    heatmap2, summary2, *_ = draw(events, 0, "surprisal", info)
+    assert summary2 == summary and "stopped at token" in heatmap2 and "e3rl-erasing" not in heatmap2
+
+
+def test_a_colour_toggle_keeps_the_summary_with_its_timing():
+    outs = list(generate(shared(), "entropy", 0, [], values(group_size=2)))
+    _, summary, group, _, _, events, _, info = outs[-1]
+    assert re.search(r"\d+\.\d\d s \(\d+ tok/s", summary) and "first token after" in summary
+    again = draw(events, 0, "surprisal", info)
+    assert again[1] == summary and again[2] == group
+    other = draw(events, 1, "entropy", info)  # the other rollout: its own answer, the run's timing
+    assert re.search(r"\d+\.\d\d s \(\d+ tok/s", other[1]) and other[4]["value"] == 1
+
+
+def test_a_prompt_with_unknown_characters_is_warned_about_in_the_summary():
+    outs = list(generate(shared(), "entropy", 0, [], values(group_size=1, prompt="a = 5 × 3. What is a?", gold="")))
+    summary = outs[-1][1]
+    assert summary.startswith("⚠") and "×" in summary and "rephrase" in summary
+
+
+def test_space_mode_bounds_max_new_tokens():
+    with pytest.raises(E3RLError, match=f"at most {SPACE_MAX_NEW_TOKENS:,} new tokens"):
+        request(shared(space=True), values(max_new_tokens=SPACE_MAX_NEW_TOKENS + 16))
+    assert request(shared(space=True), values(max_new_tokens=SPACE_MAX_NEW_TOKENS)).max_new_tokens == 1024
+    assert request(shared(), values(max_new_tokens=16_384)).max_new_tokens == 16_384
+
+
+# ------------------------------------------------------------------------------------ in Chromium
+CHROMIUM = os.environ.get("E3RL_CHROMIUM", "/usr/bin/chromium")
+browser = pytest.mark.skipif(not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)),
+                             reason=f"no Chromium at {CHROMIUM}: ./run setup installs it with apt-get")
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """The system Chromium, headless, with no network of its own (as tests/app/test_browser.py)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+LAYOUT = """() => {
+  const r = el => el.getBoundingClientRect();
+  const block = document.querySelector('#e3rl-heatmap'), trace = block.querySelector('.e3rl-trace');
+  const mid = el => (r(el).top + r(el).bottom) / 2;
+  const cuts = [...block.querySelectorAll('details.e3rl-erased')].map(d => {
+    const mark = d.querySelector('summary'), prev = d.previousElementSibling, next = d.nextElementSibling;
+    return {markMid: mid(mark), prevMid: prev ? mid(prev) : mid(mark), nextMid: next ? mid(next) : mid(mark),
+            atLineEnd: r(trace).right - r(mark).right < 60, width: r(d).width, traceWidth: r(trace).width};
+  });
+  const bar = r(document.querySelector('#e3rl-legend .bar'));
+  const ticks = [...document.querySelectorAll('#e3rl-legend .ticks span')].map(s => {
+    const t = r(s); return {top: t.top, left: t.left, right: t.right}; });
+  const xticks = [...document.querySelectorAll('#e3rl-chart g.xtick text')].map(t => t.textContent);
+  const legend = [...document.querySelectorAll('#e3rl-chart .legend .traces')].map(t => t.textContent);
+  return {block: r(block).height, trace: r(trace).height, cuts, bar: {bottom: bar.bottom, left: bar.left,
+          right: bar.right}, ticks, xticks, legend};
+}"""
+
+
+@browser
+def test_what_a_first_time_user_sees(app_url):
+    """The default example: the heatmap fits its trace, ✂ markers sit in the line, the legend's
+    labels sit under its bar, the chart counts segments in whole numbers and names every mark, the
+    colour toggle keeps the summary's timing, and the counterfactual appears under the run (above
+    the chart); then a prompt with characters the model lacks."""
+    with chromium() as b:
+        page = b.new_page(viewport={"width": 1400, "height": 1500})
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.get_by_role("button", name="Generate", exact=True).click()
+        page.wait_for_selector("#e3rl-summary :text('finished:')", timeout=120_000)
+        page.wait_for_function("document.querySelectorAll('#e3rl-chart .scatterlayer .point').length > 0",
+                               timeout=60_000)
+        got = page.evaluate(LAYOUT)
+        assert got["block"] - got["trace"] < 40, got  # no empty viewport under a short trace
+        assert got["cuts"], "the default example's rollout 0 erases"
+        for cut in got["cuts"]:  # inline: on the line of what precedes and follows it (unless it ends a line)
+            assert abs(cut["markMid"] - cut["prevMid"]) < 14 and cut["width"] < cut["traceWidth"] / 2, cut
+            assert abs(cut["markMid"] - cut["nextMid"]) < 14 or cut["atLineEnd"], cut
+        bar, ticks = got["bar"], got["ticks"]
+        assert len(ticks) == 3 and all(t["top"] >= bar["bottom"] - 1 for t in ticks)  # under the bar
+        assert abs(ticks[0]["left"] - bar["left"]) < 4 and abs(ticks[-1]["right"] - bar["right"]) < 4
+        assert got["xticks"] and all(re.fullmatch(r"\d+", t) for t in got["xticks"]), got["xticks"]
+        assert len(got["legend"]) == 6 and any("erased" in t for t in got["legend"]), got["legend"]
+
+        summary = page.inner_text("#e3rl-summary")
+        assert re.search(r"\d+\.\d\d s \(", summary) and "first token after" in summary
+        styles = "[...document.querySelectorAll('#e3rl-heatmap .e3rl-tok')].map(t => t.getAttribute('style')).join()"
+        before = page.evaluate(styles)
+        page.locator("#e3rl-colour").get_by_label("surprisal").check()  # the colour toggle
+        page.wait_for_function(f"{styles} !== {before!r}", timeout=30_000)  # the heatmap is recoloured
+        page.wait_for_timeout(500)
+        assert page.inner_text("#e3rl-summary") == summary  # the timing stays
+
+        page.get_by_role("button", name="Counterfactual (erasure off)").click()
+        page.wait_for_selector("#e3rl-counterfactual :text('erasures 0')", timeout=120_000)
+        where = page.evaluate("""() => { const r = s => document.querySelector(s).getBoundingClientRect();
+            return {cf: r('#e3rl-counterfactual').top, summary: r('#e3rl-summary').bottom, chart: r('#e3rl-chart').top}; }""")
+        assert where["summary"] <= where["cf"] < where["summary"] + 80 and where["cf"] < where["chart"], where
+
+        page.locator("#e3rl-prompt textarea").fill("a = 5 × 3. What is a?")
+        page.locator("#e3rl-gold").locator("textarea, input").first.fill("")
+        page.get_by_role("button", name="Generate", exact=True).click()
+        page.wait_for_selector("#e3rl-summary :text('rephrase')", timeout=120_000)
+        assert "×" in page.inner_text("#e3rl-summary")
+
+
+@pytest.fixture(scope="module")
+def rambling_model(tmp_path_factory) -> Path:
+    """A random-init model that rarely ends: near-uniform over 4,096 tokens, one of them <eos>."""
+    from e3rl_core.models import save_random_model
+
+    return save_random_model(tmp_path_factory.mktemp("models") / "rambling", "tiny-llama", init_std=0.02, seed=1,
+                             vocab_size=4096)
+
+
+@browser
+def test_stop_shows_where_it_stopped_and_keeps_the_partial_trace(app_url, rambling_model):
+    """A long generation, stopped: the page says where, keeps the partial trace with nothing left
+    struck through, and draws its chart."""
+    with chromium() as b:
+        page = b.new_page(viewport={"width": 1400, "height": 1500})
+        page.goto(app_url, wait_until="domcontentloaded")
+        model = page.locator("#e3rl-model input").first
+        model.fill(str(rambling_model))
+        model.press("Enter")
+        page.locator("#e3rl-prompt textarea").fill("hello there")
+        page.locator("#e3rl-gold").locator("textarea, input").first.fill("")
+        page.get_by_text("sampling and E3RL").click()
+        tokens = page.locator("#e3rl-max-new-tokens input[type='number']")
+        tokens.fill("2000")
+        tokens.press("Enter")
+        page.get_by_role("button", name="Generate", exact=True).click()
+        page.wait_for_selector("#e3rl-heatmap .e3rl-tok", timeout=120_000)
+        page.wait_for_timeout(500)
+        page.locator("#e3rl-stop").click()
+        page.wait_for_selector("#e3rl-summary :text('stopped at token')", timeout=60_000)
+        summary = page.inner_text("#e3rl-summary")
+        n = int(re.search(r"stopped at token (\d+)", summary).group(1))
+        assert 0 < n < 2000 and "generating" not in summary and "stopped:" in summary
+        assert page.locator("#e3rl-heatmap .e3rl-tok").count() > 0
+        assert page.locator("#e3rl-heatmap .e3rl-erasing").count() == 0
+        assert f"stopped at token {n}" in page.inner_text("#e3rl-heatmap")
+        page.wait_for_function(  # the per-token signal of the partial trace is plotted
+            "[...document.querySelectorAll('#e3rl-chart .scatterlayer .js-line')]"
+            ".some(p => (p.getAttribute('d') || '').length > 20)", timeout=30_000)
