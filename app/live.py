@@ -7,8 +7,9 @@ page already shows and returns the edits that bring the page up to date:
 - ``{"op": "reset", "html": ...}``: the whole trace (the first frame, a replay, another row);
 - ``{"op": "append", "seg": n, "html": ...}``: tokens added to segment n's streaming attempt,
   drawn exactly as the full render draws them (the common case: O(new tokens));
-- ``{"op": "block", "seg": n, "html": ...}``: segment n's block redrawn or added (a decision, an
-  erasure, a restore, a byte piece completed: O(one segment), once per event of that kind);
+- ``{"op": "block", "seg": n, "html": ...}``: segment n's block redrawn or added (an erasure, a
+  retry decided, a restore, a byte piece completed: O(one segment), once per event of that kind);
+- ``{"op": "mark", "seg": n, "title": ...}``: segment n decided and kept: its mark's hover text;
 - ``{"op": "tail", "html": ...}``: the marks after the last segment.
 
 Applied in order by the page's script (``LIVE_JS``), the edits leave the same HTML as
@@ -57,11 +58,14 @@ class LiveFrames:
         for seg, attempts in render.segments(view).items():
             key, last = _key(view, attempts), attempts[-1]
             before = self.shown.get(seg)
-            if before is not None and before.key == key and len(last.tokens) >= before.tokens:
+            if before is not None and before.key[0] == key[0] and len(last.tokens) >= before.tokens:
                 if len(last.tokens) > before.tokens:
                     new = last.tokens[before.tokens:]
                     ops.append({"op": "append", "seg": seg, "html": render.tokens_html(new, self.signal)})
                     before.tokens = len(last.tokens)
+                if before.key[1] != key[1]:  # decided (kept): only the mark's hover text changes
+                    ops.append({"op": "mark", "seg": seg, "title": render.segment_title(view, seg, attempts)})
+                    before.key = key
                 continue
             ops.append({"op": "block", "seg": seg, "html": render.segment_html(view, seg, attempts, self.signal)})
             self.shown[seg] = _Shown(key, len(last.tokens))
@@ -72,21 +76,24 @@ class LiveFrames:
         return ops
 
 
-def _key(view: TraceView, attempts: list[Attempt]) -> tuple:
-    """Everything a segment's block depends on besides the streaming attempt's appended tokens.
-    Tokens may be appended to the drawn ones only while the last drawn token completes its
-    character (an empty byte piece is redrawn with what completes it) and the attempt streams."""
+def _key(view: TraceView, attempts: list[Attempt]) -> tuple[tuple, tuple]:
+    """(what a segment's block is built from besides the streaming attempt's appended tokens and
+    its decision, that decision). A decision that keeps the attempt changes only the mark's hover
+    text; anything else in the first part redraws the block. Tokens may be appended to the drawn
+    ones only while the last drawn token completes its character (an empty byte piece is redrawn
+    with what completes it)."""
     last = attempts[-1]
     pending = bool(last.tokens) and last.tokens[-1].text == ""
-    return (
-        tuple((a.attempt, a.decision is not None, a.erased is not None, len(a.tokens) if a is not last else None)
-              for a in attempts),
-        last.decision.decision if last.decision else None,
+    structure = (
+        tuple((a.attempt, None if a is last else a.decision is not None, a.erased is not None,
+               None if a is last else len(a.tokens)) for a in attempts),
         view.last_erased if view.last_erased and view.last_erased[0] == attempts[0].segment else None,
         view.stopped,
         # a pending piece changes the key at every token, so the block is redrawn until it completes
         (len(last.tokens) if pending else -1),
     )
+    decision = (last.decision.decision, last.decision.score, last.decision.threshold) if last.decision else None
+    return structure, (decision,)
 
 
 def encode(ops: list[dict[str, Any]], seq: int = 0) -> str:
@@ -137,6 +144,8 @@ LIVE_JS = """
         const tail = trace.querySelector(':scope > .e3rl-tail');
         trace.insertBefore(tpl.content, tail);
       }
+    } else if (op.op === 'mark') {
+      block.querySelector(':scope > .e3rl-segmark').setAttribute('title', op.title);
     } else if (op.op === 'tail') {
       trace.querySelector(':scope > .e3rl-tail').outerHTML = op.html;
     }

@@ -218,12 +218,16 @@ def segments(view: TraceView) -> dict[int, list[Attempt]]:
     return by_segment
 
 
+def segment_title(view: TraceView, seg: int, attempts: Sequence[Attempt]) -> str:
+    """The hover text of a segment's mark: its latest attempt's score, threshold and decision."""
+    return f"segment {seg}: " + _decision_text(attempts[-1].decision, view.stopped)
+
+
 def segment_html(view: TraceView, seg: int, attempts: Sequence[Attempt], signal: str = "entropy") -> str:
     """One segment's block: its mark, then each attempt (erased ones struck through while their
     retry streams in, then folded into ✂), the streaming or kept attempt's tokens last."""
-    current = attempts[-1]
     sid = html.escape(str(seg), quote=True)  # loaded files are not type-checked: escape everything
-    mark = html.escape(f"segment {seg}: " + _decision_text(current.decision, view.stopped), quote=True)
+    mark = html.escape(segment_title(view, seg, attempts), quote=True)
     parts = [f'<span class="e3rl-seg" data-seg="{sid}"><span class="e3rl-segmark" title="{mark}">{sid}</span>']
     for a in attempts:
         aid = html.escape(f"{seg}.{a.attempt}", quote=True)

@@ -184,15 +184,17 @@ def _train(args: argparse.Namespace, config: Any, model: str, data: str, device:
                         tok=int(row["rollout_tokens_total"]), loss=f"{row['loss']:.4f}")
 
     trainer.callbacks.append(on_step)
+    ended_well = False
     try:
         result = trainer.train()
+        ended_well = True
     except OSError as err:  # the run directory became unwritable: run.json says failed where it could
         raise E3RLError(describe(err)) from None
     finally:
         bar.close()
         from ..training import distributed
 
-        distributed.shutdown()
+        distributed.shutdown(wait_for_peers=ended_well)
     if trainer.dist.main:
         if result.status == "already_finished":
             print(f"[e3rl] the run in {args.out} already finished at step {result.step} "

@@ -112,6 +112,14 @@ def together(what: str) -> Iterator[None]:
         raise error
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Leave the process group. ``wait_for_peers`` (after a run that ended well on this process):
+    every process arrives before any tears down, since a group destroyed while a peer is still
+    finishing its last exchange can abort that peer at exit (seen with gloo under load). After a
+    failure nobody waits: a peer may never arrive."""
     if active():
-        dist.destroy_process_group()
+        try:
+            if wait_for_peers:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
