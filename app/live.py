@@ -9,7 +9,8 @@ page already shows and returns the edits that bring the page up to date:
   drawn exactly as the full render draws them (the common case: O(new tokens));
 - ``{"op": "block", "seg": n, "html": ...}``: segment n's block redrawn or added (an erasure, a
   retry decided, a restore, a byte piece completed: O(one segment), once per event of that kind);
-- ``{"op": "mark", "seg": n, "title": ...}``: segment n decided and kept: its mark's hover text;
+- ``{"op": "mark", "seg": n, "title": ..., "summary": ...}``: segment n decided: its mark's hover
+  text and its one-line summary (what a collapsed segment shows);
 - ``{"op": "tail", "html": ...}``: the marks after the last segment.
 
 Applied in order by the page's script (``LIVE_JS``), the edits leave the same HTML as
@@ -64,7 +65,8 @@ class LiveFrames:
                     ops.append({"op": "append", "seg": seg, "html": render.tokens_html(new, self.signal)})
                     before.tokens = len(last.tokens)
                 if before.key[1] != key[1]:  # decided (kept): only the mark's hover text changes
-                    ops.append({"op": "mark", "seg": seg, "title": render.segment_title(view, seg, attempts)})
+                    ops.append({"op": "mark", "seg": seg, "title": render.segment_title(view, seg, attempts),
+                                "summary": render.segment_summary(attempts)})
                     before.key = key
                 continue
             ops.append({"op": "block", "seg": seg, "html": render.segment_html(view, seg, attempts, self.signal)})
@@ -146,6 +148,8 @@ LIVE_JS = """
       }
     } else if (op.op === 'mark') {
       block.querySelector(':scope > .e3rl-segmark').setAttribute('title', op.title);
+      block.querySelector(':scope > .e3rl-segsum').textContent = op.summary;
+      if (op.summary) block.classList.add('e3rl-decided');
     } else if (op.op === 'tail') {
       trace.querySelector(':scope > .e3rl-tail').outerHTML = op.html;
     }

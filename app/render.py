@@ -45,6 +45,10 @@ details.e3rl-erased[open]::details-content{display:inline}
 .e3rl-legend .ticks{display:flex;justify-content:space-between;font-size:11px;color:#555}
 .e3rl-stopped{color:#a60;font-size:12px;margin-left:4px}
 .e3rl-offstage{display:none !important}
+.e3rl-segsum{display:none;color:#5555cc;font-size:12px}
+.e3rl-collapse .e3rl-seg.e3rl-decided{display:block}
+.e3rl-collapse .e3rl-seg.e3rl-decided > :not(.e3rl-segmark):not(.e3rl-segsum){display:none}
+.e3rl-collapse .e3rl-seg.e3rl-decided > .e3rl-segsum{display:inline}
 """
 
 
@@ -223,12 +227,27 @@ def segment_title(view: TraceView, seg: int, attempts: Sequence[Attempt]) -> str
     return f"segment {seg}: " + _decision_text(attempts[-1].decision, view.stopped)
 
 
+def segment_summary(attempts: Sequence[Attempt]) -> str:
+    """A decided segment on one line (what a collapsed segment shows): its score against its
+    threshold, the decision, how many attempts were erased, its tokens; "" while it is open."""
+    last = attempts[-1]
+    d = last.decision
+    if d is None or last.erased is not None:
+        return ""
+    thr = "none" if d.threshold is None else f"{d.threshold:.3f}"
+    erased = sum(a.erased is not None for a in attempts)
+    return f" U={d.score:.3f} vs Θ={thr}: {d.decision} · {erased} erased · {len(last.tokens)} tokens "
+
+
 def segment_html(view: TraceView, seg: int, attempts: Sequence[Attempt], signal: str = "entropy") -> str:
     """One segment's block: its mark, then each attempt (erased ones struck through while their
     retry streams in, then folded into ✂), the streaming or kept attempt's tokens last."""
     sid = html.escape(str(seg), quote=True)  # loaded files are not type-checked: escape everything
     mark = html.escape(segment_title(view, seg, attempts), quote=True)
-    parts = [f'<span class="e3rl-seg" data-seg="{sid}"><span class="e3rl-segmark" title="{mark}">{sid}</span>']
+    summary = segment_summary(attempts)
+    decided = " e3rl-decided" if summary else ""
+    parts = [f'<span class="e3rl-seg{decided}" data-seg="{sid}"><span class="e3rl-segmark" title="{mark}">{sid}</span>'
+             f'<span class="e3rl-segsum">{html.escape(summary)}</span>']
     for a in attempts:
         aid = html.escape(f"{seg}.{a.attempt}", quote=True)
         if a.erased is None:
@@ -333,11 +352,34 @@ def _panel_layout(titles: Sequence[str], rows: int, cols: int, height: int) -> d
     return layout
 
 
+MAX_CHART_POINTS = 2000
+"""Points per token series drawn; a longer trace's series keeps each stretch's lowest and highest
+value (its envelope), so a 16k-token chart costs what a 2k one does and no spike is lost."""
+
+
+def downsample(xs: Sequence[float], ys: Sequence[float], limit: int = MAX_CHART_POINTS) -> tuple[list, list]:
+    """At most ``limit`` points of a series in x order: all of them when they fit, else the lowest
+    and the highest point of each of ``limit // 2`` consecutive stretches."""
+    n = len(xs)
+    if n <= limit:
+        return list(xs), list(ys)
+    size = -(-n // (limit // 2))
+    out_x, out_y = [], []
+    for i in range(0, n, size):
+        bucket = range(i, min(i + size, n))
+        lo, hi = min(bucket, key=ys.__getitem__), max(bucket, key=ys.__getitem__)
+        for j in sorted({lo, hi}):
+            out_x.append(xs[j])
+            out_y.append(ys[j])
+    return out_x, out_y
+
+
 def figure_spec(view: TraceView, signal: str = "entropy") -> dict:
     """The chart of one trace as a plotly JSON dict: segment score U_n vs threshold Θ_n per
     attempt (kept ● and erased ✕ as two legend entries), and the chosen signal per generated token
-    (kept tokens as a line, erased ones as grey dots). Every kind of mark has its legend entry,
-    and the segment axis is labelled in whole segments."""
+    (kept tokens as a line, erased ones as grey dots; each series ``downsample``d to its envelope
+    past MAX_CHART_POINTS). Every kind of mark has its legend entry, and the segment axis is
+    labelled in whole segments."""
     decided = [a for a in view.attempts if a.decision is not None]
     xs = [a.segment + 0.12 * a.attempt for a in decided]  # an attempt sits just right of its segment
     with_thr = [(x, a) for x, a in zip(xs, decided) if a.decision.threshold is not None]
@@ -347,6 +389,8 @@ def figure_spec(view: TraceView, signal: str = "entropy") -> dict:
         for t in a.tokens:
             (er_steps if a.erased else kept_steps).append(t.step)
             (er_vals if a.erased else kept_vals).append(t.entropy if signal == "entropy" else t.surprisal)
+    kept_steps, kept_vals = downsample(kept_steps, kept_vals)
+    er_steps, er_vals = downsample(er_steps, er_vals)
 
     def scores(erased: bool, name: str, colour_: str, symbol: str) -> dict:
         pts = [(x, a) for x, a in zip(xs, decided) if bool(a.erased) == erased]

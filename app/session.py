@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from e3rl_core.errors import E3RLError
 from e3rl_core.events import Event, Trace
@@ -25,7 +25,7 @@ from e3rl_core.generation.config import GenerationConfig
 from e3rl_core.generation.generator import ErasableGenerator
 from e3rl_core.models import load_model, recommended_config
 from e3rl_core.overrides import apply_overrides, with_values
-from e3rl_core.tasks.rewards import extract_answer, is_correct
+from e3rl_core.tasks.rewards import extract_answer, is_correct, prompt_opens_think
 
 from .producer import ENGINES, ProcessProducer, Producer, Workers, fork_available, fork_safe
 from .render import TraceView, fold
@@ -341,10 +341,19 @@ def engine_events(job: Job, store: ModelStore) -> Iterator[Event]:
     copy of the store)."""
     req = job.req
     model, tok = store.get(job.path)
-    gen = ErasableGenerator(model, tok, job.config, model_name=req.model, checker=is_correct, answer_fn=extract_answer)
+    prompt = prompt_text(req, tok)
+    checker, answer_fn = answer_hooks(prompt)
+    gen = ErasableGenerator(model, tok, job.config, model_name=req.model, checker=checker, answer_fn=answer_fn)
     gold = req.gold_answer()
-    return gen.stream(prompt_text(req, tok), group_size=req.group_size, seed=req.seed,
-                      golds=None if gold is None else [gold])
+    return gen.stream(prompt, group_size=req.group_size, seed=req.seed, golds=None if gold is None else [gold])
+
+
+def answer_hooks(prompt: str) -> tuple[Callable[[str, str], bool], Callable[[str], str | None]]:
+    """The answer checker and reader for completions of ``prompt``: a chat template that leaves
+    the think block open in the prompt (DeepSeek-R1 distills) starts every completion inside the
+    reasoning, so its answer comes only after the closing tag (as the trainer reads it)."""
+    opened = prompt_opens_think(prompt)
+    return functools.partial(is_correct, opened=opened), functools.partial(extract_answer, opened=opened)
 
 
 def prompt_text(req: GenRequest, tokenizer: Any) -> str:

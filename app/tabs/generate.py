@@ -52,6 +52,8 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
                 controls.update(_settings(shared))
                 color_by = gr.Radio(["entropy", "surprisal"], value="entropy", label="colour tokens by",
                                     elem_id="e3rl-colour")
+                collapse = gr.Checkbox(label="collapse decided segments to one line (score vs threshold, erasures)",
+                                       elem_id="e3rl-collapse")
                 with gr.Row():
                     go_btn = gr.Button("Generate", variant="primary", elem_id="e3rl-generate")
                     stop_btn = gr.Button("Stop", elem_id="e3rl-stop")
@@ -148,6 +150,10 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
     api_btn.click(generate_endpoint, [color_by, row, history, *inputs], [*shown, last, history, run_info],
                   concurrency_limit=2, api_name="generate")
     edits.change(None, edits, None, js=live.live_js("#e3rl-heatmap"), api_visibility="private")
+    # A long trace reads segment by segment: decided segments fold to their one-line summary (CSS
+    # on the heatmap element; nothing is sent, and edits keep applying underneath).
+    collapse.change(None, collapse, None, api_visibility="private",
+                    js="(on) => { document.querySelector('#e3rl-heatmap').classList.toggle('e3rl-collapse', on); }")
     # Stop ends the session's runs at their next token, and each then sends its last frame (see
     # Stops); cancelling the handler instead would leave the page mid-run.
     stop_btn.click(stop_running, None, None, queue=False, api_visibility="private")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..events import DoneEvent, TokenEvent
+from ..events import TokenEvent
 from ..generation.kvcache import GrowingLayer
 from ..models import load_model
 from .bench import BenchResult, BenchRow, _Bench, _bench_erase_cost, _prompt_maker, _run, _sync, linear_fit, machine_description

@@ -17,7 +17,6 @@ import tempfile
 import time
 from typing import Any, Callable
 
-import torch
 
 from ..events import group_traces
 from ..generation.generator import ErasableGenerator

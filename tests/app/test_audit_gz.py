@@ -60,6 +60,17 @@ def as_json(traces) -> list[list[str]]:
     return [[dumps(e) for e in t.events] for t in traces]
 
 
+
+def read_traced(path):
+    """``audit.read_trace_file(path)`` with the Python memory it holds after and at its peak."""
+    tracemalloc.start()
+    try:
+        traces, text = audit.read_trace_file(path)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return traces, text, held, peak
+
 def test_gzip_and_plain_load_alike_whatever_their_names(events, tmp_path):
     plain, gz = tmp_path / "t.jsonl", tmp_path / "t.jsonl.gz"
     write_events(events, plain)
@@ -137,12 +148,7 @@ def test_loading_streams_the_file(events, tmp_path):
             f.write((dumps(e) + "\n").encode())
             f.write(pad * (24 * 256 // len(events) + 1))
     assert path.stat().st_size > 24 * 2**20
-    tracemalloc.start()
-    try:
-        traces, text = audit.read_trace_file(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    traces, text, _, peak = read_traced(path)
     assert sum(len(t.events) for t in traces) == len(events) and text == path.stat().st_size
     assert peak < 4 * 2**20
 
@@ -178,12 +184,7 @@ def test_memory_per_text_byte_is_what_the_session_budget_assumes(tmp_path):
     writes), so a session's memory is bounded by its text budget."""
     path = tmp_path / "long.jsonl.gz"
     write_events(synthetic_group(8, 1024), path)
-    tracemalloc.start()
-    try:
-        traces, text = audit.read_trace_file(path)
-        held = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
+    traces, text, held, _ = read_traced(path)
     assert sum(len(t.events) for t in traces) == 8 * 1026
     assert held / text <= audit.MEMORY_PER_TEXT_BYTE
     assert audit.MEMORY_PER_TEXT_BYTE * audit.MAX_SESSION_TRACE_BYTES <= 512 * 2**20  # per session, at most

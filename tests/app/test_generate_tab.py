@@ -8,14 +8,14 @@ import re
 import shutil
 import tempfile
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
 
 import pytest
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+from test_browser import CHROMIUM, chromium  # noqa: E402  (the browser tests' Chromium set-up)
 
 from app.session import SPACE_MAX_NEW_TOKENS, ModelStore  # noqa: E402
 from app.tabs import Shared  # noqa: E402
@@ -81,23 +81,9 @@ def test_space_mode_bounds_max_new_tokens():
 
 
 # ------------------------------------------------------------------------------------ in Chromium
-CHROMIUM = os.environ.get("E3RL_CHROMIUM", "/usr/bin/chromium")
 browser = pytest.mark.skipif(not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)),
                              reason=f"no Chromium at {CHROMIUM}: ./run setup installs it with apt-get")
 
-
-@contextmanager
-def chromium() -> Iterator[Any]:
-    """The system Chromium, headless, with no network of its own (as tests/app/test_browser.py)."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 LAYOUT = """() => {
   const r = el => el.getBoundingClientRect();

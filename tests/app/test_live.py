@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import make_config, median_score
+from test_browser import CHROMIUM, chromium
 
 from app import live, render
 from e3rl_core.events import TokenEvent
 from e3rl_core.generation.generator import ErasableGenerator
 from e3rl_core.models import random_model
 
-CHROMIUM = "/usr/bin/chromium"
 PROMPT = "Compute 12 + 7 = "
 
 
@@ -60,12 +60,8 @@ def test_frames_are_edits_after_the_first(events):
 @pytest.mark.skipif(not Path(CHROMIUM).exists() and not shutil.which(CHROMIUM), reason="no Chromium")
 @pytest.mark.parametrize("every", [1, 3, 10])
 def test_edits_leave_the_page_equal_to_the_full_render(events, every):
-    from playwright.sync_api import sync_playwright
-
     ops, _ = frames(events, every)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+    with chromium() as browser:
         page = browser.new_page()
         page.set_content('<div id="e3rl-live"><div class="e3rl-body"></div></div><div id="full"></div>')
         view = render.TraceView()
@@ -80,4 +76,24 @@ def test_edits_leave_the_page_equal_to_the_full_render(events, every):
                     want = page.evaluate("(h) => { const d = document.querySelector('#full'); d.innerHTML = h; "
                                          "return d.innerHTML; }", render.trace_html(view, with_css=False))
                     assert got == want, f"after event {i}"
-        browser.close()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists() and not shutil.which(CHROMIUM), reason="no Chromium")
+def test_collapsed_segments_show_one_line_each(events):
+    view = render.TraceView()
+    for ev in events:
+        view.apply(ev)
+    decided = [s for s, att in render.segments(view).items() if render.segment_summary(att)]
+    assert decided
+    with chromium() as browser:
+        page = browser.new_page()
+        page.set_content(f"<style>{render.CSS}</style><div id='h'>{live.page_html(view)}</div>")
+        visible = "() => [...document.querySelectorAll('#h .e3rl-seg.e3rl-decided .e3rl-tok')].filter(e => e.offsetParent).length"
+        assert page.evaluate(visible) > 0
+        page.evaluate("() => document.querySelector('#h').classList.add('e3rl-collapse')")
+        assert page.evaluate(visible) == 0  # a decided segment's tokens fold away
+        lines = page.evaluate("() => [...document.querySelectorAll('#h .e3rl-seg.e3rl-decided')]"
+                              ".map(e => [e.getBoundingClientRect().height, e.querySelector('.e3rl-segsum').innerText])")
+        assert len(lines) == len(decided)
+        for height, text in lines:
+            assert height < 40 and " vs Θ=" in text and "erased" in text  # one line: score, threshold, erasures

@@ -72,7 +72,7 @@ def test_trace_html_colours_marks_and_hover_cards(frames):
     html = render.trace_html(v, "entropy")
     kept = v.kept_tokens()
     assert html.count('class="e3rl-tok"') == len(kept)
-    assert html.count('class="e3rl-seg"') == len({a.segment for a in v.attempts})
+    assert html.count(' data-seg="') == len({a.segment for a in v.attempts})  # one block per segment
     assert "top: " in html and "surprisal" in html  # hover card: signals and top-5 alternatives
     colours = set(re.findall(r"background:(rgb\(\d+,\d+,\d+\))", html))
     assert len(colours) > 3  # a heatmap, not one colour
@@ -623,3 +623,34 @@ def test_legend_labels_its_scale_under_the_bar():
                       r"</span></span>", html)
     assert scale is not None  # the tick labels follow the bar inside one column (placed in Chromium: test_generate_tab)
     assert re.findall(r"<span>([^<]*)</span>", scale.group(1)) == ["0", "1.5", "≥ 3 nats"]
+
+
+def test_the_app_reads_answers_after_a_think_block_its_prompt_opened():
+    """A DeepSeek-R1-style prompt ends inside <think>: a \\boxed{} in the reasoning is no answer, and
+    the answer after </think> is the one checked; a plain prompt reads the completion as it is."""
+    from app.session import answer_hooks
+
+    checker, answer = answer_hooks("<｜User｜>What is 1+2?<｜Assistant｜><think>\n")
+    assert answer("maybe \\boxed{4}, let me check") is None
+    assert answer("maybe \\boxed{4}... no.</think>The answer is \\boxed{3}.") == "3"
+    assert checker("no.</think>\\boxed{3}", "3") and not checker("\\boxed{3} still thinking", "3")
+    checker, answer = answer_hooks("Question: What is 1+2?\nAnswer:\n")
+    assert answer("\\boxed{3}") == "3" and checker("\\boxed{3}", "3")
+
+
+def test_token_series_are_downsampled_to_their_envelope():
+    import random as _random
+
+    from app.render import downsample
+
+    rng = _random.Random(0)
+    xs = list(range(16_384))
+    ys = [rng.random() for _ in xs]
+    ys[12_345] = 9.0  # a spike survives
+    dx, dy = downsample(xs, ys, 2000)
+    assert len(dx) <= 2000 and dx == sorted(dx) and 9.0 in dy
+    size = -(-len(xs) // 1000)
+    for i in range(0, len(xs), size):  # every stretch keeps its lowest and highest value (brute force)
+        kept = {y for x, y in zip(dx, dy) if i <= x < i + size}
+        assert max(ys[i:i + size]) in kept and min(ys[i:i + size]) in kept
+    assert downsample(xs[:50], ys[:50], 2000) == (xs[:50], ys[:50])
