@@ -196,7 +196,8 @@ def _settings(shared: Shared) -> dict[str, Any]:
                                         label=f"max new tokens (at most {most:,} here)", elem_id="e3rl-max-new-tokens"),
             "signal": gr.Radio(["surprisal", "entropy"], value=d["signal"], label="decision signal"),
             "segment_mode": gr.Dropdown(SEGMENTERS.names(), value=d["segment_mode"], label="segment mode"),
-            "segment_tokens": gr.Slider(4, 512, value=d["segment_tokens"], step=4, label="segment length (tokens)"),
+            "segment_tokens": gr.Slider(4, 512, value=d["segment_tokens"], step=4, label="segment length (tokens)",
+                                        elem_id="e3rl-segment-tokens"),
             "policy": gr.Dropdown(POLICIES.names(), value=d["policy"], label="threshold policy"),
             "kappa": gr.Slider(0, 3, value=d["kappa"], step=0.1, label="κ (e3rl baseline μ + κσ)"),
             "threshold_value": gr.Slider(0, 5, value=d["threshold_value"], step=0.05, label="fixed threshold"),
@@ -204,7 +205,7 @@ def _settings(shared: Shared) -> dict[str, Any]:
             "erase_budget": gr.Slider(0, 8, value=d["erase_budget"], step=1, label="erase budget K (Erase@K)"),
             "erase": gr.Checkbox(value=d["erase"], label="erasure on"),
         }
-    c["group_size"] = gr.Slider(1, 8, value=d["group_size"], step=1, label="group size G")
+    c["group_size"] = gr.Slider(1, 8, value=d["group_size"], step=1, label="group size G", elem_id="e3rl-group-size")
     c["seed"] = gr.Number(value=d["seed"], precision=0, label="seed")
     return c
 

@@ -30,6 +30,26 @@ def chromium() -> Iterator[Any]:
             browser.close()
 
 
+def generate_with(browser: Any, url: str, model: str, prompt: str, numbers: dict[str, str],
+                  height: int = 1500) -> Any:
+    """A page that has typed ``model`` and ``prompt`` (no gold answer), set the number boxes of the
+    controls whose element ids ``numbers`` names, and clicked Generate."""
+    page = browser.new_page(viewport={"width": 1400, "height": height})
+    page.goto(url, wait_until="domcontentloaded")
+    box = page.locator("#e3rl-model input").first
+    box.fill(model)
+    box.press("Enter")
+    page.locator("#e3rl-prompt textarea").fill(prompt)
+    page.locator("#e3rl-gold").locator("textarea, input").first.fill("")
+    page.get_by_text("sampling and E3RL").click()
+    for elem, value in numbers.items():
+        number = page.locator(f"{elem} input[type='number']")
+        number.fill(value)
+        number.press("Enter")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    return page
+
+
 pytestmark = pytest.mark.skipif(
     not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)),
     reason=f"no Chromium at {CHROMIUM}: ./run setup installs it with apt-get (or set E3RL_CHROMIUM)",

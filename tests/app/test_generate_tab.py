@@ -15,7 +15,7 @@ import pytest
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-from test_browser import CHROMIUM, chromium  # noqa: E402  (the browser tests' Chromium set-up)
+from test_browser import CHROMIUM, chromium, generate_with  # noqa: E402  (the browser tests' Chromium set-up)
 
 from app.session import SPACE_MAX_NEW_TOKENS, ModelStore  # noqa: E402
 from app.tabs import Shared  # noqa: E402
@@ -90,7 +90,9 @@ LAYOUT = """() => {
   const block = document.querySelector('#e3rl-heatmap'), trace = block.querySelector('.e3rl-trace');
   const mid = el => (r(el).top + r(el).bottom) / 2;
   const cuts = [...block.querySelectorAll('details.e3rl-erased')].map(d => {
-    const mark = d.querySelector('summary'), prev = d.previousElementSibling, next = d.nextElementSibling;
+    const shown = (el, step) => { while (el && !el.getClientRects().length) el = el[step]; return el; };
+    const mark = d.querySelector('summary'), prev = shown(d.previousElementSibling, 'previousElementSibling'),
+          next = shown(d.nextElementSibling, 'nextElementSibling');
     return {markMid: mid(mark), prevMid: prev ? mid(prev) : mid(mark), nextMid: next ? mid(next) : mid(mark),
             atLineEnd: r(trace).right - r(mark).right < 60, width: r(d).width, traceWidth: r(trace).width};
   });
@@ -165,18 +167,7 @@ def test_stop_shows_where_it_stopped_and_keeps_the_partial_trace(app_url, rambli
     """A long generation, stopped: the page says where, keeps the partial trace with nothing left
     struck through, and draws its chart."""
     with chromium() as b:
-        page = b.new_page(viewport={"width": 1400, "height": 1500})
-        page.goto(app_url, wait_until="domcontentloaded")
-        model = page.locator("#e3rl-model input").first
-        model.fill(str(rambling_model))
-        model.press("Enter")
-        page.locator("#e3rl-prompt textarea").fill("hello there")
-        page.locator("#e3rl-gold").locator("textarea, input").first.fill("")
-        page.get_by_text("sampling and E3RL").click()
-        tokens = page.locator("#e3rl-max-new-tokens input[type='number']")
-        tokens.fill("2000")
-        tokens.press("Enter")
-        page.get_by_role("button", name="Generate", exact=True).click()
+        page = generate_with(b, app_url, str(rambling_model), "hello there", {"#e3rl-max-new-tokens": "2000"})
         page.wait_for_selector("#e3rl-heatmap .e3rl-tok", timeout=120_000)
         page.wait_for_timeout(500)
         page.locator("#e3rl-stop").click()
