@@ -46,6 +46,10 @@ def generate_with(browser: Any, url: str, model: str, prompt: str, numbers: dict
         number = page.locator(f"{elem} input[type='number']")
         number.fill(value)
         number.press("Enter")
+        # the slider takes the typed value asynchronously: click Generate only once it has
+        page.wait_for_function("([sel, v]) => document.querySelector(sel + \" input[type='range']\").value === v",
+                               arg=[elem, value], timeout=10_000)
+    page.wait_for_timeout(300)  # and once the page has sent its state
     page.get_by_role("button", name="Generate", exact=True).click()
     return page
 
