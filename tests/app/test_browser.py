@@ -44,11 +44,15 @@ def generate_with(browser: Any, url: str, model: str, prompt: str, numbers: dict
     page.get_by_text("sampling and E3RL").click()
     for elem, value in numbers.items():
         number = page.locator(f"{elem} input[type='number']")
-        number.fill(value)
-        number.press("Enter")
-        # the slider takes the typed value asynchronously: click Generate only once it has
-        page.wait_for_function("([sel, v]) => document.querySelector(sel + \" input[type='range']\").value === v",
-                               arg=[elem, value], timeout=10_000)
+        for _ in range(3):  # the slider takes the typed value asynchronously; type again if it has not
+            number.fill(value)
+            number.press("Enter")
+            try:
+                page.wait_for_function("([sel, v]) => document.querySelector(sel + \" input[type='range']\").value"
+                                       " === v", arg=[elem, value], timeout=3_000)
+                break
+            except Exception:  # playwright's TimeoutError
+                continue
     page.wait_for_timeout(300)  # and once the page has sent its state
     page.get_by_role("button", name="Generate", exact=True).click()
     return page
