@@ -7,8 +7,11 @@ page already shows and returns the edits that bring the page up to date:
 - ``{"op": "reset", "html": ...}``: the whole trace (the first frame, a replay, another row);
 - ``{"op": "append", "seg": n, "html": ...}``: tokens added to segment n's streaming attempt,
   drawn exactly as the full render draws them (the common case: O(new tokens));
+- ``{"op": "repiece", "seg": n, "html": ...}``: the last span of segment n's streaming attempt (the
+  byte pieces of a character not complete yet) replaced by the tokens from that character on, now
+  that more have come (byte-level BPE: O(new tokens) too);
 - ``{"op": "block", "seg": n, "html": ...}``: segment n's block redrawn or added (an erasure, a
-  retry decided, a restore, a byte piece completed: O(one segment), once per event of that kind);
+  retry decided, a restore: O(one segment), once per event of that kind);
 - ``{"op": "mark", "seg": n, "title": ..., "summary": ...}``: segment n decided: its mark's hover
   text and its one-line summary (what a collapsed segment shows);
 - ``{"op": "tail", "html": ...}``: the marks after the last segment.
@@ -61,8 +64,10 @@ class LiveFrames:
             before = self.shown.get(seg)
             if before is not None and before.key[0] == key[0] and len(last.tokens) >= before.tokens:
                 if len(last.tokens) > before.tokens:
-                    new = last.tokens[before.tokens:]
-                    ops.append({"op": "append", "seg": seg, "html": render.tokens_html(new, self.signal)})
+                    start = _open_piece(last.tokens, before.tokens)
+                    html = render.tokens_html(last.tokens[start:], self.signal)
+                    # the drawn tokens end in pieces of a character: their span is drawn again
+                    ops.append({"op": "repiece" if start < before.tokens else "append", "seg": seg, "html": html})
                     before.tokens = len(last.tokens)
                 if before.key[1] != key[1]:  # decided (kept): only the mark's hover text changes
                     ops.append({"op": "mark", "seg": seg, "title": render.segment_title(view, seg, attempts),
@@ -78,21 +83,27 @@ class LiveFrames:
         return ops
 
 
+def _open_piece(tokens: list, drawn: int) -> int:
+    """Where the last drawn span starts when the first ``drawn`` tokens end in byte pieces of a
+    character not complete yet (tokens with empty text, drawn as one span; ``render.pieces``); else
+    ``drawn``. Grouping restarts after a complete character, so the tokens from there on are drawn
+    exactly as the full render draws them."""
+    start = drawn
+    while start > 0 and tokens[start - 1].text == "":
+        start -= 1
+    return start
+
+
 def _key(view: TraceView, attempts: list[Attempt]) -> tuple[tuple, tuple]:
     """(what a segment's block is built from besides the streaming attempt's appended tokens and
     its decision, that decision). A decision that keeps the attempt changes only the mark's hover
-    text; anything else in the first part redraws the block. Tokens may be appended to the drawn
-    ones only while the last drawn token completes its character (an empty byte piece is redrawn
-    with what completes it)."""
+    text; anything else in the first part redraws the block."""
     last = attempts[-1]
-    pending = bool(last.tokens) and last.tokens[-1].text == ""
     structure = (
         tuple((a.attempt, None if a is last else a.decision is not None, a.erased is not None,
                None if a is last else len(a.tokens)) for a in attempts),
         view.last_erased if view.last_erased and view.last_erased[0] == attempts[0].segment else None,
         view.stopped,
-        # a pending piece changes the key at every token, so the block is redrawn until it completes
-        (len(last.tokens) if pending else -1),
     )
     decision = (last.decision.decision, last.decision.score, last.decision.threshold) if last.decision else None
     return structure, (decision,)
@@ -137,6 +148,10 @@ LIVE_JS = """
     if (!trace) return;  // edits without the reset they follow (a reloaded page): the last frame redraws
     const block = trace.querySelector(`:scope > .e3rl-seg[data-seg="${op.seg}"]`);
     if (op.op === 'append') {
+      block.insertAdjacentHTML('beforeend', op.html);
+    } else if (op.op === 'repiece') {
+      const open = block.lastElementChild;  // the span of a character's pieces so far
+      if (open && open.classList.contains('e3rl-tok')) open.remove();
       block.insertAdjacentHTML('beforeend', op.html);
     } else if (op.op === 'block') {
       const tpl = document.createElement('template');

@@ -90,6 +90,10 @@ class ModelStore:
             return self._models[path]
 
 
+THINKING = {"default": None, "on": True, "off": False}
+"""The thinking control's choices, as ``render_prompt``'s ``enable_thinking``."""
+
+
 @dataclass
 class GenRequest:
     """Everything the Generate tab sends; field names follow ``GenerationConfig``. The field
@@ -121,6 +125,9 @@ class GenRequest:
     erase: bool = True
     group_size: int = 4
     seed: int = 8
+    thinking: str = "default"
+    """For a one-line question under a chat template that reads ``enable_thinking`` (Qwen3):
+    "on" or "off" passes it; "default" leaves the template's own choice."""
     extra: list[str] = field(default_factory=list)
     """Further ``section.field=value`` settings, applied last."""
 
@@ -136,6 +143,8 @@ class GenRequest:
                 setattr(self, f.name, cast(value))
             except (TypeError, ValueError):
                 raise E3RLError(f"{f.name} expects a number, got {value!r}") from None
+        if self.thinking not in THINKING:
+            raise E3RLError(f"thinking must be one of {', '.join(THINKING)}; got {self.thinking!r}")
 
     def gold_answer(self) -> str | None:
         """The gold answer as checked (blank means none)."""
@@ -357,12 +366,19 @@ def answer_hooks(prompt: str) -> tuple[Callable[[str, str], bool], Callable[[str
 
 
 def prompt_text(req: GenRequest, tokenizer: Any) -> str:
-    """The prompt as generated: a bare one-line question gets the task's template."""
-    from e3rl_core.tasks.datasets import render_prompt
+    """The prompt as generated: a bare one-line question gets the task's template (the model's
+    chat template, with ``req.thinking``); a full prompt is used as written."""
+    from e3rl_core.tasks.datasets import DataError, render_prompt
 
     prompt = req.prompt
     if not prompt.rstrip().endswith("Answer:") and "\n" not in prompt.strip():
-        prompt = render_prompt(prompt.strip(), tokenizer)
+        try:
+            prompt = render_prompt(prompt.strip(), tokenizer, enable_thinking=THINKING[req.thinking])
+        except DataError as err:
+            if "enable_thinking" not in str(err):
+                raise
+            raise E3RLError(f"thinking {req.thinking!r} needs a chat template that reads enable_thinking (Qwen3's "
+                            f"does) and this model's does not; set thinking to 'default'") from None
     return prompt
 
 

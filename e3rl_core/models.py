@@ -261,6 +261,24 @@ def char_tokenizer(vocab_size: int | None = None) -> "PreTrainedTokenizerFast":
     )
 
 
+def byte_level_bpe(corpus: list[str], vocab_size: int = 512, special_tokens: list[str] | None = None,
+                   **tokenizer_kwargs: Any) -> "PreTrainedTokenizerFast":
+    """A byte-level BPE tokenizer (the kind Qwen3, Llama-3 and GPT-2 use) trained on ``corpus``:
+    every byte is in its alphabet, so any text encodes, and a multi-byte character can split into
+    tokens that decode to nothing alone. ``tokenizer_kwargs`` go to ``PreTrainedTokenizerFast``
+    (``eos_token``, ``pad_token``, ``chat_template``, ...). For tests and benchmarks: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens or [],
+                                                        show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **tokenizer_kwargs)
+
+
 def random_model(preset: str = "tiny-llama", *, seed: int = 0, max_positions: int | None = None,
                  init_std: float = 0.02, vocab_size: int | None = None) -> tuple[Any, "PreTrainedTokenizerFast"]:
     """A random-init causal LM (eval mode) and a matching character tokenizer.

@@ -21,15 +21,15 @@ from e3rl_core.generation.thresholds import POLICIES
 from e3rl_core.tasks import arith
 
 from .. import live, render
-from ..session import (MAX_NEW_TOKENS, SPACE_MAX_NEW_TOKENS, Frame, GenRequest, Job, Stops, check_prompt, defaults,
-                       same_run, stream_generation, unknown_warning)
+from ..session import (MAX_NEW_TOKENS, SPACE_MAX_NEW_TOKENS, THINKING, Frame, GenRequest, Job, Stops, check_prompt,
+                       defaults, same_run, stream_generation, unknown_warning)
 from . import Shared
 
 # The order the controls are sent in: GenRequest's fields, and the API's parameters after the
 # leading ones (the handlers below name them in this order; a test checks they agree).
 GEN_FIELDS = ["model", "prompt", "gold", "temperature", "top_p", "max_new_tokens", "signal", "segment_mode",
               "segment_tokens", "policy", "kappa", "threshold_value", "warmup_segments", "erase_budget", "erase",
-              "group_size", "seed"]
+              "group_size", "seed", "thinking"]
 
 
 def examples() -> list[list[Any]]:
@@ -80,7 +80,7 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
                           temperature: float, top_p: float, max_new_tokens: int, signal: str, segment_mode: str,
                           segment_tokens: int, policy: str, kappa: float, threshold_value: float,
                           warmup_segments: int, erase_budget: int, erase: bool, group_size: int, seed: int,
-                          request: gr.Request) -> Iterator[tuple]:
+                          thinking: str, request: gr.Request) -> Iterator[tuple]:
         """Generate a group of rollouts with erasure, streamed: each update is the heatmap (HTML), the
         summary (markdown: answer, counts, timing), the group table, the chart and the rollout picker.
 
@@ -104,6 +104,8 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
             erase: erasure on (False: plain sampling, for comparison)
             group_size: rollouts generated together (G)
             seed: rollout r samples with seed + r
+            thinking: "default", "on" or "off": enable_thinking for a chat template that reads it (Qwen3),
+                applied to a one-line question
         """
         yield from run(locals(), edits=False)
 
@@ -127,7 +129,7 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
                                 temperature: float, top_p: float, max_new_tokens: int, signal: str,
                                 segment_mode: str, segment_tokens: int, policy: str, kappa: float,
                                 threshold_value: float, warmup_segments: int, erase_budget: int, erase: bool,
-                                group_size: int, seed: int) -> tuple:
+                                group_size: int, seed: int, thinking: str) -> tuple:
         """The same request with erasure on and with erasure off, rollout 0 of each side by side: its
         heatmap (HTML) and summary (markdown) with erasure, then without. The run on screen is reused
         when it is this request.
@@ -141,12 +143,14 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
     def stop_running(request: gr.Request) -> None:
         stops.stop(request.session_hash)
 
-    go_btn.click(generate_in_page, [color_by, row, history, *inputs], [*shown, last, history, run_info, edits],
+    joined = dict(fn=join_history, inputs=[history, last, run_info], outputs=history, api_visibility="private")
+    go_btn.click(generate_in_page, [color_by, row, history, *inputs], [*shown, last, run_info, edits],
                  concurrency_limit=2, show_progress="hidden",  # the spinner would repaint all run long
-                 api_visibility="private")
+                 api_visibility="private").then(**joined)
     # /generate for scripts: the same run with the whole heatmap in every frame (no page to edit).
     # Its listener sits on a button nobody sees; the page's own button is the one above.
     api_btn = gr.Button("generate (API)", elem_classes=["e3rl-offstage"])
+    # (gradio_client runs no .then steps: the API's frames carry the session's events themselves)
     api_btn.click(generate_endpoint, [color_by, row, history, *inputs], [*shown, last, history, run_info],
                   concurrency_limit=2, api_name="generate")
     edits.change(None, edits, None, js=live.live_js("#e3rl-heatmap"), api_visibility="private")
@@ -180,8 +184,13 @@ def _prompt_controls(shared: Shared) -> dict[str, Any]:
     prompt = gr.Textbox(label="prompt (a one-line question is wrapped in the task template)", lines=3, value=first[0],
                         elem_id="e3rl-prompt")
     gold = gr.Textbox(label="gold answer (optional: shows ✓/✗)", value=first[1], elem_id="e3rl-gold")
+    # Qwen3's chat template opens an empty think block when enable_thinking is false; other
+    # templates do not read the flag, and the shipped model has no chat template at all.
+    thinking = gr.Radio(list(THINKING), value=defaults()["thinking"], elem_id="e3rl-thinking",
+                        label="thinking (enable_thinking of a chat template that reads it, e.g. Qwen3's; "
+                              "one-line questions)")
     gr.Examples(examples(), inputs=[prompt, gold], label="examples", api_visibility="private")
-    return {"model": model, "prompt": prompt, "gold": gold}
+    return {"model": model, "prompt": prompt, "gold": gold, "thinking": thinking}
 
 
 def _settings(shared: Shared) -> dict[str, Any]:
@@ -275,8 +284,9 @@ def generate(shared: Shared, colour: str, which: int, history: list, values: tup
 def _stream(frames: Iterator[Frame], colour: str, which: int, history: list,
             warning: str | None = None, edits: bool = False) -> Iterator[tuple]:
     """The frames as the tab's outputs: heatmap, summary, group table, chart, row picker, the run's
-    events, the session's, the run's info for redraws (timing, warning, stopped), and the heatmap's
-    edits (with ``edits``). Then while the run streams the heatmap itself is left alone and the
+    events, the session's events (the API's frames; the page's leave them to ``join_history``, see
+    ``build``), the run's info for redraws (timing, warning, stopped), and the heatmap's edits (the
+    page's frames, ``edits``). Then while the run streams the heatmap itself is left alone and the
     edits (``app.live``) bring the page up to date, so a frame costs what changed; the last frame
     sends the whole trace (what a redraw or a reconnect shows)."""
     n_fig, fig_at, out, n_rows = 0, 0.0, None, 0
@@ -312,9 +322,11 @@ def _stream(frames: Iterator[Frame], colour: str, which: int, history: list,
             heatmap, ops = live.page_html(v, colour), live.encode([], seq)
         else:
             heatmap, ops = gr.skip(), live.encode(page.frame(v), seq)
-        out = [heatmap, md + info.get("tail", ""),
-               render.group_markdown(views) if len(views) > 1 else "", fig, rows, list(frame.events),
-               history + (list(frame.events) if frame.finished else []), info] + ([ops] if edits else [])
+        events = list(frame.events)
+        out = [heatmap, md + info.get("tail", ""), render.group_markdown(views) if len(views) > 1 else "", fig,
+               rows, events, info, ops] if edits else [
+               heatmap, md + info.get("tail", ""), render.group_markdown(views) if len(views) > 1 else "", fig,
+               rows, events, history + (events if frame.finished else []), info]
         yield tuple(out)
     if out is not None:
         # The finished text first, then its chart a moment later, so the browser paints the answer
@@ -322,6 +334,23 @@ def _stream(frames: Iterator[Frame], colour: str, which: int, history: list,
         time.sleep(0.1)
         out[3], out[4] = render.trace_figure(v, colour), gr.update()
         yield tuple(out)
+
+
+def join_history(history: list, events: list, info: dict | None) -> list:
+    """The session's events with the run that just ended added, once: the step after each Generate
+    click. ``events``/``info``: the run's, as its last frame left them. A run that failed before
+    its first frame leaves the previous run's there (already in the history: not added again); one
+    that failed midway (no "finished"/"stopped" line in ``info``) is not added.
+
+    This is a step of its own rather than an output of every frame because the Audit tab listens
+    to the session's events: gradio hashes a listened-to state before and after every frame of a
+    handler that outputs it, which costs O(the whole session) per frame."""
+    if not events or not (info or {}).get("tail"):
+        return history
+    first = events[0].trace_id
+    if any(e.trace_id == first for e in history):
+        return history
+    return history + list(events)
 
 
 def counterfactual(shared: Shared, colour: str, last: list, history: list, values: tuple) -> tuple:

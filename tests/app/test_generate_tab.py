@@ -19,9 +19,10 @@ from test_browser import CHROMIUM, chromium, generate_with  # noqa: E402  (the b
 
 from app.session import SPACE_MAX_NEW_TOKENS, ModelStore  # noqa: E402
 from app.tabs import Shared  # noqa: E402
-from app.tabs.generate import GEN_FIELDS, draw, examples, generate, request  # noqa: E402
+from app.tabs.generate import GEN_FIELDS, draw, examples, generate, join_history, request  # noqa: E402
 from app.ui import DEFAULTS  # noqa: E402
 from e3rl_core.errors import E3RLError  # noqa: E402
+from e3rl_core.models import byte_level_bpe  # noqa: E402
 
 MODEL = "checkpoints/arith-demo"
 STORE = ModelStore()
@@ -71,6 +72,48 @@ def test_a_prompt_with_unknown_characters_is_warned_about_in_the_summary():
     outs = list(generate(shared(), "entropy", 0, [], values(group_size=1, prompt="a = 5 × 3. What is a?", gold="")))
     summary = outs[-1][1]
     assert summary.startswith("⚠") and "×" in summary and "rephrase" in summary
+
+
+QWEN3_TEMPLATE = (  # Qwen3's thinking switch, reduced to what it does to the prompt
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory) -> str:
+    """A random-init Qwen3-shaped model with a byte-level BPE tokenizer trained here and the template above."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fast = byte_level_bpe(["What is 2 + 3? Let me think step by step.\n\n2 + 3 = 5."] * 20, 300,
+                          ["<|im_start|>", "<|im_end|>", "<think>", "</think>"], eos_token="<|im_end|>",
+                          pad_token="<|im_end|>", chat_template=QWEN3_TEMPLATE)
+    config = AutoConfig.for_model("qwen3", vocab_size=len(fast), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  max_position_embeddings=512, pad_token_id=fast.pad_token_id)
+    path = tmp_path_factory.mktemp("models") / "qwen3-chat"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)
+
+
+def test_the_thinking_control_reaches_a_chat_template_that_reads_it(qwen3_dir):
+    def prompt_of(thinking: str) -> str:
+        outs = list(generate(shared(), "entropy", 0, [], values(model=qwen3_dir, prompt="What is 2 + 3?", gold="5",
+                                                               thinking=thinking, max_new_tokens=16, group_size=1)))
+        return next(e for e in outs[-1][5] if e.kind == "start").prompt
+
+    default, on, off = prompt_of("default"), prompt_of("on"), prompt_of("off")
+    assert default.endswith("<|im_start|>assistant\n") and on == default  # Qwen3's default: thinking on
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # a model whose template does not read the switch says so instead of ignoring it
+    with pytest.raises(Exception, match="set thinking to 'default'"):
+        list(generate(shared(), "entropy", 0, [], values(thinking="off", group_size=1)))
+    with pytest.raises(E3RLError, match="thinking must be one of"):
+        request(shared(), values(thinking="maybe"))
+    # a full prompt is used as written, whatever the switch says
+    outs = list(generate(shared(), "entropy", 0, [], values(prompt=examples()[4][0], thinking="default", group_size=1)))
+    assert next(e for e in outs[-1][5] if e.kind == "start").prompt == examples()[4][0]
 
 
 def test_space_mode_bounds_max_new_tokens():
@@ -181,3 +224,15 @@ def test_stop_shows_where_it_stopped_and_keeps_the_partial_trace(app_url, rambli
         page.wait_for_function(  # the per-token signal of the partial trace is plotted
             "[...document.querySelectorAll('#e3rl-chart .scatterlayer .js-line')]"
             ".some(p => (p.getAttribute('d') || '').length > 20)", timeout=30_000)
+
+
+def test_the_pages_run_joins_the_session_once_it_has_ended():
+    earlier = list(generate(shared(), "entropy", 0, [], values(group_size=1)))[-1][5]
+    outs = list(generate(shared(), "entropy", 0, earlier, values(group_size=2), edits=True))
+    assert all(len(out) == 8 for out in outs)  # heatmap ... events, info, edits: no session events per frame
+    *_, events, info, ops = outs[-1]
+    streaming = next(out for out in outs if not out[6].get("tail"))
+    assert join_history(earlier, streaming[5], streaming[6]) == earlier  # not before the run has ended
+    history = join_history(earlier, events, info)
+    assert history == earlier + events
+    assert join_history(history, events, info) == history  # a failed click leaves the last run: not added twice

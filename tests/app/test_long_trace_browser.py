@@ -15,6 +15,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 from test_browser import ARTIFACTS, CHROMIUM, chromium, generate_with  # noqa: E402
 
+from e3rl_core.models import byte_level_bpe  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)),
                                 reason=f"no Chromium at {CHROMIUM}: ./run setup installs it with apt-get")
 
@@ -26,15 +28,9 @@ CORPUS = ["Let me think step by step. 12 + 7 = 19, so the answer is 19.\n\n",
 def bpe_model(tmp_path_factory) -> Path:
     """A random-init Qwen3-shaped model saved with a byte-level BPE tokenizer (512 tokens) and no
     end-of-sequence token, so the rollout runs to its token budget."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>"], show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+    fast = byte_level_bpe(CORPUS, 512, ["<pad>"], pad_token="<pad>")
     config = AutoConfig.for_model("qwen3", vocab_size=len(fast), hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                   max_position_embeddings=8192, initializer_range=0.02, eos_token_id=None, pad_token_id=0)

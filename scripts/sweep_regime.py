@@ -1,0 +1,117 @@
+"""The search for a training regime in which GRPO measurably improves the shipped model: each setting
+trains GRPO from the shipped checkpoint to one rollout-token budget and is scored on the held-out
+test problems (Avg@4 at T = 1, seed 0, erasure off; and on), like every run of scripts/reproduce.py.
+
+    python scripts/sweep_regime.py                      # every setting, 2 runs at once on 1 thread each
+    python scripts/sweep_regime.py --only iters4 --seeds 0,1
+    python scripts/sweep_regime.py --list
+
+Runs are resumable (finished ones, ROOT/<setting>-s<seed>/result.json, are skipped), so the sweep
+can be completed in parts; progress goes to stdout, each run's commands and output to its
+commands.log. Writes docs/results/regime-sweep.json and regime-sweep-table.md: setting -> Avg@4
+gain over the shipped model, every setting run so far, the ones that did not work included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from e3rl_core.evaluation.experiment import RunSpec, Settings, baseline, mean_ci, run_one  # noqa: E402
+
+BASE = Settings(token_budget=600_000, group_size=8, prompts_per_step=4, learning_rate=3e-5)
+"""The calibration's settings (lr 3e-5, G = 8, 4 prompts per step), at ~250 steps."""
+
+# name -> (what it changes, Settings fields, --set overrides). The first is the calibration.
+SETTINGS: dict[str, tuple[str, dict, list[str]]] = {
+    "calib": ("lr 3e-5, 1 update per batch (the calibration)", {}, []),
+    "iters4": ("lr 3e-5, 4 updates per batch (num_iterations=4, clipped)", {}, ["num_iterations=4"]),
+    "iters4-lr1e-5": ("lr 1e-5, 4 updates per batch", {"learning_rate": 1e-5}, ["num_iterations=4"]),
+    "iters2-p8": ("lr 3e-5, 2 updates per batch, 8 prompts per step", {"prompts_per_step": 8},
+                  ["num_iterations=2"]),
+    "iters4-d4": ("lr 3e-5, 4 updates per batch, training on difficulty 4 only",
+                  {"train_data": "synthetic:train?n=4000&seed=1&difficulty=4"}, ["num_iterations=4"]),
+    "iters4-cos5e-5": ("lr 5e-5 warm-up 10 steps then cosine, 4 updates per batch", {"learning_rate": 5e-5},
+                       ["num_iterations=4", "lr_scheduler_type=cosine", "warmup_steps=10"]),
+}
+
+
+def table(results: list[dict], base: dict) -> str:
+    rows = ["| setting | what it changes | seeds | Avg@4 (plain sampling) | gain over the shipped model | "
+            "Avg@4 (erasure at test) | steps | rollout tokens | train min |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| shipped | no training | - | {base['avg_at_k_off']:.3f} | - | {base['avg_at_k_on']:.3f} | 0 | 0 | 0 |"]
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["spec"]["name"], []).append(r)
+    for name, rs in by.items():
+        off = mean_ci([r["avg_at_k_off"] for r in rs])
+        gain = mean_ci([r["avg_at_k_off"] - base["avg_at_k_off"] for r in rs])
+        on = mean_ci([r["avg_at_k_on"] for r in rs])
+        ci = (lambda m: f"{m[0]:+.3f} ± {m[1]:.3f}") if len(rs) > 1 else (lambda m: f"{m[0]:+.3f}")
+        val = (lambda m: f"{m[0]:.3f} ± {m[1]:.3f}") if len(rs) > 1 else (lambda m: f"{m[0]:.3f}")
+        rows.append(f"| {name} | {SETTINGS[name][0]} | {len(rs)} | {val(off)} | {ci(gain)} | {val(on)} | "
+                    f"{sum(r['steps'] for r in rs) / len(rs):.0f} | "
+                    f"{sum(r['rollout_tokens'] for r in rs) / len(rs):,.0f} | "
+                    f"{sum(r['train_seconds'] for r in rs) / len(rs) / 60:.1f} |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs/sweep", help="where runs are trained (resumable)")
+    p.add_argument("--results", default="docs/results")
+    p.add_argument("--only", action="append", help="these settings only (see --list)")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (each on one thread when > 1)")
+    p.add_argument("--list", action="store_true", help="list the settings and exit")
+    args = p.parse_args()
+    if args.list:
+        for name, (what, fields, sets) in SETTINGS.items():
+            print(f"{name:16s} {what}  {fields or ''} {' '.join('--set ' + s for s in sets)}")
+        return 0
+    unknown = sorted(set(args.only or []) - set(SETTINGS))
+    if unknown:
+        p.error(f"unknown setting(s) {', '.join(unknown)}; --list shows them")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    root = Path(args.root)
+    t0 = time.time()
+    base = baseline(BASE, root, threads=1)
+    print(f"shipped model: Avg@4 {base['avg_at_k_off']:.3f} (erasure at test {base['avg_at_k_on']:.3f})", flush=True)
+    names = [n for n in SETTINGS if not args.only or n in args.only]
+    jobs = [(RunSpec(name, "grpo", seed), replace(BASE, **SETTINGS[name][1], common=list(SETTINGS[name][2])))
+            for name in names for seed in seeds]
+
+    def one(job: tuple[RunSpec, Settings]) -> dict:
+        r = run_one(*job, root, threads=1 if args.jobs > 1 else (os.cpu_count() or 1))
+        print(f"{r['run_id']}: {r['steps']} steps, {r['rollout_tokens']:,} tokens, {r['train_seconds'] / 60:.1f} min; "
+              f"Avg@4 {r['avg_at_k_off']:.3f} ({r['avg_at_k_off'] - base['avg_at_k_off']:+.3f}), erasure at test "
+              f"{r['avg_at_k_on']:.3f}", flush=True)
+        return r
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(one, jobs))
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    md = table(results, base)
+    (out / "regime-sweep-table.md").write_text(md)
+    (out / "regime-sweep.json").write_text(json.dumps(
+        {"base_settings": asdict(BASE), "settings": {n: SETTINGS[n] for n in names}, "base": base,
+         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results]}, indent=2))
+    print(md)
+    print(f"total {(time.time() - t0) / 60:.1f} min; wrote {out}/regime-sweep-table.md and regime-sweep.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
