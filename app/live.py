@@ -12,6 +12,8 @@ page already shows and returns the edits that bring the page up to date:
   that more have come (byte-level BPE: O(new tokens) too);
 - ``{"op": "block", "seg": n, "html": ...}``: segment n's block redrawn or added (an erasure, a
   retry decided, a restore: O(one segment), once per event of that kind);
+- ``{"op": "fold", "seg": n, "erased": "n.a", "html": ...}``: the struck-through attempt a of
+  segment n folded into its ✂ marker once its retry is decided (O(that attempt's text));
 - ``{"op": "mark", "seg": n, "title": ..., "summary": ...}``: segment n decided: its mark's hover
   text and its one-line summary (what a collapsed segment shows);
 - ``{"op": "tail", "html": ...}``: the marks after the last segment.
@@ -62,6 +64,12 @@ class LiveFrames:
         for seg, attempts in render.segments(view).items():
             key, last = _key(view, attempts), attempts[-1]
             before = self.shown.get(seg)
+            folded = _folded(before.key[0], key[0]) if before is not None else None
+            if folded is not None:  # only the erased attempt's look changes: no need to redraw the block
+                a = next(a for a in attempts if (a.segment, a.attempt) == folded)
+                ops.append({"op": "fold", "seg": seg, "erased": render.erased_id(a),
+                            "html": render.erased_html(a, folded=True)})
+                before.key = (key[0], before.key[1])
             if before is not None and before.key[0] == key[0] and len(last.tokens) >= before.tokens:
                 if len(last.tokens) > before.tokens:
                     start = _open_piece(last.tokens, before.tokens)
@@ -92,6 +100,14 @@ def _open_piece(tokens: list, drawn: int) -> int:
     while start > 0 and tokens[start - 1].text == "":
         start -= 1
     return start
+
+
+def _folded(before: tuple, now: tuple) -> tuple[int, int] | None:
+    """The (segment, attempt) whose struck-through text folds into ✂ between two structure keys
+    of a segment, when that is all that changed; else None."""
+    if before[0] == now[0] and before[2] == now[2] and before[1] is not None and now[1] is None:
+        return before[1]
+    return None
 
 
 def _key(view: TraceView, attempts: list[Attempt]) -> tuple[tuple, tuple]:
@@ -161,6 +177,9 @@ LIVE_JS = """
         const tail = trace.querySelector(':scope > .e3rl-tail');
         trace.insertBefore(tpl.content, tail);
       }
+    } else if (op.op === 'fold') {
+      const erased = block.querySelector(`:scope > [data-erased="${op.erased}"]`);
+      if (erased) erased.outerHTML = op.html;
     } else if (op.op === 'mark') {
       block.querySelector(':scope > .e3rl-segmark').setAttribute('title', op.title);
       block.querySelector(':scope > .e3rl-segsum').textContent = op.summary;

@@ -21,6 +21,9 @@ tokens are a few characters)."""
 MAX_TEXT_CHARS = 2000
 """Characters of an answer or an error message shown."""
 
+# Each segment is a block: a token appended to the last one lays out that segment only. Inline
+# segments made the whole trace one paragraph that the browser laid out again at every frame
+# (measured in Chromium: 2.3 ms at 1k tokens, 17.6 ms at 16k per 16-token edit; as blocks ~1 ms).
 CSS = """
 .e3rl-scroll{max-height:26em;overflow-y:auto;display:flex;flex-direction:column-reverse;contain:content}
 .e3rl-scroll .e3rl-trace{margin-bottom:auto !important;flex:none}
@@ -28,7 +31,7 @@ CSS = """
 .e3rl-trace{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:14px;line-height:1.9;white-space:pre-wrap;
   word-break:break-word;padding:8px;border:1px solid #ddd;border-radius:6px;background:#fff;color:#111}
 .e3rl-tok{border-radius:3px;padding:1px 0;cursor:help}
-.e3rl-seg{border-left:2px solid #7a7aff;padding-left:2px;margin-left:2px}
+.e3rl-seg{display:block;border-left:2px solid #7a7aff;padding-left:2px;margin-left:2px}
 .e3rl-segmark{font-size:10px;color:#5555cc;vertical-align:super;margin-right:1px;cursor:help}
 .e3rl-erasing{text-decoration:line-through;text-decoration-color:#d00;opacity:.55;animation:e3rl-fade 1.2s ease-in forwards}
 @keyframes e3rl-fade{from{opacity:.9;background:#ffd6d6}to{opacity:.35;background:transparent}}
@@ -249,17 +252,28 @@ def segment_html(view: TraceView, seg: int, attempts: Sequence[Attempt], signal:
     parts = [f'<span class="e3rl-seg{decided}" data-seg="{sid}"><span class="e3rl-segmark" title="{mark}">{sid}</span>'
              f'<span class="e3rl-segsum">{html.escape(summary)}</span>']
     for a in attempts:
-        aid = html.escape(f"{seg}.{a.attempt}", quote=True)
         if a.erased is None:
             parts.append(tokens_html(a.tokens, signal))
-        elif view.last_erased == (a.segment, a.attempt):
-            parts.append(f'<span class="e3rl-erasing" data-erased="{aid}">{html.escape(_shown_text(a))}</span>')
         else:
-            why = html.escape(_decision_text(a.decision), quote=True)
-            parts.append(f'<details class="e3rl-erased" data-erased="{aid}"><summary title="{why}">✂</summary>'
-                         f"<s>{html.escape(_shown_text(a))}</s></details>")
+            parts.append(erased_html(a, folded=view.last_erased != (a.segment, a.attempt)))
     parts.append("</span>")
     return "".join(parts)
+
+
+def erased_id(a: Attempt) -> str:
+    """An erased attempt's ``data-erased`` value: segment.attempt."""
+    return f"{a.segment}.{a.attempt}"
+
+
+def erased_html(a: Attempt, folded: bool) -> str:
+    """An erased attempt: struck through while its retry streams in, then (``folded``) an
+    expandable ✂ marker holding its text."""
+    aid = html.escape(erased_id(a), quote=True)
+    if not folded:
+        return f'<span class="e3rl-erasing" data-erased="{aid}">{html.escape(_shown_text(a))}</span>'
+    why = html.escape(_decision_text(a.decision), quote=True)
+    return (f'<details class="e3rl-erased" data-erased="{aid}"><summary title="{why}">✂</summary>'
+            f"<s>{html.escape(_shown_text(a))}</s></details>")
 
 
 def tail_html(view: TraceView) -> str:

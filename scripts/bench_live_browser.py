@@ -153,7 +153,7 @@ def _long_run(browser, url: str, model: Path, longest: int, server_pid: int) -> 
         page.wait_for_timeout(100)
         frame, tokens, done = page.evaluate(POLL)
         m = task_metrics(cdp)
-        samples.append(dict(frame=frame, tokens=tokens, task=m["TaskDuration"],
+        samples.append(dict(frame=frame, tokens=tokens, done=done, task=m["TaskDuration"],
                             layout=m["LayoutDuration"] + m["RecalcStyleDuration"], script=m["ScriptDuration"],
                             server=cpu_seconds(server_pid), bytes=received[0], t=time.perf_counter()))
         if done:
@@ -167,10 +167,15 @@ def _long_run(browser, url: str, model: Path, longest: int, server_pid: int) -> 
 
 
 def per_frame(samples: list[dict], length: int, span: int = 512) -> dict:
-    """Costs per frame while the trace grew from ``length - span`` to ``length`` tokens: the mean
+    """Costs per frame while the trace grew from ``length - span`` to ``length`` tokens (the
+    run's last frame excluded): the mean
     (all the work in the window over its frames, the rare redraws of an erased segment and the
     chart's redraws included) and the median over the poll intervals (a typical frame)."""
-    inside = [s for s in samples if length - span <= s["tokens"] <= length and s["frame"] >= 0]
+    # While the trace streams: the last frame (the whole trace, what a redraw or reconnect shows) is
+    # not an edit, and it would fall in the window of the final length. Its bytes arrive before the
+    # page has drawn it (the poll then still reads "not finished"), so the last second goes too.
+    end = next((s["t"] for s in samples if s["done"]), float("inf")) - 1.0
+    inside = [s for s in samples if length - span <= s["tokens"] <= length and s["frame"] >= 0 and s["t"] < end]
     if len(inside) < 2 or inside[-1]["frame"] == inside[0]["frame"]:
         return {}
     a, b = inside[0], inside[-1]

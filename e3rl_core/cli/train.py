@@ -3,6 +3,7 @@
     e3rl train --model checkpoints/arith-demo --data synthetic:train?n=2000 --algo e3rl --out runs/e3rl \\
         --steps 60 --group-size 8 --prompts-per-step 8 --set learning_rate=1e-4
     torchrun --nproc_per_node 2 -m e3rl_core.cli train ...      (data parallel; gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node 8 -m e3rl_core.cli train ... --set parallel=fsdp   (sharded: torch FSDP2)
 """
 from __future__ import annotations
 
@@ -194,6 +195,7 @@ def _train(args: argparse.Namespace, config: Any, model: str, data: str, device:
         bar.close()
         from ..training import distributed
 
+        trainer.close()  # before the process group goes: nothing of the model is left to collect at exit
         distributed.shutdown(wait_for_peers=ended_well)
     if trainer.dist.main:
         if result.status == "already_finished":

@@ -7,7 +7,10 @@
     OUT/checkpoint-000050/       save_pretrained model + tokenizer (loads with plain transformers),
                                  e3rl_generation.json, trainer_state.pt (optimizer, scheduler, RNG,
                                  data position; tensors and plain values only, loaded with
-                                 weights_only=True), trainer_state.json (the same, human-readable)
+                                 weights_only=True), trainer_state.json (the same, human-readable);
+                                 with parallel=fsdp also sharded/ (torch.distributed.checkpoint:
+                                 model + optimizer shards of every process; trainer_state.pt then
+                                 holds each process's RNG and no optimizer)
 
 A checkpoint is written under a temporary name, flushed to disk (fsync) and renamed when
 complete, so a run killed mid-save (or a machine losing power) keeps the previous checkpoint; a
@@ -194,10 +197,24 @@ def save_checkpoint(
     *, keep: int | None,
 ) -> Path:
     """Write checkpoint-<step> atomically and prune older ones beyond ``keep``."""
+    return finish_checkpoint(out, step, start_checkpoint(out, step), model, tokenizer, state, extra_json, keep=keep)
+
+
+def start_checkpoint(out: Path, step: int) -> Path:
+    """The temporary directory checkpoint-<step> is written into (by several processes when sharded)."""
+    return Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-checkpoint-{step:06d}-"))
+
+
+def finish_checkpoint(
+    out: Path, step: int, tmp: Path, model: Any, tokenizer: Any, state: dict[str, Any], extra_json: dict[str, Any],
+    *, keep: int | None, state_dict: dict[str, Any] | None = None,
+) -> Path:
+    """Add the model export, tokenizer and trainer state to ``tmp``, flush everything in it (shards
+    written by other processes included) and rename it to checkpoint-<step>; prune beyond ``keep``.
+    ``state_dict`` (a sharded run's consolidated weights) is exported in place of ``model``'s own."""
     final = out / f"checkpoint-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-checkpoint-{step:06d}-"))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
         for name, data in extra_json.items():
             (tmp / name).write_text(strict_dumps(data, indent=2) + "\n")

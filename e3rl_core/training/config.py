@@ -24,6 +24,8 @@ from ..overrides import build, require_finite
 ALGOS = ("grpo", "dapo", "e3rl")
 SCHEDULERS = ("constant", "linear", "cosine")
 ATTENTION_IMPLS = ("linear", "eager")
+PARALLEL = ("ddp", "fsdp")
+MIXED_PRECISION = ("none", "bf16")
 
 
 @dataclass
@@ -111,6 +113,19 @@ class TrainConfig:
     """Keep only the newest checkpoints (None keeps all)."""
     log_rollouts: int = 2
     """Rollouts per step whose full event traces go to rollouts.jsonl."""
+    parallel: str = "ddp"
+    """How processes share the model: ``ddp`` (each holds a full replica; gradients summed once per
+    step) or ``fsdp`` (torch FSDP2: each decoder layer and the root are sharded, so each of N
+    processes holds 1/N of the parameters, gradients and AdamW state; rollouts run on a full copy
+    gathered once per step; sharded checkpoints). Either works with one process or under torchrun."""
+    fsdp_mixed_precision: str = "none"
+    """With ``parallel=fsdp``: ``bf16`` runs forwards and backwards with bf16 parameters and reduces
+    gradients in float32, the sharded master weights and AdamW state staying in the load dtype
+    (``--dtype``, float32 by default); ``none`` computes in the load dtype."""
+    fsdp_cpu_offload: bool = False
+    """With ``parallel=fsdp``: keep the sharded parameters, gradients and optimizer state in host
+    memory (FSDP2's ``CPUOffloadPolicy``; the optimizer steps on the CPU), leaving the GPU to the
+    gathered layers, activations and the rollout copy."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Rollout generation: sampling, segmenter, score, threshold policy, erase operator."""
 
@@ -139,6 +154,11 @@ class TrainConfig:
             (self.erased_advantage_delta >= 0, "erased_advantage_delta must be >= 0"),
             (self.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds must be >= 1"),
             (self.warmup_steps >= 0 and self.log_rollouts >= 0, "warmup_steps and log_rollouts must be >= 0"),
+            (self.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}"),
+            (self.fsdp_mixed_precision in MIXED_PRECISION,
+             f"fsdp_mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.fsdp_mixed_precision!r}"),
+            (self.parallel == "fsdp" or (self.fsdp_mixed_precision == "none" and not self.fsdp_cpu_offload),
+             "fsdp_mixed_precision and fsdp_cpu_offload apply to sharded training only; add --set parallel=fsdp"),
         ]
         for ok, message in checks:
             if not ok:

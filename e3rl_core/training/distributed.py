@@ -117,9 +117,9 @@ def shutdown(wait_for_peers: bool = False) -> None:
     every process arrives before any tears down, since a group destroyed while a peer is still
     finishing its last exchange can abort that peer at exit (seen with gloo under load). After a
     failure nobody waits: a peer may never arrive."""
-    if active():
+    if dist.is_available() and dist.is_initialized():  # also the one-process group of parallel=fsdp
         try:
-            if wait_for_peers:
+            if wait_for_peers and active():
                 dist.barrier()
         finally:
             dist.destroy_process_group()

@@ -13,11 +13,15 @@ One step:
 4. old-policy log-probs on the final (post-erasure) sequences (with one pass, the detached
    log-probs of the training forward, as TRL); erased tokens are not in them. Clipped surrogate with clip-higher, optional k3 KL, aggregated by ``loss_type`` with
    global normalisers; gradients summed across processes; clip; AdamW; scheduler.
+With ``parallel=fsdp`` the policy is sharded (``fsdp``): rollouts come from a full copy gathered at
+the start of the step, every process runs the same number of (micro-batch) forwards, and the
+gradient is summed by FSDP's reduce-scatter instead of one all-reduce.
 Departures from the paper and from TRL: dropout stays off (the model is in eval mode throughout,
 so the first-pass ratio is exactly 1); group std is the population std (see ``advantages``).
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -36,7 +40,7 @@ from ..models import RECOMMENDED_CONFIG, load_model
 from ..tasks.datasets import DataError, Example, load_examples, render_prompt
 from ..tasks.rewards import extract_answer, prompt_opens_think, reward
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, fsdp
 from .advantages import ADVANTAGES, ALLOCATORS, answer_attention, attention_modules, attention_weights
 from .config import TrainConfig
 from .losses import LOSSES, LossNorm, clipped_surrogate, token_logps
@@ -90,12 +94,15 @@ class Trainer:
         # (see _optimize); tests turn this off to compare with the separate no-grad forward.
         self.fuse_attention = True
         self._check_attention_layout(created)
+        self.rollout_copy: fsdp.RolloutCopy | None = None
+        if config.parallel == "fsdp":
+            self._shard()
         self._reward_memo: dict[tuple[str, str | None], float | None] = {}
         # A template that opens the think block in the prompt (DeepSeek-R1 distills) starts every
         # completion inside the reasoning: its answer comes only after the closing tag.
         self._opened = prompt_opens_think(render_prompt(self.examples[0].question, self.tokenizer))
         self.generator = ErasableGenerator(
-            self.model, self.tokenizer, self.gen_config, model_name=model, checker=self._correct,
+            self.rollout_model, self.tokenizer, self.gen_config, model_name=model, checker=self._correct,
             answer_fn=partial(extract_answer, opened=self._opened),
         )
         self.examples, self.prompts_filtered = self._fitting_examples(created)
@@ -109,6 +116,31 @@ class Trainer:
         torch.manual_seed(config.seed)
         if self.resume_from:
             self._load_state(ckpt.load_state(self.resume_from))
+
+    @property
+    def sharded(self) -> bool:
+        return self.rollout_copy is not None
+
+    @property
+    def rollout_model(self) -> Any:
+        """The model rollouts are generated with: the policy itself, or its gathered copy under FSDP."""
+        return self.rollout_copy.model if self.rollout_copy is not None else self.model
+
+    def _shard(self) -> None:
+        """Shard the policy (and the reference model) with FSDP2, keeping a full copy for rollouts."""
+        c = self.cfg
+        fsdp.ensure_group(self.device)
+        bf16 = c.fsdp_mixed_precision == "bf16"
+        self.rollout_copy = fsdp.RolloutCopy(self.model, torch.bfloat16 if bf16 else None)
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                fsdp.shard(model, device=self.device, mixed_precision=c.fsdp_mixed_precision,
+                           cpu_offload=c.fsdp_cpu_offload)
+
+    def _micro_count(self, mine: int) -> int:
+        """Micro-batches every process runs: its own, or under FSDP the most any process has (the
+        others pad with dummy forwards, since each forward all-gathers)."""
+        return max(distributed.all_gather_object(mine)) if self.sharded else mine
 
     def _fitting_examples(self, created: bool) -> tuple[list[Example], int]:
         """The examples whose rendered prompt fits the model's context, and how many were left out:
@@ -197,22 +229,54 @@ class Trainer:
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
 
-    def _state(self) -> dict[str, Any]:
-        return {
+    def _state(self, rng_per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The trainer state of a checkpoint; a sharded run's optimizer is in ``sharded/`` and its
+        state records every process's RNG and the world size its shards need."""
+        state = {
             "step": self.step, "data_position": self.position, "tokens_total": self.tokens_total,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+            "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
             "config": self.cfg.to_dict(), "model": self.model_spec, "data": self.data_spec,
+            "parallel": self.cfg.parallel, "world_size": self.dist.world,
         }
+        if rng_per_rank is None:
+            state["optimizer"] = self.optimizer.state_dict()
+        else:
+            state["rng_per_rank"] = rng_per_rank
+        return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.step, self.position = int(state["step"]), int(state["data_position"])
         self.tokens_total = int(state["tokens_total"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+        if self.sharded:
+            self._load_sharded_state(state)
+            rng = state["rng_per_rank"][self.dist.rank]
+        elif "optimizer" not in state:
+            raise ckpt.RunDirError(f"{self.resume_from} holds a sharded (parallel=fsdp) run's state; resume it with "
+                                   f"--set parallel=fsdp, as it was started")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.lr_lambdas = [self._lr_factor]  # the schedule follows this run's max_steps
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+
+    def _load_sharded_state(self, state: dict[str, Any]) -> None:
+        """Model and optimizer shards from ``sharded/``: only with the world size that wrote them,
+        since each process's data share and RNG belong to its rank."""
+        path = self.resume_from
+        assert path is not None
+        written = state.get("world_size")
+        if state.get("parallel") != "fsdp" or not fsdp.has_sharded_state(path):
+            raise ckpt.RunDirError(f"{path} holds no sharded state (it comes from a parallel=ddp run); resume it "
+                                   f"without --set parallel=fsdp, or start a new run with --model {path}")
+        if written != self.dist.world:
+            raise ckpt.RunDirError(
+                f"{path} was written by {written} FSDP processes and this run has {self.dist.world}: a sharded "
+                f"checkpoint resumes with the same number (torchrun --nproc_per_node {written}). To go on with "
+                f"another number, start a new run from its consolidated weights with --model {path} (the "
+                f"optimizer state and data position start afresh)")
+        fsdp.load_sharded(path, self.model, self.optimizer)
 
     def finished(self) -> bool:
         budget = self.cfg.rollout_token_budget
@@ -233,16 +297,46 @@ class Trainer:
 
     def _save(self) -> Path | None:
         """Write a checkpoint and point run.json at it."""
+        if self.sharded:
+            return self._save_sharded()
         path = None
         with distributed.together("saving a checkpoint"):  # only rank 0 writes; all learn if it failed
             if self.dist.main:
                 state = self._state()
-                extra = {RECOMMENDED_CONFIG: self.gen_config.to_dict(),
-                         "trainer_state.json": {k: v for k, v in state.items()
-                                                if k not in ("optimizer", "scheduler", "rng")}}
+                extra = self._extra_json(state)
                 with ckpt.writing(f"checkpoint-{self.step:06d}", self.out):
                     path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, extra,
                                                 keep=self.cfg.save_total_limit)
+                self._write_run("running", last=path)
+        return path
+
+    def _extra_json(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {RECOMMENDED_CONFIG: self.gen_config.to_dict(),
+                "trainer_state.json": {k: v for k, v in state.items()
+                                       if k not in ("optimizer", "scheduler", "rng", "rng_per_rank")}}
+
+    def _save_sharded(self) -> Path | None:
+        """Every process writes its shards into rank 0's temporary directory; rank 0 adds the
+        consolidated export (``save_pretrained`` of the gathered weights), the tokenizer and the
+        trainer state (every process's RNG), then renames it, as an unsharded checkpoint is.
+        The collectives come first: each raises on every process if it fails on one."""
+        tmp: Path | None = None
+        with distributed.together("preparing a checkpoint"):
+            if self.dist.main:
+                with ckpt.writing(f"checkpoint-{self.step:06d}", self.out):
+                    tmp = ckpt.start_checkpoint(self.out, self.step)
+        tmp = Path(distributed.all_gather_object(str(tmp))[0])
+        fsdp.save_sharded(tmp, self.model, self.optimizer)
+        full = fsdp.full_state_dict(self.model, self.rollout_model)  # process 0 only; host memory
+        rngs = distributed.all_gather_object(_rng_state())
+        path = None
+        with distributed.together("saving a checkpoint"):
+            if self.dist.main:
+                state = self._state(rng_per_rank=rngs)
+                with ckpt.writing(f"checkpoint-{self.step:06d}", self.out):
+                    path = ckpt.finish_checkpoint(self.out, self.step, tmp, self.rollout_model, self.tokenizer, state,
+                                                  self._extra_json(state), keep=self.cfg.save_total_limit,
+                                                  state_dict=full)
                 self._write_run("running", last=path)
         return path
 
@@ -336,11 +430,17 @@ class Trainer:
         impl = getattr(self.model.config, "_attn_implementation", None)
         if eager and impl != "eager":  # output_attentions needs the eager kernel
             self.model.set_attn_implementation("eager")
-        n_max = max(int(b.n_segments.max()), 1)
+        n_max = max(int(b.n_segments.max()), 1) if len(b) else 1
         old, ref, weights = [], [], []
+        slices = self._micro(len(b))
         try:
-            for sl in self._micro(len(b)):
-                mb = b.rows(sl)
+            for i in range(self._micro_count(len(slices))):
+                if i >= len(slices):  # FSDP: join the other processes' all-gathers
+                    for model in (self.model, self.ref_model):
+                        if model is not None:
+                            fsdp.dummy_forward(model, self.generator.pad_id, self.device, backward=False)
+                    continue
+                mb = b.rows(slices[i])
                 out, w = self._forward_with_weights(mb, need_attn, eager)
                 old.append(token_logps(out.logits, mb.input_ids.to(self.device), T).cpu())
                 if w is not None:
@@ -351,6 +451,8 @@ class Trainer:
             if eager and impl != "eager":
                 self.model.set_attn_implementation(impl)
         w_all = torch.cat(weights) if weights else torch.ones(len(b), n_max)
+        if not old:  # no rows on this process (FSDP still ran the forwards above)
+            return b.completion_mask.clone(), (b.completion_mask.clone() if self.ref_model is not None else None), w_all
         return torch.cat(old), (torch.cat(ref) if ref else None), w_all
 
     def _rollout_advantages(self, b: RolloutBatch) -> torch.Tensor:
@@ -393,7 +495,8 @@ class Trainer:
         # hooks on the training forward itself, so the step needs no extra forward.
         fused = (self.fuse_attention and c.num_iterations == 1 and self.ref_model is None
                  and self.allocation == "causal_attention" and c.attention_impl == "linear")
-        if reuse or fused or not len(b):
+        # Without rows a DDP process skips the forward; an FSDP one must join the others' forwards.
+        if reuse or fused or (not len(b) and not self.sharded):
             old, ref, weights = None, None, torch.ones(len(b), max(int(b.n_segments.max()), 1) if len(b) else 1)
         else:
             old, ref, weights = self._old_logps_and_weights(b)
@@ -409,7 +512,12 @@ class Trainer:
         for _ in range(c.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             sums = {"loss": 0.0, "kl": 0.0, "low": 0.0, "high": 0.0, "adv_abs": 0.0}
-            for sl in self._micro(len(b)):
+            slices = self._micro(len(b))
+            for i in range(self._micro_count(len(slices))):
+                if i >= len(slices):  # FSDP: join the other processes' all-gathers and reduce-scatters
+                    fsdp.dummy_forward(self.model, self.generator.pad_id, self.device, backward=True)
+                    continue
+                sl = slices[i]
                 mb = b.rows(sl)
                 mask = mb.completion_mask.to(self.device)
                 if fused:
@@ -431,10 +539,13 @@ class Trainer:
                 sums["low"] += float((st.low_clipped * mask).sum())
                 sums["high"] += float((st.high_clipped * mask).sum())
                 sums["adv_abs"] += float((mb_adv.abs() * mb.completion_mask).sum())
-            distributed.sum_gradients(self.model)
+            max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+            if self.sharded:  # FSDP's reduce-scatter summed the gradient shards during backward
+                grad_norm = fsdp.clip_grad_norm(list(self.model.parameters()), max_norm)
+            else:
+                distributed.sum_gradients(self.model)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
             sums = distributed.sum_floats(sums)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), c.max_grad_norm if c.max_grad_norm > 0 else float("inf")))
             if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise TrainingDivergedError(
@@ -443,7 +554,10 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         tok = max(norm.tokens, 1)
-        return {"loss": sums["loss"], "kl": sums["kl"] / tok, "clip_ratio_low": sums["low"] / tok,
+        # what each process holds (the largest over processes), counted from the tensors
+        held = distributed.all_gather_object(fsdp.local_bytes(self.model, self.optimizer))
+        memory = {f"rank_{k}_bytes": max(h[k] for h in held) for k in ("parameters", "gradients", "optimizer")}
+        return {**memory, "loss": sums["loss"], "kl": sums["kl"] / tok, "clip_ratio_low": sums["low"] / tok,
                 "clip_ratio_high": sums["high"] / tok, "clip_ratio": (sums["low"] + sums["high"]) / tok,
                 "advantage_abs_mean": sums["adv_abs"] / tok, "grad_norm": grad_norm,
                 "lr": self.scheduler.get_last_lr()[0]}
@@ -452,8 +566,13 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One RL step; returns its metrics row."""
         t0 = time.perf_counter()
+        sync: dict[str, float] = {}
+        if self.rollout_copy is not None:  # rollouts from the current weights (after the last update)
+            self.rollout_copy.refresh(self.model)
+            sync["weight_sync_time"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
         generated, kept, groups_kept = self._rollouts()
-        t_gen = time.perf_counter() - t0
+        t_gen = time.perf_counter() - t1
         rewards = [self._reward(t.done.text, t.start.gold) for t in kept]
         batch = build_batch(kept, rewards, self.generator.pad_id, mask_truncated=self.cfg.mask_truncated_completions,
                             erased_rows=self.cfg.erased_advantage_delta > 0)
@@ -463,7 +582,7 @@ class Trainer:
         roll = finish_metrics(sums)
         self.tokens_total += int(roll["tokens_generated"])
         row = {"step": self.step, **roll, "groups_kept": groups_kept, **opt,
-               "rollout_tokens_total": self.tokens_total, "generation_time": t_gen,
+               "rollout_tokens_total": self.tokens_total, "generation_time": t_gen, **sync,
                "step_time": time.perf_counter() - t0}
         with distributed.together("writing the step's logs"):
             if self.dist.main:
@@ -510,6 +629,15 @@ class Trainer:
         self._write_run(status, last=last)
         return TrainResult(self.out, self.step, status, last, row)
 
+    def close(self) -> None:
+        """Free the models, optimizer and generator now, while the interpreter is whole. The trainer
+        sits in a reference cycle (its generator's checker is a method of it), so otherwise a sharded
+        model and its communication state would be collected during interpreter shutdown, which can
+        abort the process (seen with FSDP on gloo)."""
+        for name in ("generator", "optimizer", "scheduler", "model", "ref_model", "rollout_copy"):
+            setattr(self, name, None)
+        gc.collect()
+
     def _mark_failed(self, err: BaseException, last: Path | None) -> None:
         """run.json says ``failed`` with the error. When the run directory cannot take even that
         (moved away, read-only), a write error says so too (one line, still an OSError); any other
@@ -522,6 +650,10 @@ class Trainer:
             reason = os.strerror(unwritable.errno) if unwritable.errno else "unwritable"
             raise OSError(err.errno, f"{ckpt.describe(err)} (run.json could not be marked failed either: "
                                      f"{reason})") from None
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
 
 
 def _rollouts_up_to(step: int) -> Callable[[dict[str, Any]], bool]:

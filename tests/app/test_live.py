@@ -50,7 +50,7 @@ def test_frames_are_edits_after_the_first(events):
     ops, view = frames(events, 1)
     assert [o["op"] for o in ops[0]] == ["reset"]
     kinds = [o["op"] for frame in ops[1:] for o in frame]
-    assert "reset" not in kinds and {"append", "repiece", "block", "mark"} <= set(kinds)
+    assert "reset" not in kinds and {"append", "repiece", "block", "fold", "mark"} <= set(kinds)
     assert kinds.count("append") > kinds.count("block")  # most frames only add a token
     full = len(render.trace_html(view, with_css=False))
     # a token's edit is a small part of the whole trace, a completed character's too (its pieces'

@@ -55,8 +55,9 @@ def test_two_processes_equal_one(tmp_path):
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
 
 
-def _worker_whose_rank0_cannot_save(rank: int, port: int, out: str, results) -> None:
-    """One of two training processes; rank 0's checkpoint write fails (say, a full disk)."""
+def _worker_whose_rank0_cannot_save(rank: int, port: int, out: str, results, parallel: str = "ddp") -> None:
+    """One of two training processes (``parallel``: ddp or fsdp); rank 0 cannot finish its
+    checkpoint (say, a full disk)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -70,9 +71,10 @@ def _worker_whose_rank0_cannot_save(rank: int, port: int, out: str, results) -> 
     if rank == 0:
         def full_disk(*a, **k):
             raise OSError(28, "No space left on device")
-        ckpt.save_checkpoint = full_disk
+        ckpt.finish_checkpoint = full_disk  # the last part of every checkpoint write, sharded or not
     cfg = apply_overrides(TrainConfig.for_algo("grpo", recommended_config(DEMO)), [
-        "num_generations=2", "prompts_per_step=2", "max_steps=1", "max_completion_length=48", "save_steps=1"])
+        "num_generations=2", "prompts_per_step=2", "max_steps=1", "max_completion_length=48", "save_steps=1",
+        f"parallel={parallel}"])
     try:
         Trainer(cfg, model=DEMO, data="synthetic:train?n=8&seed=3", out=out, device="cpu").train()
         results.put((rank, "finished"))
@@ -83,16 +85,18 @@ def _worker_whose_rank0_cannot_save(rank: int, port: int, out: str, results) -> 
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-def test_a_failure_on_one_process_stops_every_process(tmp_path):
-    """Rank 0 fails to save; rank 1 must stop with an error naming it, not wait forever."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_failure_on_one_process_stops_every_process(tmp_path, parallel):
+    """Rank 0 fails to save; rank 1 must stop with an error naming it, not wait forever (replicated
+    or sharded)."""
     import multiprocessing as mp
     import queue
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker_whose_rank0_cannot_save, args=(r, port, str(tmp_path / "run"), results))
-             for r in range(2)]
+    procs = [ctx.Process(target=_worker_whose_rank0_cannot_save, args=(r, port, str(tmp_path / "run"), results,
+                                                                      parallel)) for r in range(2)]
     for p in procs:
         p.start()
     got = {}
