@@ -161,8 +161,6 @@ def _long_run(browser, url: str, model: Path, longest: int, server_pid: int) -> 
     marks = page.evaluate("() => window.__bench")
     summary = page.inner_text("#e3rl-summary")
     page.close()
-    if os.environ.get("BENCH_DEBUG"):
-        print(samples, summary, file=sys.stderr)
     return samples, dict(first=(marks["first"] - marks["click"]) / 1000, summary=summary)
 
 
@@ -236,8 +234,6 @@ def _rate_pair(browser, url: str, model: Path, tokens: int) -> dict | None:
     marks = page.evaluate("() => window.__bench")
     text = page.inner_text("#e3rl-summary")
     page.close()
-    if os.environ.get("BENCH_DEBUG"):
-        print(text, marks, file=sys.stderr)
     if f"kept {tokens}," not in text:
         print(f"warning: the run did not keep {tokens} tokens ({text!r}); running it again", file=sys.stderr)
         return None

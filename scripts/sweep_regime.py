@@ -9,7 +9,8 @@ test problems (Avg@4 at T = 1, seed 0, erasure off; and on), like every run of s
 Runs are resumable (finished ones, ROOT/<setting>-s<seed>/result.json, are skipped), so the sweep
 can be completed in parts; progress goes to stdout, each run's commands and output to its
 commands.log. Writes docs/results/regime-sweep.json and regime-sweep-table.md: setting -> Avg@4
-gain over the shipped model, every setting run so far, the ones that did not work included.
+gain over the shipped model, for every finished run under --root (earlier invocations' too), the
+settings that did not work included.
 """
 from __future__ import annotations
 
@@ -43,9 +44,19 @@ SETTINGS: dict[str, tuple[str, dict, list[str]]] = {
 }
 
 
-def table(results: list[dict], base: dict) -> str:
+def step_minutes(root: Path, run_id: str) -> float:
+    """A run's training time as the sum of its logged step times, leaving out any step over 10x the
+    median: a run paused meanwhile (SIGSTOP, a suspended machine) has one step that holds the pause,
+    and its wall time holds it too."""
+    rows = [json.loads(line) for line in (root / run_id / "run" / "log.jsonl").read_text().splitlines() if line.strip()]
+    times = [r["step_time"] for r in rows]
+    cap = 10 * sorted(times)[len(times) // 2]
+    return sum(t for t in times if t <= cap) / 60
+
+
+def table(results: list[dict], base: dict, root: Path) -> str:
     rows = ["| setting | what it changes | seeds | Avg@4 (plain sampling) | gain over the shipped model | "
-            "Avg@4 (erasure at test) | steps | rollout tokens | train min |",
+            "Avg@4 (erasure at test) | steps | rollout tokens | train min (sum of step times) |",
             "|---|---|---|---|---|---|---|---|---|",
             f"| shipped | no training | - | {base['avg_at_k_off']:.3f} | - | {base['avg_at_k_on']:.3f} | 0 | 0 | 0 |"]
     by: dict[str, list[dict]] = {}
@@ -60,7 +71,7 @@ def table(results: list[dict], base: dict) -> str:
         rows.append(f"| {name} | {SETTINGS[name][0]} | {len(rs)} | {val(off)} | {ci(gain)} | {val(on)} | "
                     f"{sum(r['steps'] for r in rs) / len(rs):.0f} | "
                     f"{sum(r['rollout_tokens'] for r in rs) / len(rs):,.0f} | "
-                    f"{sum(r['train_seconds'] for r in rs) / len(rs) / 60:.1f} |")
+                    f"{sum(step_minutes(root, r['run_id']) for r in rs) / len(rs):.1f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -100,13 +111,18 @@ def main() -> int:
         return r
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(one, jobs))
+        list(pool.map(one, jobs))
+    # The table holds every finished run under ROOT, those of earlier invocations too, in SETTINGS order.
+    done = [json.loads(f.read_text()) for f in sorted(root.glob("*/result.json"))]
+    results = sorted((r for r in done if r["spec"]["name"] in SETTINGS),
+                     key=lambda r: (list(SETTINGS).index(r["spec"]["name"]), r["spec"]["seed"]))
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    md = table(results, base)
+    md = table(results, base, root)
     (out / "regime-sweep-table.md").write_text(md)
     (out / "regime-sweep.json").write_text(json.dumps(
-        {"base_settings": asdict(BASE), "settings": {n: SETTINGS[n] for n in names}, "base": base,
+        {"base_settings": asdict(BASE), "settings": {r["spec"]["name"]: SETTINGS[r["spec"]["name"]] for r in results},
+         "base": base,
          "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results]}, indent=2))
     print(md)
     print(f"total {(time.time() - t0) / 60:.1f} min; wrote {out}/regime-sweep-table.md and regime-sweep.json")
