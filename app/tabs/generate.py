@@ -324,9 +324,8 @@ def _stream(frames: Iterator[Frame], colour: str, which: int, history: list,
             heatmap, ops = gr.skip(), live.encode(page.frame(v), seq)
         events = list(frame.events)
         out = [heatmap, md + info.get("tail", ""), render.group_markdown(views) if len(views) > 1 else "", fig,
-               rows, events, info, ops] if edits else [
-               heatmap, md + info.get("tail", ""), render.group_markdown(views) if len(views) > 1 else "", fig,
-               rows, events, history + (events if frame.finished else []), info]
+               rows, events]
+        out += [info, ops] if edits else [history + (events if frame.finished else []), info]
         yield tuple(out)
     if out is not None:
         # The finished text first, then its chart a moment later, so the browser paints the answer
