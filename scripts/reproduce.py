@@ -1,17 +1,22 @@
-"""Miniature reproduction of the paper's claim on the synthetic task (see docs/results/reproduction.md).
+"""Miniature reproduction of the paper's claim on the synthetic task (see docs/results/).
 
-    python scripts/reproduce.py                       # 3 seeds x GRPO/DAPO/E3RL + 5 ablations, 2 at a time
+    python scripts/reproduce.py                       # 5 seeds x GRPO/DAPO/E3RL + 5 ablations x 2 seeds, 2 at a time
     python scripts/reproduce.py --seeds 1 --no-ablations --token-budget 50000   # a quick look
+    nohup python scripts/reproduce.py > runs/reproduce.log 2>&1 &                 # in the background
 
-Every run trains from the shipped checkpoint to the same rollout-token budget and is evaluated on
-held-out test problems (Avg@K at T=1, with erasure off and on at test time). Runs are resumable:
-finished ones (ROOT/<run>/result.json) are skipped. Writes results.json, reproduction.md and
-reproduction.html (plotly) to --results.
+Every run trains from the starting checkpoint to the same rollout-token budget in --eval-points legs
+and is scored after each on held-out test problems (Avg@K at T = 1, erasure off; after the last,
+erasure on too), so every run has a learning curve. Runs are resumable: finished legs and
+evaluations are kept and finished runs (ROOT/<run>/result.json) skipped, so the comparison can be
+completed in parts; run the same command again after a stop. Writes NAME.json, NAME-table.md and
+NAME.html (plotly: Avg@K vs rollout tokens, mean ± 95% band over seeds; training reward) to
+--results.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -19,50 +24,113 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from e3rl_core.evaluation.experiment import Settings, baseline, figure, markdown_table, plan, run_all, summarize  # noqa: E402
+from e3rl_core.errors import E3RLError  # noqa: E402
+from e3rl_core.evaluation.curves import learning_figure, sample_efficiency  # noqa: E402
+from e3rl_core.evaluation.experiment import Settings, baseline, markdown_table, plan, run_all, summarize  # noqa: E402
+
+
+def efficiency_text(eff: dict | None) -> str:
+    if not eff:
+        return ""
+    hi = "∞ (not reached in some resamples)" if math.isinf(eff["ci_high"]) else f"{eff['ci_high']:.2f}"
+    lo = "∞" if math.isinf(eff["ci_low"]) else f"{eff['ci_low']:.2f}"
+    point = ("not reached within the budget" if math.isinf(eff["ratio"]) else f"{eff['ratio']:.2f}× the tokens")
+    return (f"Sample efficiency: {eff['name']} reaches {eff['ref']}'s final Avg@K ({eff['target']:.3f}) at "
+            f"{point} {eff['ref']} used (95% bootstrap interval over seeds {lo} – {hi}; "
+            f"{eff['seeds'][0]} and {eff['seeds'][1]} seeds, {eff['n_boot']} resamples, reached in "
+            f"{eff['reached_share']:.0%} of them).\n")
+
+
+def slips_table(results: list[dict], base: dict) -> str:
+    """Slips per 100 steps under plain sampling, before (the starting model) and after, per run name."""
+    if not base.get("slips_off"):
+        return ""
+    from e3rl_core.evaluation.curves import by_name, mean_ci
+
+    lines = ["| policy | seeds | slips per 100 steps (first wrong step, plain sampling) | samples with a slip |",
+             "|---|---|---|---|",
+             f"| starting model | - | {base['slips_off']['slips_per_100_steps']:.2f} | "
+             f"{base['slips_off']['samples_with_slip']:.3f} |"]
+    for name, runs in by_name(results).items():
+        vals = [r["slips_off"] for r in runs if r.get("slips_off")]
+        if not vals:
+            continue
+        m, h = mean_ci([v["slips_per_100_steps"] for v in vals])
+        s, hs = mean_ci([v["samples_with_slip"] for v in vals])
+        pm = (lambda a, b: f"{a:.2f} ± {b:.2f}") if len(vals) > 1 else (lambda a, b: f"{a:.2f}")
+        lines.append(f"| {name} | {len(vals)} | {pm(m, h)} | {pm(s, hs)} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Settings()
     p.add_argument("--root", default="runs/reproduce", help="where runs are trained (resumable)")
     p.add_argument("--results", default="docs/results", help="where the table and figure go")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5, help="seeds of GRPO, DAPO and E3RL")
+    p.add_argument("--ablation-seeds", type=int, default=2, help="seeds of each E3RL ablation")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--only", action="append", help="run only these names (e.g. --only GRPO)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each single-threaded when > 1)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: 1 when --jobs > 1, else all)")
-    p.add_argument("--token-budget", type=int, default=Settings.token_budget)
-    p.add_argument("--learning-rate", type=float, default=Settings.learning_rate)
-    p.add_argument("--eval-samples", type=int, default=Settings.eval_samples)
-    p.add_argument("--test-data", default=Settings.test_data)
-    p.add_argument("--train-data", default=Settings.train_data)
+    p.add_argument("--model", default=d.model, help="starting checkpoint")
+    p.add_argument("--token-budget", type=int, default=d.token_budget)
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step)
+    p.add_argument("--group-size", type=int, default=d.group_size)
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument("--eval-points", type=int, default=d.eval_points, help="evaluations per run (every 1/N of the budget)")
+    p.add_argument("--test-data", default=d.test_data)
+    p.add_argument("--train-data", default=d.train_data)
     p.add_argument("--name", default="reproduction", help="file name stem of the outputs")
-    p.add_argument("--set", dest="common", action="append", default=[], help="extra --set for every run")
+    p.add_argument("--set", dest="common", action="append", default=list(d.common),
+                   help="extra --set for every run (added to the defaults: %(default)s)")
     args = p.parse_args()
-    st = Settings(token_budget=args.token_budget, learning_rate=args.learning_rate, eval_samples=args.eval_samples,
-                  test_data=args.test_data, train_data=args.train_data, common=args.common)
-    specs = [s for s in plan(args.seeds, not args.no_ablations) if not args.only or s.name in args.only]
+    try:
+        st = Settings(model=args.model, token_budget=args.token_budget, learning_rate=args.learning_rate,
+                      prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                      eval_samples=args.eval_samples, eval_points=args.eval_points, test_data=args.test_data,
+                      train_data=args.train_data, common=args.common)
+    except E3RLError as err:
+        p.error(str(err))
+    specs = [s for s in plan(args.seeds, not args.no_ablations, args.ablation_seeds) if not args.only or s.name in args.only]
     root = Path(args.root)
+    settings_file = root / "settings.json"
+    if settings_file.is_file():  # finished runs are reused, so they must have been run like the new ones
+        old = json.loads(settings_file.read_text())
+        differ = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in asdict(st).items() if old.get(k) != v]
+        if differ:
+            p.error(f"{root} holds runs made with other settings ({'; '.join(differ)}); use another --root")
+    root.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(asdict(st), indent=2))
     t0 = time.time()
+    print(f"{len(specs)} runs under {root}; settings: {asdict(st)}", flush=True)
     base = baseline(st, root, threads=args.threads or 1)
-    print(f"shipped model: Avg@{st.eval_samples} {base['avg_at_k_off']:.3f} (erasure at test {base['avg_at_k_on']:.3f})",
+    print(f"starting model: Avg@{st.eval_samples} {base['avg_at_k_off']:.3f} (erasure at test {base['avg_at_k_on']:.3f})",
           flush=True)
+
+    def point(spec, pt: dict) -> None:
+        print(f"  {spec.run_id}: {pt['point']}/{st.eval_points} of the budget, {pt['rollout_tokens']:,} tokens, "
+              f"step {pt['step']}: Avg@{st.eval_samples} {pt['avg_at_k']:.3f}", flush=True)
 
     def report(r: dict) -> None:
         print(f"{r['run_id']}: {r['steps']} steps, {r['rollout_tokens']:,} tokens, {r['train_seconds'] / 60:.1f} min; "
-              f"Avg@{st.eval_samples} {r['avg_at_k_off']:.3f} (erasure at test {r['avg_at_k_on']:.3f})", flush=True)
+              f"Avg@{st.eval_samples} {r['avg_at_k_off']:.3f} (erasure at test {r['avg_at_k_on']:.3f}) "
+              f"[{time.time() - t0:.0f} s since start]", flush=True)
 
-    results = run_all(specs, st, root, jobs=args.jobs, threads=args.threads, on_done=report)
-    rows = summarize(results)
+    results = run_all(specs, st, root, jobs=args.jobs, threads=args.threads, on_done=report, on_point=point)
+    rows = summarize(results, base)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows, base, st.eval_samples)
+    eff = sample_efficiency(results, base)
+    text = markdown_table(rows, base, st.eval_samples) + "\n" + efficiency_text(eff) + "\n" + slips_table(results, base)
     (out / f"{args.name}.json").write_text(json.dumps(
-        {"settings": asdict(st), "base": base, "rows": rows,
-         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results]}, indent=2))
-    (out / f"{args.name}-table.md").write_text(table)
-    figure(results, base).write_html(out / f"{args.name}.html", include_plotlyjs="cdn")
-    print(table)
+        {"settings": asdict(st), "command": " ".join(sys.argv), "base": base, "rows": rows,
+         "sample_efficiency": eff and {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in eff.items()},
+         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results]}, indent=2, default=str))
+    (out / f"{args.name}-table.md").write_text(text)
+    learning_figure(results, base, k=st.eval_samples).write_html(out / f"{args.name}.html", include_plotlyjs="cdn")
+    print(text)
     print(f"total {(time.time() - t0) / 60:.1f} min; wrote {out}/{args.name}.json, {args.name}-table.md, {args.name}.html")
     return 0
 

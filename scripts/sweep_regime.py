@@ -41,6 +41,12 @@ SETTINGS: dict[str, tuple[str, dict, list[str]]] = {
                   {"train_data": "synthetic:train?n=4000&seed=1&difficulty=4"}, ["num_iterations=4"]),
     "iters4-cos5e-5": ("lr 5e-5 warm-up 10 steps then cosine, 4 updates per batch", {"learning_rate": 5e-5},
                        ["num_iterations=4", "lr_scheduler_type=cosine", "warmup_steps=10"]),
+    "p16-lr1e-4": ("lr 1e-4, 16 prompts per step (128 rollouts)", {"prompts_per_step": 16, "learning_rate": 1e-4}, []),
+    "p16-lr3e-4": ("lr 3e-4, 16 prompts per step (128 rollouts)", {"prompts_per_step": 16, "learning_rate": 3e-4}, []),
+    "d3": ("lr 3e-5, training on difficulty 3 only (mixed outcomes in most groups)",
+           {"train_data": "synthetic:train?n=4000&seed=1&difficulty=3"}, []),
+    "d3-lr5e-5": ("lr 5e-5, training on difficulty 3 only", {"learning_rate": 5e-5,
+                  "train_data": "synthetic:train?n=4000&seed=1&difficulty=3"}, []),
 }
 
 

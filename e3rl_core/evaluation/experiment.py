@@ -2,9 +2,10 @@
 
 Each run is ``e3rl train`` from the shipped checkpoint followed by ``e3rl eval`` on held-out test
 problems, both as subprocesses (isolated, resumable: a run whose result file exists is skipped;
-``jobs`` > 1 runs several at once, one thread each). ``summarize`` turns per-run results into the
-table (mean ± 95% CI over seeds) and ``figure`` into a plotly figure. Entry point:
-``scripts/reproduce.py``.
+``jobs`` > 1 runs several at once, one thread each). Each run is scored at every 1/``eval_points``
+of its budget, so it has a learning curve; ``summarize`` turns per-run results into the table (mean
+± 95% CI over seeds, seed-paired differences); ``curves`` draws and compares the curves. Entry
+point: ``scripts/reproduce.py``.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from ..cli import e3rl_command
 from ..cli.train import train_command
 from ..errors import E3RLError
 from ..events import strict_dumps
-
-# Two-sided 95% Student t quantiles by degrees of freedom (n - 1); beyond 10, 1.96 is close enough.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+from ..tasks.datasets import load_examples
+from .slips import slip_rate
+from .curves import mean_ci, mean_curve, paired_differences
 
 
 @dataclass
@@ -55,27 +56,57 @@ class Settings:
     eval_samples: int = 4
     max_steps: int = 1000
     """Only a safety cap: the token budget ends every run."""
+    save_steps: int = 25
+    """Checkpoint interval within a leg (a killed run resumes from the last one)."""
+    eval_points: int = 4
+    """Held-out evaluations per run, at every 1/eval_points of the budget (erasure off; the last one
+    also with erasure on): the run trains in that many legs, each resuming the one before."""
     common: list[str] = field(default_factory=list)
     """Extra ``--set`` overrides for every run."""
 
+    def __post_init__(self) -> None:
+        if self.token_budget < 1 or self.eval_points < 1 or self.eval_points > self.token_budget:
+            raise E3RLError(f"token_budget ({self.token_budget}) and eval_points ({self.eval_points}) must be >= 1, "
+                            f"with eval_points <= token_budget")
 
-def plan(seeds: int = 3, ablations: bool = True) -> list[RunSpec]:
-    runs = [RunSpec(name, algo, s) for s in range(seeds) for name, algo in (("GRPO", "grpo"), ("DAPO", "dapo"), ("E3RL", "e3rl"))]
-    if ablations:
-        runs += [
-            RunSpec("E3RL w/o base uncertainty", "e3rl", 0, ["no_base_uncertainty=true"], "ablation"),
-            RunSpec("E3RL w/o group dynamics", "e3rl", 0, ["no_group_dynamics=true"], "ablation"),
-            RunSpec("E3RL w/o causal allocation", "e3rl", 0, ["no_causal_allocation=true"], "ablation"),
-            RunSpec("E3RL Erase@1", "e3rl", 0, ["generation.erase.budget=1"], "ablation"),
-            RunSpec("E3RL Erase@5", "e3rl", 0, ["generation.erase.budget=5"], "ablation"),
-        ]
+
+def plan(seeds: int = 5, ablations: bool = True, ablation_seeds: int = 2) -> list[RunSpec]:
+    """GRPO, DAPO and E3RL x ``seeds``; E3RL's ablations x ``ablation_seeds``. E3RL runs the shipped
+    model's recommended erase budget (3), so Erase@1 and Erase@5 are its budget ablations. Seeds run
+    first-to-last across every row, so a comparison cut short has all rows at equal seed counts."""
+    runs: list[RunSpec] = []
+    for s in range(seeds):
+        runs += [RunSpec(name, algo, s) for name, algo in (("GRPO", "grpo"), ("DAPO", "dapo"), ("E3RL", "e3rl"))]
+        if ablations and s < ablation_seeds:
+            runs += [RunSpec(name, "e3rl", s, overrides, "ablation") for name, overrides in ABLATIONS]
     return runs
 
 
-def _eval_cmd(model: str, st: Settings, mode: str) -> list[str]:
-    """Every model is scored the same way: the test set, K samples, seed 0, erasure off or on."""
+ABLATIONS: list[tuple[str, list[str]]] = [
+    ("E3RL w/o base uncertainty", ["no_base_uncertainty=true"]),
+    ("E3RL w/o group dynamics", ["no_group_dynamics=true"]),
+    ("E3RL w/o causal allocation", ["no_causal_allocation=true"]),
+    ("E3RL Erase@1", ["generation.erase.budget=1"]),
+    ("E3RL Erase@5", ["generation.erase.budget=5"]),
+]
+
+
+def _eval_cmd(model: str, st: Settings, mode: str, rows: Path | None = None) -> list[str]:
+    """Every model is scored the same way: the test set, K samples, seed 0, erasure off or on
+    (``rows``: also write every sample's row there)."""
     return e3rl_command("eval", "--model", model, "--data", st.test_data, "--samples", str(st.eval_samples),
-                "--seed", "0", "--json", "--device", "cpu", "--erase" if mode == "on" else "--no-erase")
+                        "--seed", "0", "--json", "--device", "cpu", "--erase" if mode == "on" else "--no-erase",
+                        *(["--out", str(rows)] if rows else []))
+
+
+def slips(rows_file: Path, st: Settings) -> dict[str, Any] | None:
+    """The slip rate (``slips.slip_rate``) of one evaluation's rows under plain sampling; None when
+    the test set has no step-by-step reference solutions."""
+    examples = load_examples(st.test_data)
+    if not examples or any(not ex.solution for ex in examples):
+        return None
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    return slip_rate(rows, {ex.id: ex.solution for ex in examples})
 
 
 def _run(cmd: list[str], log: Path, env: dict[str, str]) -> None:
@@ -87,8 +118,55 @@ def _run(cmd: list[str], log: Path, env: dict[str, str]) -> None:
         raise E3RLError(f"{' '.join(cmd[2:5])}... failed (exit {proc.returncode}); see {log}")
 
 
-def run_one(spec: RunSpec, st: Settings, root: Path, threads: int = 1) -> dict[str, Any]:
-    """Train and evaluate one run; returns (and stores in ROOT/RUN/result.json) its figures."""
+def _evaluate(model: str, st: Settings, mode: str, out: Path, log: Path, env: dict[str, str],
+              rows: Path | None = None, **extra: Any) -> dict[str, Any]:
+    """Score ``model`` (erasure ``mode`` off/on); the summary (plus ``extra``) is stored in ``out``
+    and returned."""
+    t1 = time.time()
+    cmd = _eval_cmd(model, st, mode, rows)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise E3RLError(f"eval of {model} failed: {proc.stderr.strip()[-500:]}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary.update(seconds=time.time() - t1, **extra)
+    _write_json(out, summary)
+    return summary
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(strict_dumps(data, indent=2))
+    tmp.replace(path)  # a run killed mid-write leaves the old file or none, never half of one
+
+
+def _train_leg(spec: RunSpec, st: Settings, run_dir: Path, budget: int, log: Path, env: dict[str, str]) -> None:
+    """Train ``run_dir`` up to ``budget`` rollout tokens: a new run when it holds no checkpoint yet,
+    else ``--resume`` of the same command with the larger budget (resume is exact, so a run trained
+    in legs equals one trained in one go)."""
+    run_file = run_dir / "run.json"
+    if run_file.is_file():
+        run = json.loads(run_file.read_text())
+        if run.get("last_checkpoint") and run["tokens_total"] >= budget:
+            return  # this leg finished before (the run was stopped before its evaluation)
+    resume = run_file.is_file() and any(run_dir.glob("checkpoint-*"))
+    cmd = train_command(model=st.model, data=st.train_data, algo=spec.algo, out=run_dir, seed=spec.seed,
+                        group_size=st.group_size, prompts_per_step=st.prompts_per_step,
+                        learning_rate=st.learning_rate, token_budget=budget, steps=st.max_steps,
+                        save_steps=st.save_steps, overrides=st.common + spec.overrides, device="cpu",
+                        quiet=True, overwrite=not resume, resume=resume)
+    _run(cmd, log, env)
+
+
+def run_one(spec: RunSpec, st: Settings, root: Path, threads: int = 1,
+            on_point: Callable[[RunSpec, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train and evaluate one run; returns (and stores in ROOT/RUN/result.json) its figures.
+
+    The run trains in ``st.eval_points`` legs; after each, its checkpoint is scored on the test set
+    (erasure off) into ROOT/RUN/eval-off-K.json, and after the last also with erasure on. Every file
+    is written atomically and a finished leg or evaluation is not repeated, so a killed run goes on
+    from its last checkpoint when the command is run again."""
     out = root / spec.run_id
     result_file = out / "result.json"
     if result_file.is_file():
@@ -98,69 +176,76 @@ def run_one(spec: RunSpec, st: Settings, root: Path, threads: int = 1) -> dict[s
            "TOKENIZERS_PARALLELISM": "false"}
     log = out / "commands.log"
     run_dir = out / "run"
-    t0 = time.time()
-    train = train_command(model=st.model, data=st.train_data, algo=spec.algo, out=run_dir, seed=spec.seed,
-                          group_size=st.group_size, prompts_per_step=st.prompts_per_step,
-                          learning_rate=st.learning_rate, token_budget=st.token_budget, steps=st.max_steps,
-                          save_steps=st.max_steps, overrides=st.common + spec.overrides, device="cpu",
-                          quiet=True, overwrite=True)
-    _run(train, log, env)
-    train_seconds = time.time() - t0
+    timing_file = out / "train-seconds.json"
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    points: list[dict[str, Any]] = []
+    for k in range(1, st.eval_points + 1):
+        budget = math.ceil(st.token_budget * k / st.eval_points)
+        ev_file = out / f"eval-off-{k}.json"
+        if not ev_file.is_file():
+            t0 = time.time()
+            _train_leg(spec, st, run_dir, budget, log, env)
+            timing[str(k)] = timing.get(str(k), 0.0) + time.time() - t0
+            _write_json(timing_file, timing)
+            run = json.loads((run_dir / "run.json").read_text())
+            # the last point keeps its rows: the trained policy's slip rate is measured on them
+            rows = out / "rows-off.jsonl" if k == st.eval_points else None
+            _evaluate(str(run_dir / run["last_checkpoint"]), st, "off", ev_file, log, env, rows, step=run["step"],
+                      rollout_tokens=run["tokens_total"])
+        ev = json.loads(ev_file.read_text())
+        point = {"point": k, "fraction": k / st.eval_points, "rollout_tokens": ev["rollout_tokens"],
+                 "step": ev["step"], "avg_at_k": ev["avg_at_k"], "eval_seconds": ev["seconds"]}
+        points.append(point)
+        if on_point:
+            on_point(spec, point)
     run = json.loads((run_dir / "run.json").read_text())
-    ckpt_dir = run_dir / run["last_checkpoint"]
-    evals = {}
-    for mode in ("off", "on"):
-        t1 = time.time()
-        ev_out = out / f"eval-{mode}.json"
-        cmd = _eval_cmd(str(ckpt_dir), st, mode)
-        with open(log, "a") as f:
-            f.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode:
-            raise E3RLError(f"eval of {spec.run_id} failed: {proc.stderr.strip()[-500:]}")
-        evals[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        evals[mode]["seconds"] = time.time() - t1
-        ev_out.write_text(strict_dumps(evals[mode], indent=2))
+    on_file = out / "eval-on.json"
+    ev_on = json.loads(on_file.read_text()) if on_file.is_file() else \
+        _evaluate(str(run_dir / run["last_checkpoint"]), st, "on", on_file, log, env)
+    ev_off = json.loads((out / f"eval-off-{st.eval_points}.json").read_text())
     log_rows = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if l.strip()]
     result = {
         "spec": asdict(spec), "run_id": spec.run_id, "steps": run["step"], "rollout_tokens": run["tokens_total"],
-        "train_seconds": train_seconds, "avg_at_k_off": evals["off"]["avg_at_k"], "avg_at_k_on": evals["on"]["avg_at_k"],
-        "pass_at_k_off": evals["off"]["pass_at_k"], "pass_at_k_on": evals["on"]["pass_at_k"],
-        "erase_rate_on": evals["on"]["erase_rate"],
+        "train_seconds": sum(timing.values()),
+        "train_step_seconds": sum(r["step_time"] for r in log_rows),
+        "eval_seconds": sum(p["eval_seconds"] for p in points) + ev_on["seconds"],
+        "avg_at_k_off": ev_off["avg_at_k"], "avg_at_k_on": ev_on["avg_at_k"],
+        "pass_at_k_off": ev_off["pass_at_k"], "pass_at_k_on": ev_on["pass_at_k"],
+        "erase_rate_on": ev_on["erase_rate"], "slips_off": slips(out / "rows-off.jsonl", st),
+        "evals": points,
         "curve": [{"tokens": r["rollout_tokens_total"], "reward": r["reward_mean"], "erase_rate": r["erase_rate"],
                    "entropy": r["entropy_mean"], "step": r["step"]} for r in log_rows],
         "settings": asdict(st),
     }
-    tmp = result_file.with_suffix(".tmp")
-    tmp.write_text(strict_dumps(result, indent=2))
-    tmp.replace(result_file)
+    _write_json(result_file, result)
     return result
 
 
 def baseline(st: Settings, root: Path, threads: int = 1) -> dict[str, Any]:
-    """The shipped checkpoint evaluated like every run (no training)."""
+    """The starting checkpoint evaluated like every run (no training), with its slip rate."""
     path = root / "base.json"
     if path.is_file():
         return json.loads(path.read_text())
     root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    res: dict[str, Any] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log = root / "base-commands.log"
+    res: dict[str, Any] = {"model": st.model}
     for mode in ("off", "on"):
-        cmd = _eval_cmd(st.model, st, mode)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode:
-            raise E3RLError(f"eval of the base model failed: {proc.stderr.strip()[-500:]}")
-        res[f"avg_at_k_{mode}"] = json.loads(proc.stdout.strip().splitlines()[-1])["avg_at_k"]
-    path.write_text(strict_dumps(res, indent=2))
+        rows = root / "base-rows-off.jsonl" if mode == "off" else None
+        ev = _evaluate(st.model, st, mode, root / f"base-eval-{mode}.json", log, env, rows)
+        res[f"avg_at_k_{mode}"] = ev["avg_at_k"]
+    res["slips_off"] = slips(root / "base-rows-off.jsonl", st)
+    _write_json(path, res)
     return res
 
 
 def run_all(specs: Sequence[RunSpec], st: Settings, root: Path, jobs: int = 1, threads: int | None = None,
-            on_done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+            on_done: Callable[[dict[str, Any]], None] | None = None,
+            on_point: Callable[[RunSpec, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     threads = threads or (1 if jobs > 1 else max(1, os.cpu_count() or 1))
 
     def one(spec: RunSpec) -> dict[str, Any]:
-        res = run_one(spec, st, root, threads)
+        res = run_one(spec, st, root, threads, on_point)
         if on_done:
             on_done(res)
         return res
@@ -169,68 +254,46 @@ def run_all(specs: Sequence[RunSpec], st: Settings, root: Path, jobs: int = 1, t
         return list(pool.map(one, specs))
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t interval (0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
-
-
-def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run name: seeds, Avg@K (erasure off/on at test) mean ± CI, tokens, steps, time."""
+def summarize(results: Sequence[dict[str, Any]], base: dict[str, Any] | None = None,
+              ref: str = "GRPO") -> list[dict[str, Any]]:
+    """One row per run name: seeds, Avg@K (erasure off/on at test) mean ± CI, the mean learning
+    curve, the seed-paired difference from ``ref``, tokens, steps, time."""
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_name.setdefault(r["spec"]["name"], []).append(r)
+    diffs = paired_differences(results, ref)
     rows = []
     for name, rs in by_name.items():
         off, on = mean_ci([r["avg_at_k_off"] for r in rs]), mean_ci([r["avg_at_k_on"] for r in rs])
         rows.append({
             "name": name, "kind": rs[0]["spec"]["kind"], "seeds": len(rs), "avg_off": off[0], "ci_off": off[1],
             "avg_on": on[0], "ci_on": on[1], "per_seed_off": [r["avg_at_k_off"] for r in rs],
+            "seed_list": [r["spec"]["seed"] for r in rs], "curve": mean_curve(rs, base), "vs_ref": diffs.get(name),
             "rollout_tokens": sum(r["rollout_tokens"] for r in rs) / len(rs),
             "steps": sum(r["steps"] for r in rs) / len(rs),
-            "train_minutes": sum(r["train_seconds"] for r in rs) / len(rs) / 60,
+            "train_minutes": sum(r.get("train_step_seconds", r["train_seconds"]) for r in rs) / len(rs) / 60,
+            "eval_minutes": sum(r.get("eval_seconds", 0.0) for r in rs) / len(rs) / 60,
         })
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], base: dict[str, Any] | None, k: int) -> str:
-    head = (f"| run | seeds | Avg@{k}, plain sampling at test | Avg@{k}, erasure at test | rollout tokens | steps | "
-            f"train min |\n|---|---|---|---|---|---|---|\n")
+def markdown_table(rows: Sequence[dict[str, Any]], base: dict[str, Any] | None, k: int, ref: str = "GRPO") -> str:
+    """The comparison table: final Avg@K (± 95% t interval over seeds), the seed-paired difference
+    from ``ref``, the mean curve at each evaluation point, erasure at test, cost."""
+    head = (f"| run | seeds | Avg@{k}, plain sampling at test | vs {ref}, seed-paired | curve (start → each 1/n of "
+            f"the budget) | Avg@{k}, erasure at test | rollout tokens | steps | train min | eval min |\n"
+            f"|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     if base:
-        lines.append(f"| shipped model (no RL) | - | {base['avg_at_k_off']:.3f} | {base['avg_at_k_on']:.3f} | 0 | 0 | 0 |")
+        lines.append(f"| starting model (no RL) | - | {base['avg_at_k_off']:.3f} | - | - | {base['avg_at_k_on']:.3f} | "
+                     f"0 | 0 | 0 | - |")
     for r in rows:
         pm = lambda m, c: f"{m:.3f} ± {c:.3f}" if r["seeds"] > 1 else f"{m:.3f}"
-        lines.append(f"| {r['name']} | {r['seeds']} | {pm(r['avg_off'], r['ci_off'])} | {pm(r['avg_on'], r['ci_on'])} | "
-                     f"{r['rollout_tokens']:,.0f} | {r['steps']:.0f} | {r['train_minutes']:.1f} |")
+        vs = r.get("vs_ref")
+        vs_text = "-" if not vs else (f"{vs['mean']:+.3f} ± {vs['ci']:.3f} ({vs['pairs']} pairs)" if vs["pairs"] > 1
+                                      else f"{vs['mean']:+.3f} (1 pair)")
+        curve = " → ".join(f"{p['mean']:.3f}" for p in r.get("curve") or [])
+        lines.append(f"| {r['name']} | {r['seeds']} | {pm(r['avg_off'], r['ci_off'])} | {vs_text} | {curve or '-'} | "
+                     f"{pm(r['avg_on'], r['ci_on'])} | {r['rollout_tokens']:,.0f} | {r['steps']:.0f} | "
+                     f"{r['train_minutes']:.1f} | {r.get('eval_minutes', 0.0):.1f} |")
     return head + "\n".join(lines) + "\n"
-
-
-def figure(results: Sequence[dict[str, Any]], base: dict[str, Any] | None = None, window: int = 5) -> Any:
-    """Plotly figure: training reward (moving average) vs rollout tokens per run, test Avg@K markers."""
-    import plotly.graph_objects as go
-
-    colors = {"GRPO": "#1f77b4", "DAPO": "#ff7f0e", "E3RL": "#2ca02c"}
-    fig = go.Figure()
-    for r in results:
-        name = r["spec"]["name"]
-        xs = [c["tokens"] for c in r["curve"]]
-        ys = [c["reward"] for c in r["curve"]]
-        smooth = [sum(ys[max(0, i - window + 1): i + 1]) / len(ys[max(0, i - window + 1): i + 1]) for i in range(len(ys))]
-        fig.add_trace(go.Scatter(x=xs, y=smooth, mode="lines", name=f"{name} s{r['spec']['seed']} (train reward)",
-                                 line=dict(color=colors.get(name), dash="solid" if r["spec"]["kind"] == "main" else "dot"),
-                                 legendgroup=name, opacity=0.8))
-        fig.add_trace(go.Scatter(x=[r["rollout_tokens"]], y=[r["avg_at_k_off"]], mode="markers",
-                                 marker=dict(color=colors.get(name), size=10, symbol="diamond"),
-                                 name=f"{name} s{r['spec']['seed']} test Avg@K", legendgroup=name, showlegend=False))
-    if base:
-        fig.add_hline(y=base["avg_at_k_off"], line_dash="dash", line_color="gray",
-                      annotation_text="shipped model, test Avg@K")
-    fig.update_layout(title="Accuracy vs rollout tokens (lines: training reward, 5-step mean; diamonds: held-out Avg@K)",
-                      xaxis_title="rollout tokens generated (erased included)", yaxis_title="accuracy",
-                      template="plotly_white", height=520)
-    return fig

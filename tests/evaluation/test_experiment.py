@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from e3rl_core.evaluation.experiment import RunSpec, figure, markdown_table, mean_ci, plan, summarize
+from e3rl_core.errors import E3RLError
+from e3rl_core.evaluation.curves import learning_figure
+from e3rl_core.evaluation.experiment import RunSpec, Settings, markdown_table, mean_ci, plan, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,50 +25,93 @@ def test_mean_ci_by_hand():
 
 
 def test_plan_has_three_algorithms_seeds_and_ablations():
-    specs = plan(seeds=3)
+    specs = plan(seeds=5, ablation_seeds=2)
     main = [s for s in specs if s.kind == "main"]
     assert sorted({s.name for s in main}) == ["DAPO", "E3RL", "GRPO"]
-    assert all(sum(s.name == n for s in main) == 3 for n in ("GRPO", "DAPO", "E3RL"))
+    assert all(sum(s.name == n for s in main) == 5 for n in ("GRPO", "DAPO", "E3RL"))
     ablations = {s.name: s.overrides for s in specs if s.kind == "ablation"}
     assert ablations["E3RL w/o base uncertainty"] == ["no_base_uncertainty=true"]
     assert ablations["E3RL Erase@1"] == ["generation.erase.budget=1"]
+    assert sum(s.kind == "ablation" for s in specs) == 2 * len(ablations)
     assert len({s.run_id for s in specs}) == len(specs)
+    # seeds run in order across every row, so a comparison cut short is balanced
+    assert [s.seed for s in specs] == sorted(s.seed for s in specs)
+
+
+def test_settings_refuse_impossible_eval_points():
+    with pytest.raises(E3RLError, match="eval_points"):
+        Settings(token_budget=3, eval_points=4)
+    with pytest.raises(E3RLError, match="eval_points"):
+        Settings(eval_points=0)
 
 
 def _fake(name: str, seed: int, acc: float) -> dict:
     return {"spec": {"name": name, "algo": "grpo", "seed": seed, "overrides": [], "kind": "main"},
             "run_id": RunSpec(name, "grpo", seed).run_id, "steps": 10, "rollout_tokens": 1000 + seed,
             "train_seconds": 60.0, "avg_at_k_off": acc, "avg_at_k_on": acc + 0.1,
+            "evals": [{"rollout_tokens": 500, "avg_at_k": acc - 0.05}, {"rollout_tokens": 1000 + seed, "avg_at_k": acc}],
             "curve": [{"tokens": 100 * i, "reward": acc, "erase_rate": 0.0, "entropy": 0.1, "step": i} for i in range(1, 4)]}
 
 
 def test_summarize_table_and_figure():
     results = [_fake("GRPO", s, a) for s, a in enumerate([0.4, 0.5, 0.6])] + [_fake("E3RL", 0, 0.55)]
-    rows = {r["name"]: r for r in summarize(results)}
+    base = {"avg_at_k_off": 0.45, "avg_at_k_on": 0.5}
+    rows = {r["name"]: r for r in summarize(results, base)}
     assert rows["GRPO"]["seeds"] == 3 and rows["GRPO"]["avg_off"] == pytest.approx(0.5)
     assert rows["GRPO"]["avg_on"] == pytest.approx(0.6)
-    table = markdown_table(list(rows.values()), {"avg_at_k_off": 0.45, "avg_at_k_on": 0.5}, 4)
-    assert "| GRPO | 3 | 0.500 ± 0.248 |" in table and "| E3RL | 1 | 0.550 |" in table
-    fig = figure(results)
-    assert len(fig.data) == 2 * len(results)
+    assert [p["mean"] for p in rows["GRPO"]["curve"]] == pytest.approx([0.45, 0.45, 0.5])
+    assert rows["E3RL"]["vs_ref"] == {"mean": pytest.approx(0.15), "ci": 0.0, "pairs": 1}  # paired with GRPO seed 0
+    table = markdown_table(list(rows.values()), base, 4)
+    assert "| GRPO | 3 | 0.500 ± 0.248 | - | 0.450 → 0.450 → 0.500 |" in table
+    assert "| E3RL | 1 | 0.550 | +0.150 (1 pair) |" in table
+    fig = learning_figure(results, base)
+    names = {t.name for t in fig.data if t.name}
+    assert names == {"GRPO (3 seeds)", "E3RL (1 seed)"}
+    band = [t for t in fig.data if t.fill == "toself"]
+    assert len(band) == 1  # one band: GRPO's (E3RL has a single seed)
+    # the band is the mean ± the t half-width at each point
+    half = mean_ci([0.4, 0.5, 0.6])[1]
+    assert max(band[0].y) == pytest.approx(0.5 + half)
 
 
 def test_reproduce_script_end_to_end(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--root", str(tmp_path / "runs"),
            "--results", str(tmp_path / "res"), "--seeds", "1", "--no-ablations", "--only", "E3RL",
-           "--token-budget", "300", "--eval-samples", "2", "--test-data", "synthetic:test?n=3", "--jobs", "1",
-           "--threads", "1", "--set", "max_completion_length=48", "--set", "prompts_per_step=2",
-           "--set", "num_generations=2"]
+           "--token-budget", "600", "--eval-points", "2", "--eval-samples", "2", "--test-data", "synthetic:test?n=3",
+           "--jobs", "1", "--threads", "1", "--set", "prompts_per_step=2", "--set", "num_generations=2",
+           "--set", "max_completion_length=48"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "res" / "reproduction.json").read_text())
     (run,) = data["runs"]
-    assert run["rollout_tokens"] >= 300 and 0 <= run["avg_at_k_off"] <= 1
+    assert run["rollout_tokens"] >= 600 and 0 <= run["avg_at_k_off"] <= 1
+    # two legs: evaluated at half the budget and at the end, the second resuming the first
+    half, end = run["evals"]
+    assert 300 <= half["rollout_tokens"] < end["rollout_tokens"] and half["step"] < end["step"] == run["steps"]
+    assert end["avg_at_k"] == run["avg_at_k_off"]
+    assert data["base"]["slips_off"]["samples"] == 6 and run["slips_off"]["samples"] == 6
     assert (tmp_path / "res" / "reproduction.html").read_text().count("plotly") > 0
-    assert "| E3RL | 1 |" in (tmp_path / "res" / "reproduction-table.md").read_text()
+    table = (tmp_path / "res" / "reproduction-table.md").read_text()
+    assert "| E3RL | 1 |" in table and "slips per 100 steps" in table
+    run_dir = tmp_path / "runs" / run["run_id"]
+
+    def trains() -> int:
+        log = (run_dir / "commands.log").read_text().splitlines()
+        return sum(" train " in line for line in log if line.startswith("$ "))
+
+    assert trains() == 2 and "--resume" in [l for l in (run_dir / "commands.log").read_text().splitlines()
+                                           if " train " in l][1]
     # finished runs are reused, not retrained
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    log = (tmp_path / "runs" / run["run_id"] / "commands.log").read_text().splitlines()
-    assert sum(" train " in line for line in log if line.startswith("$ ")) == 1
+    assert trains() == 2
+    # a run stopped after its training but before its last evaluations goes on from there
+    for name in ("result.json", "eval-off-2.json", "eval-on.json"):
+        (run_dir / name).unlink()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert trains() == 2 and json.loads((run_dir / "result.json").read_text())["avg_at_k_off"] == run["avg_at_k_off"]
+    # the runs under a root were made with its settings; other settings are refused
+    other = subprocess.run(cmd + ["--learning-rate", "1e-3"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert other.returncode == 2 and "other settings" in other.stderr and "learning_rate" in other.stderr
