@@ -8,6 +8,7 @@ attempts; ``trace_figure`` plots segment scores against thresholds and per-token
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -443,12 +444,32 @@ TRAINING_KEYS = (("reward_mean", "reward"), ("accuracy", "accuracy"), ("erase_ra
                  ("entropy_mean", "entropy"), ("loss", "loss"))
 
 
-def training_spec(rows: Sequence[dict]) -> dict:
-    """Training curves (one panel per metric of ``TRAINING_KEYS``) from log.jsonl rows."""
+SMOOTHING = 10
+"""Steps in the moving mean drawn over each training curve: one step's reward is the mean of a few
+groups and swings widely, so the trend is in the mean."""
+
+
+def moving_mean(values: Sequence[float | None], window: int = SMOOTHING) -> list[float | None]:
+    """Trailing mean over the last ``window`` values (fewer at the start; missing values skipped)."""
+    out: list[float | None] = []
+    for i in range(len(values)):
+        seen = [v for v in values[max(0, i - window + 1): i + 1] if isinstance(v, (int, float)) and math.isfinite(v)]
+        out.append(sum(seen) / len(seen) if seen else None)
+    return out
+
+
+def training_spec(rows: Sequence[dict], window: int = SMOOTHING) -> dict:
+    """Training curves (one panel per metric of ``TRAINING_KEYS``) from log.jsonl rows: each step
+    as a faint dot and line, and a ``window``-step moving mean over them."""
     steps = [r["step"] for r in rows]
-    data = [dict(type="scatter", x=steps, y=[r.get(k) for r in rows], mode="lines+markers", showlegend=False,
-                 xaxis=f"x{'' if i == 0 else i + 1}", yaxis=f"y{'' if i == 0 else i + 1}")
-            for i, (k, _) in enumerate(TRAINING_KEYS)]
+    data = []
+    for i, (k, _) in enumerate(TRAINING_KEYS):
+        axes = dict(xaxis=f"x{'' if i == 0 else i + 1}", yaxis=f"y{'' if i == 0 else i + 1}")
+        ys = [r.get(k) for r in rows]
+        data.append(dict(type="scatter", x=steps, y=ys, mode="lines+markers", showlegend=False, name="per step",
+                         opacity=0.35, line=dict(width=1, color="#1f77b4"), marker=dict(size=4), **axes))
+        data.append(dict(type="scatter", x=steps, y=moving_mean(ys, window), mode="lines", showlegend=False,
+                         name=f"{window}-step mean", line=dict(width=2.5, color="#1f77b4"), **axes))
     return dict(data=data, layout=_panel_layout([t for _, t in TRAINING_KEYS], 1, len(TRAINING_KEYS), 260))
 
 

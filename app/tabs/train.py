@@ -11,9 +11,10 @@ from e3rl_core.errors import E3RLError
 
 from .. import render
 from ..session import resolve
-from ..training import RunRequest, curves_spec, latest_trace_events, read_status, rollout_html, status_markdown
+from ..training import EVAL_PROBLEMS, RunRequest, curves_spec, latest_trace_events, read_status, rollout_html, status_markdown
 from . import Shared
 
+MAX_EVAL_PROBLEMS = 1000
 MAX_STEPS = 500
 """The steps slider's end. A deployment that trains fewer (a Space: 30) lowers a larger request
 and says so, rather than the slider silently stopping short."""
@@ -29,8 +30,12 @@ def build(shared: Shared, model: gr.Dropdown) -> tuple[gr.Tab, gr.Timer]:
             steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="steps",
                               info=f"this deployment trains at most {bound} steps per run" if bound else None)
             group = gr.Slider(2, 16, value=d["group_size"], step=1, label="group size")
+            prompts = gr.Slider(1, 32, value=d["prompts_per_step"], step=1, label="prompts per step")
             lr = gr.Number(value=d["learning_rate"], label="learning rate")
             seed = gr.Number(value=d["seed"], precision=0, label="seed")
+            held = gr.Number(value=EVAL_PROBLEMS, precision=0, minimum=0, maximum=MAX_EVAL_PROBLEMS,
+                             label="held-out problems",
+                             info=f"scored before and after training (Avg@{d['eval_samples']}); 0: none")
         with gr.Row():
             start_btn = gr.Button("Start training", variant="primary")
             stop_btn = gr.Button("Stop", elem_id="e3rl-train-stop")
@@ -41,10 +46,13 @@ def build(shared: Shared, model: gr.Dropdown) -> tuple[gr.Tab, gr.Timer]:
 
     def start_training(model: str | None, algo: str = d["algo"], steps: int = d["steps"],
                        group_size: int = d["group_size"], learning_rate: float = d["learning_rate"],
-                       seed: int = d["seed"]) -> str:
+                       seed: int = d["seed"], prompts_per_step: int = d["prompts_per_step"],
+                       eval_problems: int = EVAL_PROBLEMS) -> str:
         """Start a background training run of `model` (a listed model or a local directory); returns
-        a line saying which run started, or why none did."""
-        return start_run(shared, model, algo, steps, group_size, learning_rate, seed)
+        a line saying which run started, or why none did. `eval_problems` held-out problems are
+        scored before the first step and after the last (0: none)."""
+        return start_run(shared, model, algo, steps, group_size, learning_rate, seed, prompts_per_step,
+                         eval_problems)
 
     def stop_training() -> str:
         """Ask the running run to stop after its current step (it writes a checkpoint first)."""
@@ -58,7 +66,8 @@ def build(shared: Shared, model: gr.Dropdown) -> tuple[gr.Tab, gr.Timer]:
     def model_choices(current: str | None):  # new checkpoints appear in the Generate tab's model box
         return gr.update(choices=shared.model_choices(), value=current)
 
-    start_btn.click(start_training, [model, algo, steps, group, lr, seed], msg, api_name="start_training")
+    start_btn.click(start_training, [model, algo, steps, group, lr, seed, prompts, held], msg,
+                    api_name="start_training")
     stop_btn.click(stop_training, None, msg, api_name="stop_training")
     timer.tick(training_status, None, [msg, plot, rollout], api_name="training_status",
                show_progress="hidden").then(model_choices, model, model, api_visibility="private",
@@ -69,8 +78,13 @@ def build(shared: Shared, model: gr.Dropdown) -> tuple[gr.Tab, gr.Timer]:
 
 
 def start_run(shared: Shared, model: str | None, algo: str, steps: int, group_size: int, learning_rate: float,
-              seed: int) -> str:
+              seed: int, prompts_per_step: int = RunRequest.prompts_per_step, eval_problems: int = EVAL_PROBLEMS) -> str:
     try:
+        n_eval = int(eval_problems or 0)
+        if not 0 <= n_eval <= MAX_EVAL_PROBLEMS:
+            raise E3RLError(f"held-out problems must be between 0 (none) and {MAX_EVAL_PROBLEMS}, got {n_eval}")
+        if int(prompts_per_step) < 1:
+            raise E3RLError(f"prompts per step must be at least 1, got {prompts_per_step}")
         shared.check_model(model, "trained")
         chosen = model or shared.default_model
         if not chosen:
@@ -79,11 +93,18 @@ def start_run(shared: Shared, model: str | None, algo: str, steps: int, group_si
         # Resolved as the Generate tab resolves it: the training process must not read a relative
         # path against the server's working directory (or take it for a hub id).
         out = shared.trainer.start(RunRequest(
-            model=resolve(chosen), algo=algo, steps=steps,
-            group_size=int(group_size), learning_rate=float(learning_rate), seed=int(seed)))
+            model=resolve(chosen), algo=algo, steps=steps, group_size=int(group_size),
+            prompts_per_step=int(prompts_per_step), learning_rate=float(learning_rate), seed=int(seed),
+            eval_data=eval_spec(n_eval)))
     except E3RLError as err:
         return f"⚠️ {err}"
     return f"started {out.name}" + (f" (⚠️ {note})" if note else "")
+
+
+def eval_spec(n: int) -> str | None:
+    """The held-out set of ``n`` test-split problems of the synthetic task (the training data's
+    counterpart: no test question is ever trained on); None for 0."""
+    return f"synthetic:test?n={n}" if n > 0 else None
 
 
 def status(shared: Shared) -> tuple:

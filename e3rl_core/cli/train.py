@@ -23,14 +23,15 @@ from .options import add_compile_flag, add_device_flags, add_trust_remote_code_f
 # flag -> TrainConfig field; each flag is a shortcut for --set FIELD=VALUE
 FLAGS = {"steps": "max_steps", "group_size": "num_generations", "prompts_per_step": "prompts_per_step",
          "learning_rate": "learning_rate", "seed": "seed", "token_budget": "rollout_token_budget",
-         "erase_budget": "generation.erase.budget", "save_steps": "save_steps", "compile": "generation.compile"}
+         "erase_budget": "generation.erase.budget", "save_steps": "save_steps", "compile": "generation.compile",
+         "eval_data": "eval_data", "eval_samples": "eval_samples"}
 
 
 def train_command(*, out: str | os.PathLike[str], model: str | None = None, data: str | None = None,
                   algo: str | None = None, steps: int | None = None, group_size: int | None = None,
                   prompts_per_step: int | None = None, learning_rate: float | None = None, seed: int | None = None,
                   token_budget: int | None = None, erase_budget: int | None = None, save_steps: int | None = None,
-                  overrides: Sequence[str] = (), device: str | None = None, quiet: bool = False,
+                  eval_data: str | None = None, eval_samples: int | None = None, overrides: Sequence[str] = (), device: str | None = None, quiet: bool = False,
                   overwrite: bool = False, resume: bool = False) -> list[str]:
     """The ``e3rl train`` command line for a subprocess (the app's Train tab, the reproduction), from
     named settings: a setting left None is left out (the preset's default), ``overrides`` become
@@ -38,7 +39,7 @@ def train_command(*, out: str | os.PathLike[str], model: str | None = None, data
     named = {"model": model, "data": data, "algo": algo, "out": out, "steps": steps, "group_size": group_size,
              "prompts_per_step": prompts_per_step, "learning_rate": learning_rate, "seed": seed,
              "token_budget": token_budget, "erase_budget": erase_budget, "save_steps": save_steps,
-             "device": device}
+             "eval_data": eval_data, "eval_samples": eval_samples, "device": device}
     cmd = e3rl_command("train")
     for name, value in named.items():
         if value is not None:
@@ -65,6 +66,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--token-budget", type=int, help="stop after this many generated tokens (rollout_token_budget)")
     p.add_argument("--erase-budget", type=int, help="erasures per segment, K (Erase@K)")
     p.add_argument("--save-steps", type=int, help="checkpoint every N steps")
+    p.add_argument("--eval-data", help="held-out dataset SPEC scored before the first step and after the last "
+                                       "(Avg@K, erasure off) into OUT/eval.json, e.g. synthetic:test?n=100")
+    p.add_argument("--eval-samples", type=int, help="K samples per held-out problem (default 4)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -96,7 +100,7 @@ def _config(args: argparse.Namespace) -> tuple[Any, str, str]:
 
 # what --resume may change: how far the run goes, and whether the decode step is compiled (the
 # same tokens either way)
-RESUMABLE = ("max_steps", "rollout_token_budget", "generation.compile")
+RESUMABLE = ("max_steps", "rollout_token_budget", "generation.compile", "eval_data", "eval_samples")
 
 
 def _resume_config(args: argparse.Namespace, run: dict[str, Any], items: list[str]) -> Any:

@@ -105,6 +105,12 @@ class TrainConfig:
     """[R] delta > 0 also trains on each erased attempt (in the context it was generated in) with
     advantage -delta * |A_i|, pushing the policy away from what was erased; 0 = the paper's
     post-erasure objective only (method section 6)."""
+    eval_data: str | None = None
+    """Held-out dataset SPEC (like ``--data``): the policy is scored on it before the first step and
+    after the last (Avg@K, plain sampling, erasure off, seed 0) into OUT/eval.json. One process only;
+    for a multi-process run, evaluate its checkpoint with ``e3rl eval``."""
+    eval_samples: int = 4
+    """K: samples per held-out problem."""
     reward_timeout: float = 5.0
     """Seconds math-verify may spend on one answer."""
     save_steps: int = 50
@@ -148,6 +154,7 @@ class TrainConfig:
             (self.attention_impl in ATTENTION_IMPLS,
              f"attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}"),
             (self.save_steps >= 1, "save_steps must be >= 1"),
+            (self.eval_samples >= 1, "eval_samples must be >= 1"),
             (self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1 or None"),
             (self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none"),
             (self.rollout_token_budget is None or self.rollout_token_budget > 0, "rollout_token_budget must be > 0"),

@@ -40,7 +40,7 @@ from ..models import RECOMMENDED_CONFIG, load_model
 from ..tasks.datasets import DataError, Example, load_examples, render_prompt
 from ..tasks.rewards import extract_answer, prompt_opens_think, reward
 from . import checkpoint as ckpt
-from . import distributed, fsdp
+from . import distributed, fsdp, held_out
 from .advantages import ADVANTAGES, ALLOCATORS, answer_attention, attention_modules, attention_weights
 from .config import TrainConfig
 from .losses import LOSSES, LossNorm, clipped_surrogate, token_logps
@@ -85,6 +85,7 @@ class Trainer:
         self.examples: list[Example] = load_examples(data)  # bad data fails before anything is written
         if not self.examples:
             raise DataError(f"--data {data} yields no prompts; check the file or loosen its filters")
+        self.eval_examples = held_out.load_eval_examples(config.eval_data) if config.eval_data else None
         created = not self.out.exists()
         self.resume_from: Path | None = self._prepare_out_dir(resume, overwrite)
         self._load_models(device, dtype, created)
@@ -181,6 +182,9 @@ class Trainer:
                 f"--group-size {config.num_generations}: group-relative advantages ({config.advantage_estimator}) "
                 f"need at least 2 rollouts per prompt; use --group-size 2 or more"
             )
+        if config.eval_data and self.dist.world > 1:
+            raise ConfigError(f"eval_data evaluates on one process and this run has {self.dist.world}; leave it "
+                              f"out and score a checkpoint with e3rl eval --model OUT/checkpoint-N --data SPEC")
         if config.prompts_per_step % self.dist.world:
             raise ConfigError(
                 f"--prompts-per-step {config.prompts_per_step} does not divide across {self.dist.world} processes; "
@@ -612,6 +616,8 @@ class Trainer:
         row: dict[str, Any] = {}
         status = "finished"
         try:
+            if self.eval_examples and self.step == 0 and "before" not in held_out.read(self.out):
+                held_out.run(self, "before", self.eval_examples)
             while not self.finished():
                 row = self.train_step()
                 for cb in self.callbacks:
@@ -623,6 +629,8 @@ class Trainer:
                 if stop:
                     status = "stopped"
                     break
+            if self.eval_examples:  # the policy as its last checkpoint holds it; run.json still says running
+                held_out.run(self, "after", self.eval_examples)
         except BaseException as err:
             self._mark_failed(err, last)
             raise

@@ -436,11 +436,14 @@ def test_unknown_engine_is_refused_before_generating():
 def test_chart_specs_are_plain_json_and_valid_plotly():
     import json
 
-    spec = render.training_spec([{"step": i, "reward_mean": 0.1 * i, "loss": 1.0 - 0.1 * i} for i in range(4)])
-    assert len(spec["data"]) == len(render.TRAINING_KEYS) and json.dumps(spec)
+    spec = render.training_spec([{"step": i, "reward_mean": 0.1 * i, "loss": 1.0 - 0.1 * i} for i in range(4)],
+                                window=2)
+    assert len(spec["data"]) == 2 * len(render.TRAINING_KEYS) and json.dumps(spec)  # per step + moving mean
     assert {t["xaxis"] for t in spec["data"]} == {"x", "x2", "x3", "x4", "x5"}
     fig = render.as_figure(spec)  # plotly validates every attribute
     assert list(fig.data[0].y) == [0.0, 0.1, 0.2, 0.30000000000000004]
+    assert list(fig.data[1].y) == pytest.approx([0.0, 0.05, 0.15, 0.25])  # the 2-step trailing mean
+    assert render.moving_mean([1.0, None, 3.0, float("nan")], 2) == [1.0, 1.0, 3.0, 3.0]  # gaps are skipped
     empty = render.figure_spec(render.TraceView())
     assert json.dumps(empty) and all(len(t["x"]) == 0 for t in empty["data"])
 

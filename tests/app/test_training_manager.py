@@ -37,7 +37,7 @@ def _wait(cond, timeout: float = 180.0) -> None:
 def test_background_run_one_at_a_time_and_stop_keeps_a_checkpoint(tmp_path):
     mgr = TrainingManager(tmp_path)
     req = RunRequest(model=DEMO, algo="grpo", steps=200, group_size=2, prompts_per_step=2, save_steps=100,
-                     data="synthetic:train?n=64&seed=1&difficulty=2")
+                     data="synthetic:train?n=64&seed=1&difficulty=2", eval_data=None)
     out = mgr.start(req)
     with pytest.raises(E3RLError, match="already in progress"):
         mgr.start(req)
@@ -169,6 +169,19 @@ def test_curves_have_axis_titles_and_the_rollout_a_heading_with_its_prompt():
     assert rollout_html([]) == ""
 
 
+def test_held_out_line_shows_before_after_and_progress():
+    from app.training import held_out_line
+
+    assert held_out_line({}) == ""
+    running = {"data": "synthetic:test?n=100", "samples": 4, "running": {"label": "before", "done": 40, "total": 100}}
+    assert "evaluating before training: 40/100 problems" in held_out_line(running)
+    done = {"data": "synthetic:test?n=100", "samples": 4, "before": {"avg_at_k": 0.475, "step": 0},
+            "after": {"avg_at_k": 0.52, "step": 30}}
+    line = held_out_line(done)
+    assert "held-out Avg@4 on `synthetic:test?n=100`" in line
+    assert "before training **0.475** → after step 30 **0.520** (+0.045)" in line
+
+
 def test_the_run_trains_on_the_apps_device(tmp_path, monkeypatch):
     """A GPU app's Train tab trains on its GPU: the command carries the manager's device."""
     import app.training as training
@@ -190,3 +203,8 @@ def test_the_run_trains_on_the_apps_device(tmp_path, monkeypatch):
         mgr.start(RunRequest(model=DEMO, algo="grpo", steps=1))
         cmd = launched[-1]
         assert cmd[cmd.index("--device") + 1] == device
+        # the tab's runs are scored on held-out problems before and after (eval.json)
+        assert cmd[cmd.index("--eval-data") + 1] == RunRequest.eval_data and "--eval-samples" in cmd
+    mgr = TrainingManager(tmp_path / "none")
+    mgr.start(RunRequest(model=DEMO, steps=1, eval_data=None))
+    assert "--eval-data" not in launched[-1] and "--eval-samples" not in launched[-1]
