@@ -34,8 +34,9 @@ def test_plan_has_three_algorithms_seeds_and_ablations():
     assert ablations["E3RL Erase@1"] == ["generation.erase.budget=1"]
     assert sum(s.kind == "ablation" for s in specs) == 2 * len(ablations)
     assert len({s.run_id for s in specs}) == len(specs)
-    # seeds run in order across every row, so a comparison cut short is balanced
-    assert [s.seed for s in specs] == sorted(s.seed for s in specs)
+    # the main comparison first, seed by seed across its rows, so a comparison cut short is balanced
+    assert [s.kind for s in specs] == sorted((s.kind for s in specs), key=["main", "ablation"].index)
+    assert [s.seed for s in main] == sorted(s.seed for s in main)
 
 
 def test_settings_refuse_impossible_eval_points():
