@@ -5,6 +5,7 @@ test problems (Avg@4 at T = 1, seed 0, erasure off; and on), like every run of s
     python scripts/sweep_regime.py                      # every setting, 2 runs at once on 1 thread each
     python scripts/sweep_regime.py --only iters4 --seeds 0,1
     python scripts/sweep_regime.py --list
+    python scripts/sweep_regime.py --ceiling            # the starting model at lower temperatures and greedy
 
 Runs are resumable (finished ones, ROOT/<setting>-s<seed>/result.json, are skipped), so the sweep
 can be completed in parts; progress goes to stdout, each run's commands and output to its
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from e3rl_core.evaluation.experiment import RunSpec, Settings, baseline, mean_ci, run_one  # noqa: E402
+from e3rl_core.evaluation.experiment import RunSpec, Settings, baseline, eval_command, mean_ci, run_one  # noqa: E402
 
 BASE = Settings(token_budget=600_000, group_size=8, prompts_per_step=4, learning_rate=3e-5)
 """The calibration's settings (lr 3e-5, G = 8, 4 prompts per step), at ~250 steps."""
@@ -81,6 +83,38 @@ def table(results: list[dict], base: dict, root: Path) -> str:
     return "\n".join(rows) + "\n"
 
 
+CEILING_TEMPERATURES = (1.0, 0.7, 0.5, 0.0)
+
+
+def ceiling(results: Path) -> int:
+    """The starting model scored like every run (Avg@4, 200 test problems, seed 0, erasure off) at
+    lower sampling temperatures and greedy. A policy that only sharpens its own distribution (what
+    a few hundred RL steps can do to it) moves toward these; it learns no arithmetic it lacks."""
+    rows = []
+    for t in CEILING_TEMPERATURES:
+        cmd = eval_command(BASE.model, BASE, "off") + ["--temperature", str(t)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode:
+            print(proc.stderr[-1000:], file=sys.stderr)
+            return 1
+        ev = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({"temperature": t, "avg_at_k": ev["avg_at_k"], "by_difficulty": ev["accuracy_by_difficulty"]})
+        print(f"T = {t:g}: Avg@4 {ev['avg_at_k']:.3f}", flush=True)
+    base = rows[0]["avg_at_k"]
+    md = ["| decoding of the starting model | Avg@4 | above T = 1 | " + " | ".join(f"difficulty {d}" for d in range(1, 6)) + " |",
+          "|---|---|---|" + "---|" * 5]
+    for r in rows:
+        label = "greedy" if r["temperature"] == 0 else f"T = {r['temperature']:g}"
+        md.append(f"| {label} | {r['avg_at_k']:.3f} | {r['avg_at_k'] - base:+.3f} | " +
+                  " | ".join(f"{r['by_difficulty'].get(f'{d}.0', 0):.3f}" for d in range(1, 6)) + " |")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "regime-ceiling.md").write_text("\n".join(md) + "\n")
+    (results / "regime-ceiling.json").write_text(json.dumps({"model": BASE.model, "test_data": BASE.test_data,
+                                                              "rows": rows}, indent=2))
+    print("\n".join(md))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="runs/sweep", help="where runs are trained (resumable)")
@@ -89,7 +123,11 @@ def main() -> int:
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each on one thread when > 1)")
     p.add_argument("--list", action="store_true", help="list the settings and exit")
+    p.add_argument("--ceiling", action="store_true",
+                   help="only score the starting model at T = 1, 0.7, 0.5 and greedy (what sharpening alone can gain)")
     args = p.parse_args()
+    if args.ceiling:
+        return ceiling(Path(args.results))
     if args.list:
         for name, (what, fields, sets) in SETTINGS.items():
             print(f"{name:16s} {what}  {fields or ''} {' '.join('--set ' + s for s in sets)}")

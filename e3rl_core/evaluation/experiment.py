@@ -93,7 +93,7 @@ ABLATIONS: list[tuple[str, list[str]]] = [
 ]
 
 
-def _eval_cmd(model: str, st: Settings, mode: str, rows: Path | None = None) -> list[str]:
+def eval_command(model: str, st: Settings, mode: str, rows: Path | None = None) -> list[str]:
     """Every model is scored the same way: the test set, K samples, seed 0, erasure off or on
     (``rows``: also write every sample's row there)."""
     return e3rl_command("eval", "--model", model, "--data", st.test_data, "--samples", str(st.eval_samples),
@@ -125,7 +125,7 @@ def _evaluate(model: str, st: Settings, mode: str, out: Path, log: Path, env: di
     """Score ``model`` (erasure ``mode`` off/on); the summary (plus ``extra``) is stored in ``out``
     and returned."""
     t1 = time.time()
-    cmd = _eval_cmd(model, st, mode, rows)
+    cmd = eval_command(model, st, mode, rows)
     with open(log, "a", encoding="utf-8") as f:
         f.write("$ " + " ".join(cmd) + "\n")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

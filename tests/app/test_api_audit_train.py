@@ -32,7 +32,8 @@ ENDPOINTS = {  # the Audit and Train tabs' endpoints and their parameters, in or
     "/replay": ["trace_id"],
     "/what_if": ["trace_id", "policy", "kappa", "penalty_lambda", "threshold_value"],
     "/export_audit": ["only_erasures", "trace_contains", "sort_by", "only_flipped", "gzip_jsonl"],
-    "/start_training": ["model", "algo", "steps", "group_size", "learning_rate", "seed"],
+    "/start_training": ["model", "algo", "steps", "group_size", "learning_rate", "seed", "prompts_per_step",
+                        "eval_problems"],
     "/stop_training": [],
     "/training_status": [],
 }
@@ -93,7 +94,7 @@ def test_view_api_lists_the_deliberate_endpoints_and_hides_the_rest(app_url):
         defaults = {p["parameter_name"]: p["parameter_has_default"] for p in named[name]["parameters"]}
         # everything but what names the input has a default: the control's starting value
         assert [k for k, v in defaults.items() if not v] == [k for k in params if k in ("trace_file", "trace_id")]
-    assert named["/start_training"]["parameters"][2]["parameter_default"] == 10
+    assert named["/start_training"]["parameters"][2]["parameter_default"] == 40
     assert not api["unnamed_endpoints"]
     assert [n for n in named if UI_ONLY.search(n)] == []
 
@@ -202,7 +203,7 @@ def test_audit_opens_filled_what_if_shows_recorded_and_the_filter_applies_while_
 def test_train_tab_shows_the_running_runs_settings_step_and_curves_after_a_reload(app_url):
     client = Client(app_url, verbose=False)
     started = client.predict("checkpoints/arith-demo", algo="grpo", steps=20, group_size=2, learning_rate=1e-4,
-                             seed=3, api_name="/start_training")
+                             seed=3, prompts_per_step=4, eval_problems=3, api_name="/start_training")
     assert started.startswith("started grpo-"), started
     with chromium() as b:
         page = b.new_page(viewport={"width": 1400, "height": 1500})
@@ -211,7 +212,7 @@ def test_train_tab_shows_the_running_runs_settings_step_and_curves_after_a_reloa
         status = page.locator("#e3rl-train-status")
         status.get_by_text("run settings: model").wait_for(timeout=30_000)
         text = status.inner_text()
-        # the run's own settings, while the form shows its starting values (e3rl, 10 steps)
+        # the run's own settings, while the form shows its starting values (e3rl, 40 steps)
         assert "· grpo · 20 steps · group size 2 · 4 prompts per step · learning rate 0.0001 · seed 3" in text
         assert re.search(r"grpo-\S+: (starting|running) — step \d+ of 20 \(running\)", text), text
         # steps counted from the log (before the run's first checkpoint too: test_training_manager.py)
@@ -232,3 +233,6 @@ def test_train_tab_shows_the_running_runs_settings_step_and_curves_after_a_reloa
             assert time.monotonic() < end, "the run did not stop"
             page.wait_for_timeout(500)
         assert "stopping" not in text and re.search(r": stopped — step \d+ of 20", text), text
+        # the 3 held-out problems were scored before the first step and after the stop
+        assert re.search(r"held-out Avg@4 on synthetic:test\?n=3 .*: before training [\d.]+ → after step "
+                         r"\d+ [\d.]+ \([+-][\d.]+\)", text), text

@@ -244,7 +244,7 @@ def test_space_mode_trains_from_another_directory_without_the_network(tmp_path, 
     demo, url = launch(port=free_port(), block=False, space=True, runs_root=str(runs), threads=1, engine="thread")
     try:
         client = Client(url, verbose=False)
-        msg = client.predict("checkpoints/arith-demo", "grpo", 1, 2, 5e-5, 0, api_name="/start_training")
+        msg = client.predict("checkpoints/arith-demo", "grpo", 1, 2, 5e-5, 0, 2, 0, api_name="/start_training")
         assert msg.startswith("started"), msg
         manager = TrainingManager(runs)
         assert wait_until(lambda: manager.active() is None, timeout=400)
