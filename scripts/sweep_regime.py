@@ -64,9 +64,10 @@ def step_minutes(root: Path, run_id: str) -> float:
 
 def table(results: list[dict], base: dict, root: Path) -> str:
     rows = ["| setting | what it changes | seeds | Avg@4 (plain sampling) | gain over the shipped model | "
-            "Avg@4 (erasure at test) | steps | rollout tokens | train min (sum of step times) |",
-            "|---|---|---|---|---|---|---|---|---|",
-            f"| shipped | no training | - | {base['avg_at_k_off']:.3f} | - | {base['avg_at_k_on']:.3f} | 0 | 0 | 0 |"]
+            "curve (Avg@4 at rollout tokens) | Avg@4 (erasure at test) | steps | rollout tokens | "
+            "train min (sum of step times) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| shipped | no training | - | {base['avg_at_k_off']:.3f} | - | - | {base['avg_at_k_on']:.3f} | 0 | 0 | 0 |"]
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["spec"]["name"], []).append(r)
@@ -76,7 +77,11 @@ def table(results: list[dict], base: dict, root: Path) -> str:
         on = mean_ci([r["avg_at_k_on"] for r in rs])
         ci = (lambda m: f"{m[0]:+.3f} ± {m[1]:.3f}") if len(rs) > 1 else (lambda m: f"{m[0]:+.3f}")
         val = (lambda m: f"{m[0]:.3f} ± {m[1]:.3f}") if len(rs) > 1 else (lambda m: f"{m[0]:.3f}")
-        rows.append(f"| {name} | {SETTINGS[name][0]} | {len(rs)} | {val(off)} | {ci(gain)} | {val(on)} | "
+        # a run's held-out points (runs from before the curves have their final one only)
+        curve = " → ".join(f"{p['avg_at_k']:.3f} @{p['rollout_tokens'] / 1000:.0f}k" for p in rs[0].get("evals") or [])
+        if len(rs) > 1:
+            curve = f"seed {rs[0]['spec']['seed']}: {curve}" if curve else ""
+        rows.append(f"| {name} | {SETTINGS[name][0]} | {len(rs)} | {val(off)} | {ci(gain)} | {curve or '-'} | {val(on)} | "
                     f"{sum(r['steps'] for r in rs) / len(rs):.0f} | "
                     f"{sum(r['rollout_tokens'] for r in rs) / len(rs):,.0f} | "
                     f"{sum(step_minutes(root, r['run_id']) for r in rs) / len(rs):.1f} |")

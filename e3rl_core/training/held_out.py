@@ -54,6 +54,8 @@ def run(trainer: Any, label: str, examples: list[Example]) -> dict[str, Any]:
     from ..evaluation.evaluate import evaluate
 
     cfg = trainer.cfg
+    if trainer.rollout_copy is not None:  # parallel=fsdp: the copy is refreshed before each step's rollouts
+        trainer.rollout_copy.refresh(trainer.model)
     gen_cfg = dataclasses.replace(trainer.gen_config,
                                   erase=dataclasses.replace(trainer.gen_config.erase, enabled=False))
     gen = ErasableGenerator(trainer.rollout_model, trainer.tokenizer, gen_cfg, model_name=trainer.model_spec,

@@ -72,3 +72,17 @@ def test_bad_eval_settings_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match="eval_samples"):
         small("grpo", "eval_samples=0")
     assert not (tmp_path / "a").exists()
+
+
+def test_after_scores_the_last_weights_under_fsdp(tmp_path, capsys):
+    """parallel=fsdp generates on a gathered copy refreshed before each step's rollouts: the final
+    evaluation refreshes it first, so it scores the weights of the last checkpoint."""
+    out = tmp_path / "fsdp"
+    Trainer(small("grpo", "max_steps=2", "parallel=fsdp", f"eval_data={HELD_OUT}", "eval_samples=2"),
+            model=DEMO, data=DATA, out=out).train()
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", str(out / "checkpoint-000002"), "--data", HELD_OUT, "--samples", "2",
+                     "--seed", "0", "--no-erase", "--json", "--device", "cpu"]) == 0
+    ref = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    after = held_out.read(out)["after"]
+    assert after["avg_at_k"] == ref["avg_at_k"] and after["mean_tokens_generated"] == ref["mean_tokens_generated"]
