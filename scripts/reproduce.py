@@ -3,6 +3,7 @@
     python scripts/reproduce.py                       # 5 seeds x GRPO/DAPO/E3RL + 5 ablations x 2 seeds, 2 at a time
     python scripts/reproduce.py --seeds 1 --no-ablations --token-budget 50000   # a quick look
     nohup python scripts/reproduce.py > runs/reproduce.log 2>&1 &                 # in the background
+    python scripts/reproduce.py --report-only         # the outputs from the runs finished so far
 
 Every run trains from the starting checkpoint to the same rollout-token budget in --eval-points legs
 and is scored after each on held-out test problems (Avg@K at T = 1, erasure off; after the last,
@@ -83,6 +84,8 @@ def main() -> int:
     p.add_argument("--test-data", default=d.test_data)
     p.add_argument("--train-data", default=d.train_data)
     p.add_argument("--name", default="reproduction", help="file name stem of the outputs")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the outputs from the runs under --root that have finished")
     p.add_argument("--set", dest="common", action="append", default=list(d.common),
                    help="extra --set for every run (added to the defaults: %(default)s)")
     args = p.parse_args()
@@ -118,7 +121,13 @@ def main() -> int:
               f"Avg@{st.eval_samples} {r['avg_at_k_off']:.3f} (erasure at test {r['avg_at_k_on']:.3f}) "
               f"[{time.time() - t0:.0f} s since start]", flush=True)
 
-    results = run_all(specs, st, root, jobs=args.jobs, threads=args.threads, on_done=report, on_point=point)
+    if args.report_only:
+        results = [json.loads(f.read_text()) for f in (root / s.run_id / "result.json" for s in specs) if f.is_file()]
+        if not results:
+            p.error(f"no finished run under {root}; run without --report-only to train them")
+        print(f"{len(results)} of {len(specs)} runs finished", flush=True)
+    else:
+        results = run_all(specs, st, root, jobs=args.jobs, threads=args.threads, on_done=report, on_point=point)
     rows = summarize(results, base)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)

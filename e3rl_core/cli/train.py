@@ -171,6 +171,7 @@ def _train(args: argparse.Namespace, config: Any, model: str, data: str, device:
     from tqdm import tqdm
 
     from ..training.checkpoint import describe
+    from ..training.held_out import read as read_held_out
     from ..training.trainer import Trainer
 
     trainer = Trainer(config, model=model, data=data, out=args.out, resume=args.resume, overwrite=args.overwrite,
@@ -209,4 +210,11 @@ def _train(args: argparse.Namespace, config: Any, model: str, data: str, device:
         else:
             print(f"[e3rl] {result.status} at step {result.step} ({trainer.tokens_total:,} rollout tokens); "
                   f"checkpoint {result.checkpoint}; log {Path(args.out) / 'log.jsonl'}", file=sys.stderr)
+            held = read_held_out(Path(args.out))
+            if config.eval_data and held.get("after"):
+                before, after = held.get("before"), held["after"]["avg_at_k"]
+                figures = (f"{before['avg_at_k']:.3f} before → {after:.3f} after ({after - before['avg_at_k']:+.3f})"
+                           if before else f"{after:.3f} after training")
+                print(f"[e3rl] held-out Avg@{held['samples']} on {held['data']}: {figures}; "
+                      f"{Path(args.out) / 'eval.json'}", file=sys.stderr)
     return 0

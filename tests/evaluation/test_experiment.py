@@ -113,6 +113,12 @@ def test_reproduce_script_end_to_end(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert trains() == 2 and json.loads((run_dir / "result.json").read_text())["avg_at_k_off"] == run["avg_at_k_off"]
+    # the outputs can be written from the finished runs alone, training nothing
+    table = (tmp_path / "res" / "reproduction-table.md").read_text()
+    (tmp_path / "res" / "reproduction-table.md").unlink()
+    again = subprocess.run(cmd + ["--report-only"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert trains() == 2 and (tmp_path / "res" / "reproduction-table.md").read_text() == table
     # the runs under a root were made with its settings; other settings are refused
     other = subprocess.run(cmd + ["--learning-rate", "1e-3"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert other.returncode == 2 and "other settings" in other.stderr and "learning_rate" in other.stderr

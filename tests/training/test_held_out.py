@@ -56,6 +56,17 @@ def test_before_and_after_match_e3rl_eval_and_leave_training_unchanged(tmp_path,
         assert record[label]["avg_at_k"] == ref["avg_at_k"] and record[label]["pass_at_k"] == ref["pass_at_k"], label
 
 
+def test_cli_prints_before_and_after(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert cli_main(["train", "--model", DEMO, "--data", DATA, "--algo", "grpo", "--out", str(out), "--steps", "1",
+                     "--group-size", "2", "--prompts-per-step", "2", "--eval-data", HELD_OUT, "--eval-samples", "1",
+                     "--quiet"]) == 0
+    record = held_out.read(out)
+    b, a = record["before"]["avg_at_k"], record["after"]["avg_at_k"]
+    assert (f"[e3rl] held-out Avg@1 on {HELD_OUT}: {b:.3f} before → {a:.3f} after ({a - b:+.3f}); "
+            f"{out / 'eval.json'}") in capsys.readouterr().err
+
+
 def test_resume_keeps_before_and_refreshes_after(tmp_path):
     out = tmp_path / "run"
     cfg = lambda steps: small("grpo", f"max_steps={steps}", f"eval_data={HELD_OUT}", "eval_samples=1")  # noqa: E731
