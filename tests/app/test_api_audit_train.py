@@ -212,7 +212,7 @@ def test_train_tab_shows_the_running_runs_settings_step_and_curves_after_a_reloa
         status = page.locator("#e3rl-train-status")
         status.get_by_text("run settings: model").wait_for(timeout=30_000)
         text = status.inner_text()
-        # the run's own settings, while the form shows its starting values (e3rl, 40 steps)
+        # the run's own settings, while the form shows its starting values (40 steps, 16 prompts per step)
         assert "· grpo · 20 steps · group size 2 · 4 prompts per step · learning rate 0.0001 · seed 3" in text
         assert re.search(r"grpo-\S+: (starting|running) — step \d+ of 20 \(running\)", text), text
         # steps counted from the log (before the run's first checkpoint too: test_training_manager.py)
