@@ -33,13 +33,15 @@ from e3rl_core.evaluation.experiment import Settings, baseline, markdown_table, 
 def efficiency_text(eff: dict | None) -> str:
     if not eff:
         return ""
-    hi = "∞ (not reached in some resamples)" if math.isinf(eff["ci_high"]) else f"{eff['ci_high']:.2f}"
-    lo = "∞" if math.isinf(eff["ci_low"]) else f"{eff['ci_low']:.2f}"
-    point = ("not reached within the budget" if math.isinf(eff["ratio"]) else f"{eff['ratio']:.2f}× the tokens")
-    return (f"Sample efficiency: {eff['name']} reaches {eff['ref']}'s final Avg@K ({eff['target']:.3f}) at "
-            f"{point} {eff['ref']} used (95% bootstrap interval over seeds {lo} – {hi}; "
-            f"{eff['seeds'][0]} and {eff['seeds'][1]} seeds, {eff['n_boot']} resamples, reached in "
-            f"{eff['reached_share']:.0%} of them).\n")
+    fmt = lambda v: "∞" if math.isinf(v) else f"{v:.2f}"  # noqa: E731
+    reach = (f"does not reach {eff['ref']}'s final mean Avg@K ({eff['target']:.3f}) within the budget"
+             if math.isinf(eff["ratio"]) else
+             f"reaches {eff['ref']}'s final mean Avg@K ({eff['target']:.3f}) with {eff['ratio']:.2f}× the rollout "
+             f"tokens {eff['ref']} used")
+    return (f"Sample efficiency: {eff['name']} {reach}. 95% bootstrap interval of that ratio over seeds "
+            f"({eff['seeds'][0]} and {eff['seeds'][1]}, {eff['n_boot']} resamples; ∞ = not reached): "
+            f"{fmt(eff['ci_low'])} – {fmt(eff['ci_high'])}; the target was reached in {eff['reached_share']:.0%} "
+            f"of the resamples.\n")
 
 
 def slips_table(results: list[dict], base: dict) -> str:
