@@ -25,7 +25,7 @@ from ..errors import E3RLError
 from ..events import strict_dumps
 from ..tasks.datasets import load_examples
 from .slips import slip_rate
-from .curves import mean_ci, mean_curve, paired_differences
+from .curves import by_name, mean_ci, mean_curve, paired_differences
 
 
 @dataclass
@@ -260,12 +260,9 @@ def summarize(results: Sequence[dict[str, Any]], base: dict[str, Any] | None = N
               ref: str = "GRPO") -> list[dict[str, Any]]:
     """One row per run name: seeds, Avg@K (erasure off/on at test) mean ± CI, the mean learning
     curve, the seed-paired difference from ``ref``, tokens, steps, time."""
-    by_name: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        by_name.setdefault(r["spec"]["name"], []).append(r)
     diffs = paired_differences(results, ref)
     rows = []
-    for name, rs in by_name.items():
+    for name, rs in by_name(results).items():
         off, on = mean_ci([r["avg_at_k_off"] for r in rs]), mean_ci([r["avg_at_k_on"] for r in rs])
         rows.append({
             "name": name, "kind": rs[0]["spec"]["kind"], "seeds": len(rs), "avg_off": off[0], "ci_off": off[1],
