@@ -58,7 +58,7 @@ def test_bounded_steps_and_bad_group_size(tmp_path):
     with pytest.raises(E3RLError, match="at most 30 steps"):
         mgr.start(RunRequest(model=DEMO, steps=31))
     with pytest.raises(E3RLError, match="at least 2"):
-        mgr.start(RunRequest(model=DEMO, group_size=1))
+        mgr.start(RunRequest(model=DEMO, steps=10, group_size=1))
     assert mgr.active() is None and not list(tmp_path.iterdir())
 
 
@@ -120,7 +120,8 @@ def test_status_counts_steps_from_the_log_and_shows_the_runs_own_settings(tmp_pa
 
 def test_a_starting_run_shows_the_settings_it_was_started_with(tmp_path):
     run = tmp_path / "dapo-1"  # run.json not written yet: the lock's request tells
-    req = RunRequest(model="/models/x", algo="dapo", steps=5, group_size=3, learning_rate=2e-4, seed=4)
+    req = RunRequest(model="/models/x", algo="dapo", steps=5, group_size=3, prompts_per_step=4, learning_rate=2e-4,
+                     seed=4)
     md = status_markdown(run, read_status(run), {"pid": 1, "out": str(run), "request": req.__dict__})
     assert "starting — step 0 of 5 (running)" in md
     assert "model `/models/x` · dapo · 5 steps · group size 3 · 4 prompts per step · learning rate 0.0002" in md
