@@ -618,7 +618,10 @@ class Trainer:
         try:
             if self.eval_examples and self.step == 0 and "before" not in held_out.read(self.out):
                 held_out.run(self, "before", self.eval_examples)
-            while not self.finished():
+                # A stop asked for during that evaluation ends the run before its first step.
+                if any(distributed.all_gather_object(bool(self.should_stop()))):
+                    status = "stopped"
+            while status != "stopped" and not self.finished():
                 row = self.train_step()
                 for cb in self.callbacks:
                     cb(row)
@@ -629,7 +632,7 @@ class Trainer:
                 if stop:
                     status = "stopped"
                     break
-            if self.eval_examples:  # the policy as its last checkpoint holds it; run.json still says running
+            if self.eval_examples and self.step > 0:  # the policy as its last checkpoint holds it; run.json still says running
                 held_out.run(self, "after", self.eval_examples)
         except BaseException as err:
             self._mark_failed(err, last)

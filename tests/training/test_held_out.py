@@ -77,6 +77,18 @@ def test_resume_keeps_before_and_refreshes_after(tmp_path):
     assert second["before"] == first["before"] and second["after"]["step"] == 2
 
 
+def test_stop_during_before_ends_the_run_before_its_first_step(tmp_path):
+    """A stop asked for while the starting model is scored trains nothing (and so scores no "after")."""
+    out = tmp_path / "run"
+    cfg = small("grpo", "max_steps=2", f"eval_data={HELD_OUT}", "eval_samples=1")
+    result = Trainer(cfg, model=DEMO, data=DATA, out=out, should_stop=lambda: True).train()
+    record = held_out.read(out)
+    assert result.status == "stopped" and result.step == 0 and result.checkpoint is None
+    assert "before" in record and "after" not in record
+    assert json.loads((out / "run.json").read_text())["status"] == "stopped"
+    assert not list(out.glob("checkpoint-*"))
+
+
 def test_bad_eval_settings_fail_before_training(tmp_path):
     with pytest.raises(DataError, match="yields no problems|no such|not found|does not exist"):
         Trainer(small("grpo", "eval_data=jsonl:/nonexistent/x.jsonl"), model=DEMO, data=DATA, out=tmp_path / "a")
