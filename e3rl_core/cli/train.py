@@ -82,7 +82,7 @@ def add_parser(sub: Any) -> None:
 
 def _config(args: argparse.Namespace) -> tuple[Any, str, str]:
     from ..models import recommended_config
-    from ..training.checkpoint import RunDirError, read_run
+    from ..training.checkpoint import RunDirError, read_run, refuse_live_run
     from ..training.config import TrainConfig
 
     items = [f"{field}={getattr(args, flag)}" for flag, field in FLAGS.items() if getattr(args, flag) is not None]
@@ -90,6 +90,7 @@ def _config(args: argparse.Namespace) -> tuple[Any, str, str]:
         run = read_run(Path(args.out))
         if run is None:
             raise RunDirError(f"nothing to resume in {args.out}: it holds no run; drop --resume to start one")
+        refuse_live_run(Path(args.out), run, "resume")
         return _resume_config(args, run, items), run["model"], run["data"]
     missing = [f"--{f}" for f in ("model", "data", "algo") if getattr(args, f) is None]
     if missing:

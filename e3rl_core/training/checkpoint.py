@@ -165,11 +165,25 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def refuse_live_run(out: Path, run: dict[str, Any], verb: str) -> None:
+    """Raise when ``run`` (out's run.json) is being trained right now by another process of this host:
+    a second trainer would interleave checkpoints and logs with it, and overwriting would delete its
+    directory under it. Another host's process cannot be checked (``live_status``)."""
+    pid = run.get("pid")
+    if live_status(run) == "running" and pid != os.getpid():
+        raise RunDirError(
+            f"the run in {out} is still running (PID {pid}, step {run.get('step')}); stop it first "
+            f"(Ctrl-C or `kill {pid}` ends it with a checkpoint), then {verb} it"
+        )
+
+
 def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
     """Check ``out`` against the request; returns the checkpoint to resume from (None = fresh run)."""
     run = read_run(out) if out.is_dir() else None
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other; pass one")
+    if run is not None and (resume or overwrite):
+        refuse_live_run(out, run, "resume" if resume else "overwrite")
     if resume:
         if run is None:
             raise RunDirError(f"nothing to resume in {out}: it holds no run; drop --resume to start one")

@@ -184,6 +184,29 @@ def test_a_killed_run_reads_as_ended_without_a_status(tmp_path, capsys):
     assert "holds another run (ended without a status (killed?)" in error_lines(capsys)[0]
 
 
+def test_resume_or_overwrite_of_a_live_run_is_refused_and_changes_nothing(tmp_path, capsys):
+    """run.json says running and its process lives on this host: a second trainer would interleave
+    checkpoints with it (--resume) or delete its directory under it (--overwrite)."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "run"
+        (out / "checkpoint-000002").mkdir(parents=True)
+        run = {"status": "running", "step": 2, "max_steps": 10, "pid": live.pid, "host": socket.gethostname(),
+               "pid_start": ckpt._start_ticks(live.pid)}
+        (out / ckpt.RUN_FILE).write_text(json.dumps(run))
+        before = sorted(p.name for p in out.iterdir())
+        for flag in ("--resume", "--overwrite"):
+            assert cli_main(["train", "--model", DEMO, *BASE, "--out", str(out), flag]) == 2
+            line = error_lines(capsys)[0]
+            assert f"is still running (PID {live.pid}, step 2); stop it first" in line, line
+            assert sorted(p.name for p in out.iterdir()) == before
+    finally:
+        live.kill()
+        live.wait()
+    # once that process is gone, the same directory resumes as a killed run does
+    assert read_status(out)["status"] == ckpt.STALE_STATUS
+
+
 def test_a_recycled_pid_is_not_the_recorded_run(tmp_path):
     """run.json names this host and a living PID, but one started at another time: not the trainer."""
     run = {"status": "running", "step": 3, "max_steps": 10, "pid": os.getpid(), "host": socket.gethostname()}
