@@ -1,6 +1,6 @@
 """``e3rl app``: launch the workbench (argument parsing lives here only).
 
-    e3rl app [--host 127.0.0.1] [--port 7860] [--model PATH] [--space] [--threads N] [--engine auto]
+    e3rl app [--host 127.0.0.1] [--port 7860] [--model PATH|HUB_ID] [--space] [--threads N] [--engine auto]
              [--device cuda] [--dtype bfloat16]
 
 Binds 127.0.0.1 by default; analytics are off and nothing is fetched from the network but a hub id
@@ -17,6 +17,7 @@ from typing import Sequence
 
 from e3rl_core.cli.options import add_device_flags, resolve_device
 from e3rl_core.errors import E3RLError
+from e3rl_core.models import resolve_model_spec
 
 from .producer import ENGINES, fork_available, fork_safe
 
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="e3rl app", description="the E3RL workbench in a browser")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
-    p.add_argument("--model", help="model directory to select first (default: the shipped checkpoint)")
+    p.add_argument("--model", help="model directory or hub id to select first (default: the shipped checkpoint)")
     p.add_argument("--space", action="store_true", default=os.environ.get("E3RL_SPACE") == "1",
                    help="Hugging Face Space mode: shipped and trained models only, bounded training")
     p.add_argument("--threads", type=int, default=None,
@@ -116,10 +117,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
-    if args.model and not os.path.isdir(args.model):
-        print(f"error: model directory not found: {args.model}; pass a directory with config.json, "
-              f"or leave --model out to use the shipped checkpoint", file=sys.stderr)
-        return 2
+    if args.model:
+        # A directory is checked now; a hub id (Qwen/Qwen3-4B) is fetched when first used, except in a
+        # Space, which reaches no network and serves local directories only.
+        try:
+            spec = resolve_model_spec(args.model)
+        except E3RLError as err:
+            print(f"error: {err}; or leave --model out to use the shipped checkpoint", file=sys.stderr)
+            return 2
+        if args.space and not os.path.isdir(spec):
+            print(f"error: model directory not found: {args.model}; a Space serves local directories only "
+                  f"(no hub ids): pass a directory with config.json, or leave --model out", file=sys.stderr)
+            return 2
     if args.space:  # nothing in a Space reaches the network: set before the hub client is imported
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:

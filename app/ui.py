@@ -4,11 +4,14 @@ between tabs. What a handler computes lives in ``session``, ``render``, ``audit`
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import gradio as gr
+
+from e3rl_core.errors import E3RLError
 
 from .session import ModelStore, defaults, resolve, shipped_models
 from .tabs import Shared, audit, generate, train
@@ -38,7 +41,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
     models = shipped_models()
     default = default_model or (models[0] if models else None)
     if default:  # load before the first click, so it streams at once
-        threading.Thread(target=store.get, args=(resolve(default),), daemon=True).start()
+        threading.Thread(target=_preload, args=(store, resolve(default)), daemon=True).start()
     with gr.Blocks(title="E3RL workbench", analytics_enabled=False,
                    delete_cache=(CACHE_MAX_AGE_S, CACHE_MAX_AGE_S)) as demo:
         shared = Shared(store=store, trainer=trainer, space=space, engine=engine, default_model=default,
@@ -65,3 +68,12 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
         audit_tab.select(poll_off, None, timer, api_visibility="private")
         demo.unload(audit.end_session)
     return demo
+
+
+def _preload(store: ModelStore, path: str) -> None:
+    """Load the first model in the background. A failure (a hub id offline, a broken directory) is
+    one line here and shows again, in the page, when the model is used."""
+    try:
+        store.get(path)
+    except E3RLError as err:
+        print(f"[e3rl app] could not load {path}: {err}", file=sys.stderr)

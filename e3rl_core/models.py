@@ -88,7 +88,7 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False, local_files_on
     return tok
 
 
-def _resolve_local(spec: str) -> str:
+def resolve_model_spec(spec: str) -> str:
     """The spec to hand to from_pretrained: a checked local directory, or the hub id unchanged."""
     path = Path(spec).expanduser()
     if path.exists():
@@ -180,7 +180,7 @@ def load_model(
             raise ModelLoadError(f"unknown random preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         model, tok = random_model(preset)
         return model.to(device=device or "cpu", dtype=None if dtype == "auto" else DTYPES.get(dtype, dtype)), tok
-    spec = _resolve_local(spec)
+    spec = resolve_model_spec(spec)
     # A hub id when the hub cannot be reached: the cache alone, at once, instead of retrying for ~27 s.
     unreachable = None if Path(spec).is_dir() else _hub_unreachable()
     # trust_remote_code always explicit: left unset, transformers asks on stdin and a piped "y" runs the code.

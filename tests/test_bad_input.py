@@ -124,6 +124,32 @@ def test_app_refuses_conflicting_engine_settings_before_starting(capsys):
     assert default_engine(1) == ("process" if fork_available() else "thread")
 
 
+def test_app_model_flag_takes_a_directory_or_a_hub_id(tmp_path, capsys, monkeypatch):
+    import app.main as app_main_module
+
+    launched = []
+    monkeypatch.setattr(app_main_module, "launch", lambda host, port, model, space, **kw: launched.append(model))
+    assert app_main_module.main(["--model", str(tmp_path / "missing")]) == 2  # a path: checked at once
+    err = capsys.readouterr().err
+    assert "model directory not found" in err and "leave --model out" in err and not launched
+    (tmp_path / "empty").mkdir()
+    assert app_main_module.main(["--model", str(tmp_path / "empty")]) == 2
+    assert "has no config.json" in capsys.readouterr().err and not launched
+    # a hub id is fetched when first used (the load error, offline, shows in the app), not refused here
+    assert app_main_module.main(["--model", "Qwen/Qwen3-4B"]) == 0 and launched == ["Qwen/Qwen3-4B"]
+    # a Space reaches no network: local directories only
+    assert app_main_module.main(["--space", "--model", "Qwen/Qwen3-4B"]) == 2
+    assert "a Space serves local directories only" in capsys.readouterr().err and len(launched) == 1
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # the first model loads in the background: a failure there is one line, not a thread's traceback
+    from app.session import ModelStore
+    from app.ui import _preload
+
+    _preload(ModelStore(), str(tmp_path / "missing"))
+    assert capsys.readouterr().err.strip().startswith(f"[e3rl app] could not load {tmp_path / 'missing'}: model "
+                                                      f"directory not found")
+
+
 def test_default_threads_respect_a_container_cpu_quota(tmp_path, monkeypatch):
     """A Space (a container) sees the host's cores but gets a quota; the app's torch threads and
     so its engine choice follow the quota."""
