@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Sequence
@@ -118,6 +121,23 @@ def filter_frame(df: pd.DataFrame, only_erasures: bool = False, trace: str = "",
     if sort_by and sort_by in out.columns:
         out = out.sort_values(sort_by, ascending=not descending, kind="stable")
     return out
+
+
+def export_dir(root: str | os.PathLike[str], max_age_s: float = 3600.0) -> Path:
+    """A new folder under ``root`` for one export. Each export gets its own, so the files keep their
+    plain names (e3rl-audit.csv, ...) while two sessions exporting at once never overwrite each
+    other's; folders of exports older than ``max_age_s`` are removed on the way (the browser has
+    long since fetched them)."""
+    base = Path(root)
+    base.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - max_age_s
+    for old in base.glob("export-*"):
+        try:
+            if old.is_dir() and old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass  # removed by another session meanwhile
+    return Path(tempfile.mkdtemp(dir=base, prefix="export-"))
 
 
 def export(df: pd.DataFrame, directory: str | os.PathLike[str], stem: str = "e3rl-audit", compress: bool = False,

@@ -88,7 +88,7 @@ def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> gr.Tab:
         df = table_for(history, loaded, only_erasures, trace_contains, sort_by, only_flipped)
         ids = set(df["trace"])
         traces = [t for t in all_traces(history, loaded) if t.trace_id in ids]
-        return [str(p) for p in audit.export(df, shared.audit_dir, compress=gzip_jsonl, traces=traces)]
+        return [str(p) for p in audit.export(df, audit.export_dir(shared.audit_dir), compress=gzip_jsonl, traces=traces)]
 
     export_btn.click(export_audit, [*filters, gz], export_files, api_name="export_audit")
     # The slider first spans the picked trace (a range set after its value would leave the thumb

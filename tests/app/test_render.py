@@ -1,7 +1,9 @@
 """The app's views as pure functions: events -> HTML, figures, tables (no server, no gradio)."""
 from __future__ import annotations
 
+import os
 import re
+import time
 
 import pandas as pd
 import pytest
@@ -123,6 +125,20 @@ def test_audit_table_export_round_trip(frames, tmp_path):
     back_jsonl = pd.read_json(jsonl, lines=True)
     assert len(back_csv) == len(back_jsonl) == len(df)
     assert list(back_jsonl["score"]) == pytest.approx(list(df["score"]))
+
+
+def test_each_export_gets_its_own_folder_and_old_ones_are_removed(frames, tmp_path):
+    """Sessions share the server's export root: two exports keep their plain file names in separate
+    folders, so neither overwrites the other; folders past their age are removed."""
+    df = audit.decisions_frame(group_traces(frames[-1].events))
+    first = audit.export(df, audit.export_dir(tmp_path))
+    second = audit.export(df.head(1), audit.export_dir(tmp_path))
+    assert [p.name for p in first] == [p.name for p in second] and first[0].parent != second[0].parent
+    assert len(pd.read_csv(first[0])) == len(df) and len(pd.read_csv(second[0])) == 1
+    old = first[0].parent
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    third = audit.export_dir(tmp_path, max_age_s=3600)
+    assert not old.exists() and second[0].exists() and third.is_dir()
 
 
 def test_load_trace_file_validates(frames, tmp_path):
