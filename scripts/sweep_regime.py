@@ -41,7 +41,9 @@ SETTINGS: dict[str, tuple[str, dict, list[str]]] = {
                   ["num_iterations=2"]),
     "iters4-d4": ("lr 3e-5, 4 updates per batch, training on difficulty 4 only",
                   {"train_data": "synthetic:train?n=4000&seed=1&difficulty=4"}, ["num_iterations=4"]),
-    "iters4-cos5e-5": ("lr 5e-5 warm-up 10 steps then cosine, 4 updates per batch", {"learning_rate": 5e-5},
+    # one leg: a decaying schedule ends at each leg's budget (experiment.check_schedule)
+    "iters4-cos5e-5": ("lr 5e-5 warm-up 10 steps then cosine, 4 updates per batch",
+                       {"learning_rate": 5e-5, "eval_points": 1},
                        ["num_iterations=4", "lr_scheduler_type=cosine", "warmup_steps=10"]),
     "p16-lr1e-4": ("lr 1e-4, 16 prompts per step (128 rollouts)", {"prompts_per_step": 16, "learning_rate": 1e-4}, []),
     "p16-lr3e-4": ("lr 3e-4, 16 prompts per step (128 rollouts)", {"prompts_per_step": 16, "learning_rate": 3e-4}, []),

@@ -69,6 +69,18 @@ class Settings:
         if self.token_budget < 1 or self.eval_points < 1 or self.eval_points > self.token_budget:
             raise E3RLError(f"token_budget ({self.token_budget}) and eval_points ({self.eval_points}) must be >= 1, "
                             f"with eval_points <= token_budget")
+        check_schedule(self.common, self.eval_points)
+
+
+def check_schedule(overrides: list[str], eval_points: int) -> None:
+    """Refuse a decaying learning-rate schedule in a run split into legs. Each leg is a run to its
+    own share of the budget, and a decaying schedule ends at the run's budget: every leg would decay
+    to 0, unlike the one run the legs stand for."""
+    decaying = [o for o in overrides if o.replace(" ", "").startswith("lr_scheduler_type=")
+                and o.split("=", 1)[1].strip() != "constant"]
+    if decaying and eval_points > 1:
+        raise E3RLError(f"{decaying[0]} decays to 0 at each leg's budget when a run trains in {eval_points} "
+                        f"legs; use --eval-points 1 with it, or a constant schedule")
 
 
 def plan(seeds: int = 5, ablations: bool = True, ablation_seeds: int = 2) -> list[RunSpec]:
@@ -173,6 +185,7 @@ def run_one(spec: RunSpec, st: Settings, root: Path, threads: int = 1,
     result_file = out / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
+    check_schedule([*st.common, *spec.overrides], st.eval_points)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}

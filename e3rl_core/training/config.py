@@ -58,7 +58,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
     lr_scheduler_type: str = "constant"
-    """``constant``, ``linear`` (decay to 0 at max_steps) or ``cosine``; after ``warmup_steps``."""
+    """``constant``, ``linear`` or ``cosine``, after ``warmup_steps``; the decay reaches 0 at the run's
+    end: max_steps or, when set, rollout_token_budget (by tokens generated), whichever comes first."""
     warmup_steps: int = 0
     beta: float = 0.0
     """KL coefficient to the frozen initial model (k3 estimator); 0 loads no reference model."""

@@ -111,8 +111,8 @@ class Trainer:
             self.model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
         )
+        self.step, self.position, self.tokens_total = 0, 0, 0  # before the scheduler, which reads them
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.step, self.position, self.tokens_total = 0, 0, 0
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         if self.resume_from:
@@ -223,10 +223,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _lr_factor(self, step: int) -> float:
+        """The learning rate's factor for the step after ``step``: warm-up, then decay over the run,
+        whose end is max_steps or the rollout-token budget, whichever comes first (a budget-bound run
+        with a large max_steps would otherwise hardly decay)."""
         c = self.cfg
         if c.warmup_steps and step < c.warmup_steps:
             return (step + 1) / c.warmup_steps
         progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+        if c.rollout_token_budget:
+            progress = max(progress, min(1.0, self.tokens_total / c.rollout_token_budget))
         if c.lr_scheduler_type == "linear":
             return 1.0 - progress
         if c.lr_scheduler_type == "cosine":
@@ -261,7 +266,7 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scheduler.lr_lambdas = [self._lr_factor]  # the schedule follows this run's max_steps
+        self.scheduler.lr_lambdas = [self._lr_factor]  # the schedule follows this run's max_steps and budget
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
 
@@ -581,10 +586,10 @@ class Trainer:
         batch = build_batch(kept, rewards, self.generator.pad_id, mask_truncated=self.cfg.mask_truncated_completions,
                             erased_rows=self.cfg.erased_advantage_delta > 0)
         sums = distributed.sum_floats(rollout_metrics(generated, [self._reward(t.done.text, t.start.gold) for t in generated]))
+        roll = finish_metrics(sums)
+        self.tokens_total += int(roll["tokens_generated"])  # before the update: the schedule reads it
         opt = self._optimize(batch)
         self.step += 1
-        roll = finish_metrics(sums)
-        self.tokens_total += int(roll["tokens_generated"])
         row = {"step": self.step, **roll, "groups_kept": groups_kept, **opt,
                "rollout_tokens_total": self.tokens_total, "generation_time": t_gen, **sync,
                "step_time": time.perf_counter() - t0}

@@ -12,7 +12,7 @@ import pytest
 
 from e3rl_core.errors import E3RLError
 from e3rl_core.evaluation.curves import learning_figure
-from e3rl_core.evaluation.experiment import RunSpec, Settings, markdown_table, mean_ci, plan, summarize
+from e3rl_core.evaluation.experiment import RunSpec, Settings, markdown_table, mean_ci, plan, run_one, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,6 +44,18 @@ def test_settings_refuse_impossible_eval_points():
         Settings(token_budget=3, eval_points=4)
     with pytest.raises(E3RLError, match="eval_points"):
         Settings(eval_points=0)
+
+
+def test_settings_refuse_a_decaying_schedule_split_into_legs(tmp_path):
+    with pytest.raises(E3RLError, match="decays to 0 at each leg's budget.*--eval-points 1"):
+        Settings(common=["lr_scheduler_type=cosine"])
+    assert Settings(common=["lr_scheduler_type=cosine"], eval_points=1).eval_points == 1
+    assert Settings(common=["lr_scheduler_type=constant"]).eval_points == 4
+    # a run's own overrides too, before anything is trained
+    spec = RunSpec("cos", "grpo", 0, ["lr_scheduler_type=linear"])
+    with pytest.raises(E3RLError, match="lr_scheduler_type=linear decays"):
+        run_one(spec, Settings(), tmp_path)
+    assert not (tmp_path / spec.run_id).exists()
 
 
 def _fake(name: str, seed: int, acc: float) -> dict:

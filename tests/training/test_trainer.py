@@ -299,3 +299,21 @@ def test_checkpoints_are_flushed_to_disk_before_the_rename(tmp_path, tiny_llama,
     names = sorted(p.relative_to(tmp_dir) for p in synced if tmp_dir in p.parents)
     assert names == files and ckpt.STATE_FILE in {p.name for p in files}  # every file, before the rename
     assert synced[-1] == tmp_path  # then the directory holding the rename
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_decays_over_the_token_budget_when_it_ends_the_run(tmp_path, kind):
+    """A run ended by rollout_token_budget (max_steps left large) decays to 0 at the budget, not at a
+    max_steps it never reaches: each step's logged lr (the next step's) follows the larger progress."""
+    import math
+
+    rows: list[dict] = []
+    cfg = small("grpo", f"lr_scheduler_type={kind}", "max_steps=1000", "rollout_token_budget=1200",
+                "learning_rate=1e-3", "save_steps=1000")
+    Trainer(cfg, model=DEMO, data=DATA, out=tmp_path / kind, callbacks=[rows.append]).train()
+    assert len(rows) >= 2 and rows[-1]["rollout_tokens_total"] >= 1200 > rows[-2]["rollout_tokens_total"]
+    for row in rows:
+        progress = max(row["step"] / 1000, min(1.0, row["rollout_tokens_total"] / 1200))
+        factor = 1 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        assert row["lr"] == pytest.approx(1e-3 * factor, abs=1e-12), row["step"]
+    assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
