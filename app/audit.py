@@ -71,6 +71,9 @@ file that inflates to gigabytes costs no more than this."""
 MAX_SESSION_TRACE_BYTES = 128 * 2**20
 """JSONL text (decompressed) one browser session holds loaded at once; its events stay in the
 server's memory, at most about MEMORY_PER_TEXT_BYTE times this."""
+MAX_SERVER_TRACE_BYTES = 512 * 2**20
+"""JSONL text all sessions of one server hold loaded at once (about 1.8 GB of memory at
+MEMORY_PER_TEXT_BYTE): past it, a load is refused until sessions end or expire."""
 MEMORY_PER_TEXT_BYTE = 3.5
 """Bytes of server memory a loaded event costs per byte of its JSONL text (3.1 measured on long
 rollouts with top-5 alternatives, once ``_compact``; 5.3 before), tested in tests/app/test_audit_gz.py."""
@@ -246,11 +249,12 @@ class LoadedTraces:
     nbytes: int = 0
 
     def add(self, path: str | os.PathLike[str], name: str, max_bytes: int = MAX_SESSION_TRACE_BYTES,
-            known: Iterable[str] = ()) -> str:
+            known: Iterable[str] = (), server_room: int | None = None) -> str:
         """Load one file (plain or gzip) into the session; returns what happened, in a line. Traces
         whose id is loaded already (or in ``known``: the session's own) are skipped, so no decision
         is listed twice. ``nbytes`` counts JSONL text (decompressed), which is what memory follows.
-        Raises E3RLError, changing nothing, for a bad file or one over the session's budget."""
+        ``server_room``: what the server's budget for all sessions has left (None: no such budget).
+        Raises E3RLError, changing nothing, for a bad file or one over the session's or server's budget."""
         p = Path(path)
         if not p.is_file() or p.stat().st_size > MAX_TRACE_FILE_BYTES:
             load_trace_file(p, name)  # raises the error that says so
@@ -260,12 +264,17 @@ class LoadedTraces:
         room = max_bytes - self.nbytes
         over = (f"this session holds {self.nbytes / 2**20:.1f} MiB of loaded traces and {name} would pass the "
                 f"{max_bytes // 2**20} MiB a session may hold; reload the page to start over")
+        if server_room is not None and server_room < room:
+            room = max(server_room, 0)
+            over = (f"{name} would pass the {MAX_SERVER_TRACE_BYTES // 2**20} MiB of loaded traces this server "
+                    f"holds for all its sessions together ({room / 2**20:.1f} MiB left); try again later (a closed "
+                    f"page frees its traces), or load a smaller file")
         if not is_gzip(p) and p.stat().st_size > room:  # plain text: its size is known before reading
             raise E3RLError(over)
         try:
             traces, size = read_trace_file(p, name, max_text_bytes=min(MAX_TRACE_TEXT_BYTES, room))
         except TraceTooLarge:
-            if room < MAX_TRACE_TEXT_BYTES:  # the session's budget stopped it, not the file's
+            if room < MAX_TRACE_TEXT_BYTES:  # the session's (or server's) budget stopped it, not the file's
                 raise E3RLError(over) from None
             raise
         seen = {t.trace_id for t in self.traces} | set(known)
@@ -326,6 +335,11 @@ class TraceSessions:
 
     def __len__(self) -> int:
         return len(self._by_session)
+
+    def total_bytes(self) -> int:
+        """Bytes of trace text all live sessions hold."""
+        with self._lock:
+            return sum(loaded.nbytes for loaded in self._by_session.values())
 
     def bytes_of(self, session: str) -> int:
         """Bytes of trace files the session holds (0 for one that holds none)."""

@@ -1,6 +1,6 @@
 """Miniature reproduction of the paper's claim on the synthetic task (see docs/results/).
 
-    python scripts/reproduce.py                       # 5 seeds x GRPO/DAPO/E3RL + 5 ablations x 2 seeds, 2 at a time
+    python scripts/reproduce.py                       # 5 seeds x GRPO/DAPO/E3RL + 6 ablations/variants x 2 seeds, 2 at a time
     python scripts/reproduce.py --seeds 1 --no-ablations --token-budget 50000   # a quick look
     nohup python scripts/reproduce.py > runs/reproduce.log 2>&1 &                 # in the background
     python scripts/reproduce.py --report-only         # the outputs from the runs finished so far

@@ -182,7 +182,8 @@ def load_traces(trace_file: Any, loaded: audit.LoadedTraces | None, history: lis
         if not (name.lower().endswith((".jsonl", ".gz")) or audit.is_gzip(path)):
             raise E3RLError(f"{name} is not a .jsonl or .jsonl.gz file; load a trace written by "
                             f"e3rl generate --trace-out")
-        msg = files.add(path, name, known=[t.trace_id for t in group_traces(history)])
+        room = audit.MAX_SERVER_TRACE_BYTES - audit.SESSIONS.total_bytes()
+        msg = files.add(path, name, known=[t.trace_id for t in group_traces(history)], server_room=room)
     except E3RLError as err:
         return files, f"⚠️ {err}", gr.update(), gr.update(), None
     finally:

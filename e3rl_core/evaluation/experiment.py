@@ -84,8 +84,9 @@ def check_schedule(overrides: list[str], eval_points: int) -> None:
 
 
 def plan(seeds: int = 5, ablations: bool = True, ablation_seeds: int = 2) -> list[RunSpec]:
-    """GRPO, DAPO and E3RL x ``seeds``, then E3RL's ablations x ``ablation_seeds``. E3RL runs the
-    shipped model's recommended erase budget (3), so Erase@1 and Erase@5 are its budget ablations.
+    """GRPO, DAPO and E3RL x ``seeds``, then E3RL's ablations (and one variant) x ``ablation_seeds``.
+    E3RL runs the shipped model's recommended erase budget (3), so Erase@1 and Erase@5 are its
+    budget ablations.
     Runs go seed by seed across the rows of each part, so a comparison cut short (it resumes) has
     its rows at equal seed counts, the main comparison first."""
     runs = [RunSpec(name, algo, s) for s in range(seeds)
@@ -102,6 +103,9 @@ ABLATIONS: list[tuple[str, list[str]]] = [
     ("E3RL w/o causal allocation", ["no_causal_allocation=true"]),
     ("E3RL Erase@1", ["generation.erase.budget=1"]),
     ("E3RL Erase@5", ["generation.erase.budget=5"]),
+    # Not an ablation but a variant the paper does not have: erasure keeps the policy's own slips
+    # out of the loss; this row also trains on each erased attempt, with advantage -|A_i| (delta 1).
+    ("E3RL trained on erased attempts", ["erased_advantage_delta=1.0"]),
 ]
 
 

@@ -167,6 +167,28 @@ def test_a_session_counts_decompressed_text_and_refuses_past_its_budget(events, 
     assert loaded.nbytes == text_a and len(loaded.traces) == 2 and len(loaded.digests) == 1  # nothing changed
 
 
+def test_the_server_budget_for_all_sessions_refuses_a_load_that_would_pass_it(events, tmp_path, monkeypatch):
+    """Sessions together hold at most MAX_SERVER_TRACE_BYTES: a load past what the live sessions
+    leave is refused, naming the server's budget, and changes nothing; a session ending frees room."""
+    a, b = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz"
+    write_events(events, a)
+    write_events([type(e)(**{**e.__dict__, "trace_id": "x" + e.trace_id}) for e in events], b)
+    text_a = sum(len((dumps(e) + "\n").encode()) for e in events)
+    sessions = audit.TraceSessions()
+    monkeypatch.setattr(audit, "MAX_SERVER_TRACE_BYTES", text_a + text_a // 2)
+    first, second = sessions.of("s1"), sessions.of("s2")
+    room = lambda: audit.MAX_SERVER_TRACE_BYTES - sessions.total_bytes()  # noqa: E731  (as the Audit tab asks)
+    assert first.add(a, "a.jsonl.gz", server_room=room()).startswith("loaded 2 trace(s)")
+    assert sessions.total_bytes() == text_a
+    with pytest.raises(E3RLError, match=r"b\.jsonl\.gz would pass the 0 MiB of loaded traces this server holds "
+                                        r"for all its sessions together .*try again later"):
+        second.add(b, "b.jsonl.gz", server_room=room())
+    assert second.nbytes == 0 and not second.traces and not second.digests
+    sessions.end("s1")
+    assert sessions.total_bytes() == 0
+    assert second.add(b, "b.jsonl.gz", server_room=room()).startswith("loaded 2 trace(s)")
+
+
 def test_a_paper_length_group_fits_every_bound(events):
     """A G = 8 x 16k-token group with top-5 alternatives, at the bytes per token event the generator
     really writes (the issue measured 370), fits the upload cap as plain JSONL, the text one file

@@ -32,6 +32,7 @@ def test_plan_has_three_algorithms_seeds_and_ablations():
     ablations = {s.name: s.overrides for s in specs if s.kind == "ablation"}
     assert ablations["E3RL w/o base uncertainty"] == ["no_base_uncertainty=true"]
     assert ablations["E3RL Erase@1"] == ["generation.erase.budget=1"]
+    assert ablations["E3RL trained on erased attempts"] == ["erased_advantage_delta=1.0"]
     assert sum(s.kind == "ablation" for s in specs) == 2 * len(ablations)
     assert len({s.run_id for s in specs}) == len(specs)
     # the main comparison first, seed by seed across its rows, so a comparison cut short is balanced
