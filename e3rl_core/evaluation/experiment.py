@@ -274,10 +274,11 @@ def run_all(specs: Sequence[RunSpec], st: Settings, root: Path, jobs: int = 1, t
 
 
 def summarize(results: Sequence[dict[str, Any]], base: dict[str, Any] | None = None,
-              ref: str = "GRPO") -> list[dict[str, Any]]:
+              ref: str = "GRPO", ablation_ref: str = "E3RL") -> list[dict[str, Any]]:
     """One row per run name: seeds, Avg@K (erasure off/on at test) mean ± CI, the mean learning
-    curve, the seed-paired difference from ``ref``, tokens, steps, time."""
-    diffs = paired_differences(results, ref)
+    curve, the seed-paired difference from ``ref`` (and, for an ablation, from ``ablation_ref``,
+    the method it takes a part from), tokens, steps, time."""
+    diffs, vs_method = paired_differences(results, ref), paired_differences(results, ablation_ref)
     rows = []
     for name, rs in by_name(results).items():
         off, on = mean_ci([r["avg_at_k_off"] for r in rs]), mean_ci([r["avg_at_k_on"] for r in rs])
@@ -285,6 +286,7 @@ def summarize(results: Sequence[dict[str, Any]], base: dict[str, Any] | None = N
             "name": name, "kind": rs[0]["spec"]["kind"], "seeds": len(rs), "avg_off": off[0], "ci_off": off[1],
             "avg_on": on[0], "ci_on": on[1], "per_seed_off": [r["avg_at_k_off"] for r in rs],
             "seed_list": [r["spec"]["seed"] for r in rs], "curve": mean_curve(rs, base), "vs_ref": diffs.get(name),
+            "vs_method": vs_method.get(name) if rs[0]["spec"]["kind"] == "ablation" else None,
             "rollout_tokens": sum(r["rollout_tokens"] for r in rs) / len(rs),
             "steps": sum(r["steps"] for r in rs) / len(rs),
             "train_minutes": sum(r.get("train_step_seconds", r["train_seconds"]) for r in rs) / len(rs) / 60,
@@ -293,23 +295,41 @@ def summarize(results: Sequence[dict[str, Any]], base: dict[str, Any] | None = N
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], base: dict[str, Any] | None, k: int, ref: str = "GRPO") -> str:
+def markdown_table(rows: Sequence[dict[str, Any]], base: dict[str, Any] | None, k: int, ref: str = "GRPO",
+                   ablation_ref: str = "E3RL") -> str:
     """The comparison table: final Avg@K (± 95% t interval over seeds), the seed-paired difference
-    from ``ref``, the mean curve at each evaluation point, erasure at test, cost."""
-    head = (f"| run | seeds | Avg@{k}, plain sampling at test | vs {ref}, seed-paired | curve (start → each 1/n of "
-            f"the budget) | Avg@{k}, erasure at test | rollout tokens | steps | train min | eval min |\n"
+    from ``ref``, the mean curve at each evaluation point, erasure at test, cost. Ablations follow in
+    a table of their own, paired with ``ablation_ref`` as well as with ``ref``."""
+    def paired(vs: dict[str, Any] | None) -> str:
+        if not vs:
+            return "-"
+        return f"{vs['mean']:+.3f} ± {vs['ci']:.3f} ({vs['pairs']} pairs)" if vs["pairs"] > 1 else f"{vs['mean']:+.3f} (1 pair)"
+
+    def cells(r: dict[str, Any]) -> tuple[str, str]:
+        pm = lambda m, c: f"{m:.3f} ± {c:.3f}" if r["seeds"] > 1 else f"{m:.3f}"  # noqa: E731
+        curve = " → ".join(f"{p['mean']:.3f}" for p in r.get("curve") or [])
+        return (f"{curve or '-'} | {pm(r['avg_on'], r['ci_on'])} | {r['rollout_tokens']:,.0f} | {r['steps']:.0f} | "
+                f"{r['train_minutes']:.1f} | {r.get('eval_minutes', 0.0):.1f} |"), pm(r["avg_off"], r["ci_off"])
+
+    tail = (f"curve (start → each 1/n of the budget) | Avg@{k}, erasure at test | rollout tokens | steps | "
+            f"train min | eval min |")
+    head = (f"| run | seeds | Avg@{k}, plain sampling at test | vs {ref}, seed-paired | {tail}\n"
             f"|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     if base:
         lines.append(f"| starting model (no RL) | - | {base['avg_at_k_off']:.3f} | - | - | {base['avg_at_k_on']:.3f} | "
                      f"0 | 0 | 0 | - |")
+    ablations = [r for r in rows if r.get("kind") == "ablation"]
     for r in rows:
-        pm = lambda m, c: f"{m:.3f} ± {c:.3f}" if r["seeds"] > 1 else f"{m:.3f}"
-        vs = r.get("vs_ref")
-        vs_text = "-" if not vs else (f"{vs['mean']:+.3f} ± {vs['ci']:.3f} ({vs['pairs']} pairs)" if vs["pairs"] > 1
-                                      else f"{vs['mean']:+.3f} (1 pair)")
-        curve = " → ".join(f"{p['mean']:.3f}" for p in r.get("curve") or [])
-        lines.append(f"| {r['name']} | {r['seeds']} | {pm(r['avg_off'], r['ci_off'])} | {vs_text} | {curve or '-'} | "
-                     f"{pm(r['avg_on'], r['ci_on'])} | {r['rollout_tokens']:,.0f} | {r['steps']:.0f} | "
-                     f"{r['train_minutes']:.1f} | {r.get('eval_minutes', 0.0):.1f} |")
-    return head + "\n".join(lines) + "\n"
+        if r.get("kind") != "ablation":
+            rest, avg = cells(r)
+            lines.append(f"| {r['name']} | {r['seeds']} | {avg} | {paired(r.get('vs_ref'))} | {rest}")
+    text = head + "\n".join(lines) + "\n"
+    if ablations:
+        text += (f"\n| ablation | seeds | Avg@{k}, plain sampling at test | vs {ablation_ref}, seed-paired | "
+                 f"vs {ref}, seed-paired | {tail}\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+        for r in ablations:
+            rest, avg = cells(r)
+            text += (f"| {r['name']} | {r['seeds']} | {avg} | {paired(r.get('vs_method'))} | "
+                     f"{paired(r.get('vs_ref'))} | {rest}\n")
+    return text

@@ -81,11 +81,33 @@ def test_summarize_table_and_figure():
     fig = learning_figure(results, base)
     names = {t.name for t in fig.data if t.name}
     assert names == {"GRPO (3 seeds)", "E3RL (1 seed)"}
+    assert "| ablation |" not in table
     band = [t for t in fig.data if t.fill == "toself"]
     assert len(band) == 1  # one band: GRPO's (E3RL has a single seed)
     # the band is the mean ± the t half-width at each point
     half = mean_ci([0.4, 0.5, 0.6])[1]
     assert max(band[0].y) == pytest.approx(0.5 + half)
+
+
+def test_ablations_get_their_own_table_paired_with_e3rl_and_with_grpo():
+    def ablation(seed: int, acc: float) -> dict:
+        r = _fake("E3RL Erase@1", seed, acc)
+        r["spec"]["kind"] = "ablation"
+        return r
+
+    results = ([_fake("GRPO", s, a) for s, a in enumerate([0.50, 0.52])] + [_fake("E3RL", s, a) for s, a in
+               enumerate([0.45, 0.47])] + [ablation(0, 0.48), ablation(1, 0.51)])
+    rows = {r["name"]: r for r in summarize(results, None)}
+    assert rows["E3RL"]["vs_method"] is None
+    vs_e3rl, vs_grpo = rows["E3RL Erase@1"]["vs_method"], rows["E3RL Erase@1"]["vs_ref"]
+    assert vs_e3rl["mean"] == pytest.approx(0.035) and vs_e3rl["pairs"] == 2
+    assert vs_e3rl["ci"] == pytest.approx(mean_ci([0.03, 0.04])[1])
+    assert vs_grpo["mean"] == pytest.approx(-0.015)
+    main, abl = markdown_table(list(rows.values()), None, 4).split("\n\n")
+    assert "Erase@1" not in main and "| E3RL | 2 | 0.460 ± " in main
+    assert abl.startswith("| ablation | seeds | Avg@4, plain sampling at test | vs E3RL, seed-paired | vs GRPO, seed-paired |")
+    assert f"| E3RL Erase@1 | 2 | 0.495 ± {mean_ci([0.48, 0.51])[1]:.3f} | +0.035 ± {vs_e3rl['ci']:.3f} (2 pairs) | " \
+           f"-0.015 ± {vs_grpo['ci']:.3f} (2 pairs) |" in abl
 
 
 def test_reproduce_script_end_to_end(tmp_path):
