@@ -65,6 +65,30 @@ def slips_table(results: list[dict], base: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dynamics_table(results: list[dict], root: Path) -> str:
+    """How each run name trained: its training log's first- and last-quarter means (over seeds) of
+    reward, kept rollout tokens' entropy, mean |advantage| per trained token and erased share, read from
+    ROOT/<run>/run/log.jsonl."""
+    from e3rl_core.evaluation.curves import by_name, training_dynamics
+
+    logs = {}
+    for name, runs in by_name(results).items():
+        files = [root / r["run_id"] / "run" / "log.jsonl" for r in runs]
+        logs[name] = [[json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                      for f in files if f.is_file()]
+    dyn = {name: d for name, d in training_dynamics({n: v for n, v in logs.items() if v}).items()}
+    if not dyn:
+        return ""
+    fmt = lambda v, nd: "-" if v is None else f"{v[0]:.{nd}f} → {v[1]:.{nd}f}"  # noqa: E731
+    lines = ["| run | seeds | training reward | token entropy (kept rollout tokens) | mean abs advantage per trained token | "
+             "erased share of rollout tokens |", "|---|---|---|---|---|---|"]
+    for name, d in dyn.items():
+        lines.append(f"| {name} | {d['seeds']} | {fmt(d['reward_mean'], 3)} | {fmt(d['entropy_mean'], 4)} | "
+                     f"{fmt(d['advantage_abs_mean'], 3)} | {fmt(d['erase_rate'], 3)} |")
+    return ("Training dynamics (each cell: mean over the first quarter of a run's steps → over the last "
+            "quarter, averaged over seeds):\n\n" + "\n".join(lines) + "\n")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Settings()
@@ -134,7 +158,8 @@ def main() -> int:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     eff = sample_efficiency(results, base)
-    text = markdown_table(rows, base, st.eval_samples) + "\n" + efficiency_text(eff) + "\n" + slips_table(results, base)
+    text = (markdown_table(rows, base, st.eval_samples) + "\n" + efficiency_text(eff) + "\n" + slips_table(results, base)
+            + "\n" + dynamics_table(results, root))
     (out / f"{args.name}.json").write_text(json.dumps(
         {"settings": asdict(st), "command": " ".join(sys.argv), "base": base, "rows": rows,
          "sample_efficiency": eff and {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in eff.items()},

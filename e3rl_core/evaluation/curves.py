@@ -109,6 +109,36 @@ def paired_differences(results: Sequence[dict[str, Any]], ref: str = "GRPO",
     return out
 
 
+DYNAMICS_KEYS = ("reward_mean", "entropy_mean", "advantage_abs_mean", "erase_rate")
+"""Training-log metrics ``training_dynamics`` follows: reward, token entropy of the rollouts, mean
+|advantage| over trained tokens, share of rollout tokens erased."""
+
+
+def quarter_means(log_rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float] | None:
+    """Mean of ``key`` over the first and over the last quarter of a run's steps (at least one step
+    each); None when the log has no value for it."""
+    vals = [float(r[key]) for r in log_rows if isinstance(r.get(key), (int, float))]
+    if not vals:
+        return None
+    q = max(1, len(vals) // 4)
+    return sum(vals[:q]) / q, sum(vals[-q:]) / q
+
+
+def training_dynamics(logs: dict[str, Sequence[Sequence[dict[str, Any]]]],
+                      keys: Sequence[str] = DYNAMICS_KEYS) -> dict[str, dict[str, Any]]:
+    """Per run name (``logs``: name -> each seed's log rows): each key's first- and last-quarter
+    means, averaged over the seeds, and the number of seeds. How the algorithms differ while they
+    train: a higher reward with a smaller advantage is less signal per token."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, runs in logs.items():
+        row: dict[str, Any] = {"seeds": len(runs)}
+        for key in keys:
+            pairs = [p for p in (quarter_means(rows, key) for rows in runs) if p is not None]
+            row[key] = (sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs)) if pairs else None
+        out[name] = row
+    return out
+
+
 def _smoothed_reward(result: dict[str, Any], grid: Sequence[float], window: int) -> list[float | None]:
     """A run's training reward (``window``-step moving mean) read at each token count of ``grid``
     (the last step at or before it; None before its first step)."""

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from e3rl_core.errors import E3RLError
-from e3rl_core.evaluation.curves import mean_curve, paired_differences, sample_efficiency, tokens_to_reach
+from e3rl_core.evaluation.curves import (mean_curve, paired_differences, quarter_means, sample_efficiency, tokens_to_reach,
+                                         training_dynamics)
 from e3rl_core.evaluation.slips import first_departure, slip_rate
 
 
@@ -79,3 +80,15 @@ def test_slip_rate_is_per_hundred_steps_attempted():
         slip_rate([{"problem_id": "zz", "text": ""}], refs)
     with pytest.raises(E3RLError, match="no evaluation rows"):
         slip_rate([], refs)
+
+
+def test_training_dynamics_by_hand():
+    # 8 steps: the first quarter is steps 1-2, the last 7-8
+    run = [{"step": i, "reward_mean": i / 10, "entropy_mean": 0.5} for i in range(1, 9)]
+    assert quarter_means(run, "reward_mean") == pytest.approx((0.15, 0.75))
+    assert quarter_means(run, "advantage_abs_mean") is None
+    assert quarter_means(run[:3], "reward_mean") == pytest.approx((0.1, 0.3))  # fewer than 4 steps: one each
+    other = [{**r, "reward_mean": r["reward_mean"] + 0.1} for r in run]
+    dyn = training_dynamics({"GRPO": [run, other]})["GRPO"]
+    assert dyn["seeds"] == 2 and dyn["reward_mean"] == pytest.approx((0.2, 0.8))
+    assert dyn["entropy_mean"] == pytest.approx((0.5, 0.5)) and dyn["advantage_abs_mean"] is None

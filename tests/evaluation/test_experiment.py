@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,9 @@ def test_reproduce_script_end_to_end(tmp_path):
     assert (tmp_path / "res" / "reproduction.html").read_text().count("plotly") > 0
     table = (tmp_path / "res" / "reproduction-table.md").read_text()
     assert "| E3RL | 1 |" in table and "slips per 100 steps" in table
+    # the training dynamics, from the run's log: E3RL erases, so its erased share is a number
+    assert re.search(r"\| E3RL \| 1 \| [0-9.]+ → [0-9.]+ \| [0-9.]+ → [0-9.]+ \| [0-9.]+ → [0-9.]+ \| [0-9.]+ → [0-9.]+ \|",
+                     table.split("Training dynamics")[1])
     run_dir = tmp_path / "runs" / run["run_id"]
 
     def trains() -> int:
