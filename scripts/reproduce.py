@@ -44,6 +44,19 @@ def efficiency_text(eff: dict | None) -> str:
             f"of the resamples.\n")
 
 
+def efficiency_table(effs: list[dict]) -> str:
+    """Every other run name's rollout tokens to reach the reference's final Avg@K, as a ratio of
+    the reference's tokens (∞: not within the budget), with the bootstrap interval over seeds."""
+    if not effs:
+        return ""
+    fmt = lambda v: "∞" if math.isinf(v) else f"{v:.2f}"  # noqa: E731
+    lines = [f"| run | seeds | tokens to reach {effs[0]['ref']}'s final {effs[0]['target']:.3f}, × {effs[0]['ref']}'s | "
+             f"95% bootstrap interval | resamples that reach it |", "|---|---|---|---|---|"]
+    lines += [f"| {e['name']} | {e['seeds'][0]} | {fmt(e['ratio'])} | {fmt(e['ci_low'])} – {fmt(e['ci_high'])} | "
+              f"{e['reached_share']:.0%} |" for e in effs]
+    return "\n".join(lines) + "\n"
+
+
 def slips_table(results: list[dict], base: dict) -> str:
     """Slips per 100 steps under plain sampling, before (the starting model) and after, per run name."""
     if not base.get("slips_off"):
@@ -87,6 +100,11 @@ def dynamics_table(results: list[dict], root: Path) -> str:
                      f"{fmt(d['advantage_abs_mean'], 3)} | {fmt(d['erase_rate'], 3)} |")
     return ("Training dynamics (each cell: mean over the first quarter of a run's steps → over the last "
             "quarter, averaged over seeds):\n\n" + "\n".join(lines) + "\n")
+
+
+def _finite(eff: dict) -> dict:
+    """A sample-efficiency record for JSON: infinite ratios (not reached) as null."""
+    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in eff.items()}
 
 
 def main() -> int:
@@ -158,11 +176,13 @@ def main() -> int:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     eff = sample_efficiency(results, base)
-    text = (markdown_table(rows, base, st.eval_samples) + "\n" + efficiency_text(eff) + "\n" + slips_table(results, base)
+    others = [e for e in (sample_efficiency(results, base, name=r["name"]) for r in rows if r["name"] != "GRPO") if e]
+    text = (markdown_table(rows, base, st.eval_samples) + "\n" + efficiency_text(eff) + "\n"
+            + efficiency_table(others) + "\n" + slips_table(results, base)
             + "\n" + dynamics_table(results, root))
     (out / f"{args.name}.json").write_text(json.dumps(
         {"settings": asdict(st), "command": " ".join(sys.argv), "base": base, "rows": rows,
-         "sample_efficiency": eff and {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in eff.items()},
+         "sample_efficiency": eff and _finite(eff), "sample_efficiency_all": [_finite(e) for e in others],
          "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results]}, indent=2, default=str))
     (out / f"{args.name}-table.md").write_text(text)
     learning_figure(results, base, k=st.eval_samples).write_html(out / f"{args.name}.html", include_plotlyjs="cdn")

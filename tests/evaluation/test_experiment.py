@@ -161,3 +161,26 @@ def test_reproduce_script_end_to_end(tmp_path):
     # the runs under a root were made with its settings; other settings are refused
     other = subprocess.run(cmd + ["--learning-rate", "1e-3"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert other.returncode == 2 and "other settings" in other.stderr and "learning_rate" in other.stderr
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_script", ROOT / "scripts" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_efficiency_table_lists_every_run_against_grpo():
+    from e3rl_core.evaluation.curves import sample_efficiency
+
+    results = [_fake("GRPO", s, a) for s, a in enumerate([0.5, 0.52])] + [_fake("DAPO", s, 0.6) for s in range(2)]
+    base = {"avg_at_k_off": 0.45, "avg_at_k_on": 0.5}
+    eff = sample_efficiency(results, base, name="DAPO")
+    # DAPO's mean curve: 0.45 at 0 tokens, 0.55 at 500, 0.6 at ~1000; GRPO's final 0.51 is reached at 300 tokens
+    assert eff["ratio"] == pytest.approx(300 / 1000.5)
+    table = _script().efficiency_table([eff])
+    assert "| run | seeds | tokens to reach GRPO's final 0.510, × GRPO's |" in table
+    assert f"| DAPO | 2 | {eff['ratio']:.2f} | " in table and "| 100% |" in table
+    assert _script().efficiency_table([]) == ""
