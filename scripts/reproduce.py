@@ -58,23 +58,29 @@ def efficiency_table(effs: list[dict]) -> str:
 
 
 def slips_table(results: list[dict], base: dict) -> str:
-    """Slips per 100 steps under plain sampling, before (the starting model) and after, per run name."""
+    """Slips per 100 steps under plain sampling, before (the starting model) and after, per run name:
+    the change from the starting model (over seeds) and the seed-paired difference from GRPO."""
     if not base.get("slips_off"):
         return ""
-    from e3rl_core.evaluation.curves import by_name, mean_ci
+    from e3rl_core.evaluation.curves import by_name, mean_ci, paired_differences
 
-    lines = ["| policy | seeds | slips per 100 steps (first wrong step, plain sampling) | samples with a slip |",
-             "|---|---|---|---|",
-             f"| starting model | - | {base['slips_off']['slips_per_100_steps']:.2f} | "
-             f"{base['slips_off']['samples_with_slip']:.3f} |"]
-    for name, runs in by_name(results).items():
-        vals = [r["slips_off"] for r in runs if r.get("slips_off")]
-        if not vals:
-            continue
+    start = base["slips_off"]["slips_per_100_steps"]
+    flat = [{**r, "slips": r["slips_off"]["slips_per_100_steps"]} for r in results if r.get("slips_off")]
+    vs_grpo = paired_differences(flat, "GRPO", key="slips")
+    lines = ["| policy | seeds | slips per 100 steps (first wrong step, plain sampling) | change from the starting model "
+             "| vs GRPO, seed-paired | samples with a slip |",
+             "|---|---|---|---|---|---|",
+             f"| starting model | - | {start:.2f} | - | - | {base['slips_off']['samples_with_slip']:.3f} |"]
+    for name, runs in by_name(flat).items():
+        vals = [r["slips_off"] for r in runs]
         m, h = mean_ci([v["slips_per_100_steps"] for v in vals])
         s, hs = mean_ci([v["samples_with_slip"] for v in vals])
         pm = (lambda a, b: f"{a:.2f} ± {b:.2f}") if len(vals) > 1 else (lambda a, b: f"{a:.2f}")
-        lines.append(f"| {name} | {len(vals)} | {pm(m, h)} | {pm(s, hs)} |")
+        vs = vs_grpo.get(name)
+        vs_text = "-" if not vs else (f"{vs['mean']:+.2f} ± {vs['ci']:.2f} ({vs['pairs']} pairs)" if vs["pairs"] > 1
+                                      else f"{vs['mean']:+.2f} (1 pair)")
+        change = f"{m - start:+.2f} ± {h:.2f}" if len(vals) > 1 else f"{m - start:+.2f}"
+        lines.append(f"| {name} | {len(vals)} | {pm(m, h)} | {change} | {vs_text} | {pm(s, hs)} |")
     return "\n".join(lines) + "\n"
 
 

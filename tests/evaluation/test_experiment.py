@@ -184,3 +184,15 @@ def test_efficiency_table_lists_every_run_against_grpo():
     assert "| run | seeds | tokens to reach GRPO's final 0.510, × GRPO's |" in table
     assert f"| DAPO | 2 | {eff['ratio']:.2f} | " in table and "| 100% |" in table
     assert _script().efficiency_table([]) == ""
+
+
+def test_slips_table_pairs_with_grpo_and_measures_the_change_from_the_start():
+    def run(name: str, seed: int, rate: float) -> dict:
+        return {**_fake(name, seed, 0.5), "slips_off": {"slips_per_100_steps": rate, "samples_with_slip": 0.5}}
+
+    results = [run("GRPO", 0, 17.0), run("GRPO", 1, 18.0), run("E3RL", 0, 19.0), run("E3RL", 1, 21.0)]
+    base = {"slips_off": {"slips_per_100_steps": 18.0, "samples_with_slip": 0.55}}
+    table = _script().slips_table(results, base)
+    half = mean_ci([19.0, 21.0])[1]
+    assert f"| E3RL | 2 | 20.00 ± {half:.2f} | +2.00 ± {half:.2f} | +2.50 ± {mean_ci([2.0, 3.0])[1]:.2f} (2 pairs) |" in table
+    assert "| GRPO | 2 | 17.50 ± " in table and "| starting model | - | 18.00 | - | - | 0.550 |" in table
