@@ -358,12 +358,28 @@ def release(loaded: Any) -> None:
     SESSIONS.release(loaded)
 
 
+MAX_ID_CHARS = 96
+"""Characters of a trace id the tables and the trace list show; a longer one (a loaded file's ids
+may be anything) is shown by ``shown_id``, which the replay resolves back to the trace."""
+
+
+def shown_id(trace_id: str) -> str:
+    """A trace id as shown: whole up to MAX_ID_CHARS, else its start and a digest of the whole, so
+    two long ids sharing a start stay apart and the shown form names one trace."""
+    if len(trace_id) <= MAX_ID_CHARS:
+        return trace_id
+    digest = hashlib.sha256(trace_id.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{trace_id[:MAX_ID_CHARS - 14]}…#{digest}"
+
+
 def display_frame(df: pd.DataFrame, limit: int = MAX_CELL_CHARS) -> pd.DataFrame:
     """The table as shown: text cells cut to ``limit`` characters (a loaded file may hold a token of
-    megabytes); the trace id column stays whole, since selecting a row replays that trace."""
+    megabytes); trace ids shown by ``shown_id``, which selecting a row replays."""
     out = df.copy()
     for col in out.columns:
-        if col != "trace" and out[col].dtype == object:
+        if col == "trace":
+            out[col] = out[col].map(lambda v: shown_id(v) if isinstance(v, str) else v)
+        elif out[col].dtype == object:
             out[col] = out[col].map(lambda v: clip(v, limit) if isinstance(v, str) else v)
     return out
 

@@ -136,7 +136,10 @@ def all_traces(history: list, files: audit.LoadedTraces | None) -> list[Trace]:
 
 
 def find_trace(trace_id: str | None, history: list, files: audit.LoadedTraces | None) -> Trace | None:
-    return next((t for t in all_traces(history, files) if t.trace_id == trace_id), None)
+    """The trace with this id, or whose id is shown as this (a long id, cut in the tables and list)."""
+    traces = all_traces(history, files)
+    return (next((t for t in traces if t.trace_id == trace_id), None)
+            or next((t for t in traces if audit.shown_id(t.trace_id) == trace_id), None))
 
 
 def table_for(history: list, files: audit.LoadedTraces | None, only: bool, contains: str, sort: str,
@@ -161,8 +164,9 @@ def decisions(history: list, loaded: audit.LoadedTraces | None, only_erasures: b
 def trace_choices(current: str | None, history: list, files: audit.LoadedTraces | None):
     """The replay's trace list: every trace of the session and its files; the one shown stays
     picked while it exists (else the first)."""
-    ids = [t.trace_id for t in all_traces(history, files)]
-    value = current if current in ids else (ids[0] if ids else None)
+    ids = [audit.shown_id(t.trace_id) for t in all_traces(history, files)]
+    shown = audit.shown_id(current) if current else None
+    value = shown if shown in ids else (ids[0] if ids else None)
     return gr.update(choices=ids, value=value)
 
 
@@ -190,7 +194,7 @@ def load_traces(trace_file: Any, loaded: audit.LoadedTraces | None, history: lis
         _discard(path)
     # The replay shows the file's first trace (a plain id: what a script passes on to /replay; the
     # list of traces follows in the next step); a file that added nothing leaves the pick as it is.
-    picked = files.traces[before].trace_id if len(files.traces) > before else gr.update()
+    picked = audit.shown_id(files.traces[before].trace_id) if len(files.traces) > before else gr.update()
     return files, msg, decisions(history, files, only_erasures, trace_contains, sort_by, only_flipped), picked, None
 
 

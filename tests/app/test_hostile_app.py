@@ -176,6 +176,32 @@ def test_a_huge_token_is_shown_cut_in_the_table_and_the_replay(server, trace_fil
     assert time.perf_counter() - started < 20
 
 
+def test_a_long_trace_id_is_shown_cut_and_still_replays(server, trace_file, tmp_path):
+    """A loaded file's trace ids may be anything: one of 20,000 characters is shown cut (with a
+    digest, so the cut form names one trace) in the table, and both forms replay it."""
+    url, _ = server
+    lines = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    first = lines[0]["trace_id"]
+    long_id = "x" * 20_000 + first
+    for e in lines:
+        if e["trace_id"] == first:
+            e["trace_id"] = long_id
+    path = tmp_path / "long-ids.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    client = Client(url, verbose=False)
+    msg, _ = load(client, path)
+    assert msg.startswith("loaded 2 trace(s)")
+    table = client.predict(False, "", "", False, api_name="/decisions")
+    shown = {row[0] for row in table["data"]}
+    assert audit.shown_id(long_id) in shown and long_id not in shown
+    assert max(len(t) for t in shown) <= audit.MAX_ID_CHARS
+    by_shown = client.predict(audit.shown_id(long_id), api_name="/replay")
+    by_full = client.predict(long_id, api_name="/replay")
+    client.close()
+    assert by_shown == by_full and "e3rl-tok" in by_shown
+    assert audit.shown_id("x" * 20_000 + "a") != audit.shown_id("x" * 20_000 + "b")  # same start, kept apart
+
+
 def test_a_session_holds_a_bounded_number_of_bytes(trace_file, tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text(trace_file.read_text().replace('"trace_id": "', '"trace_id": "x'))
