@@ -95,7 +95,10 @@ def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> gr.Tab:
     # where the old range put it), then the whole trace is drawn.
     replay_trace.change(replay_range, [replay_trace, history, loaded], replay_step, **private).then(
         replay, [replay_trace, history, loaded], replay_html, api_name="replay")
-    replay_step.change(step_to, [replay_trace, replay_step, history, loaded], replay_html, **private)
+    # input, not change: the user moving the slider (range or number box) redraws up to that event;
+    # replay_range setting it for a newly picked trace does not, since replay draws that trace whole.
+    replay_step.input(step_to, [replay_trace, replay_step, history, loaded], replay_html,
+                      trigger_mode="always_last", **private)
     # A picked trace starts the what-if at its recorded settings and shows its recorded decisions
     # at once; after that, the table follows the controls as the user moves them (input, not
     # change: setting the recorded values must not re-run it four times).

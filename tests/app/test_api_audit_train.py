@@ -236,3 +236,15 @@ def test_train_tab_shows_the_running_runs_settings_step_and_curves_after_a_reloa
         # the 3 held-out problems were scored before the first step and after the stop
         assert re.search(r"held-out Avg@4 on synthetic:test\?n=3 .*: before training [\d.]+ → after step "
                          r"\d+ [\d.]+ \([+-][\d.]+\)", text), text
+
+
+def test_picking_a_trace_draws_its_replay_once():
+    """Picking a trace sets the replay slider (replay_range) and then draws the whole trace
+    (replay); the slider's own handler follows the user's input only, so the programmatic set
+    draws nothing more."""
+    from app.ui import build
+
+    demo = build()
+    events = {getattr(fn.fn, "__name__", ""): [event for _, event in fn.targets] for fn in demo.fns.values()}
+    assert events["replay_range"] == ["change"] and events["replay"] == ["then"]
+    assert events["step_to"] == ["input"]
