@@ -108,6 +108,20 @@ def dynamics_table(results: list[dict], root: Path) -> str:
             "quarter, averaged over seeds):\n\n" + "\n".join(lines) + "\n")
 
 
+def run_commands(log: Path, root: Path) -> list[str]:
+    """The e3rl commands a run (or the baseline) ran, from its commands.log, in order, with ROOT for
+    the runs directory and ``python`` for the interpreter: a run's legs and evaluations, seeds
+    included, to rerun one by hand."""
+    if not log.is_file():
+        return []
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("$ "):
+            _interpreter, _, args = line[2:].partition(" ")
+            out.append("python " + args.replace(str(root.resolve()), "ROOT").replace(str(root), "ROOT"))
+    return out
+
+
 def _finite(eff: dict) -> dict:
     """A sample-efficiency record for JSON: infinite ratios (not reached) as null."""
     return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in eff.items()}
@@ -189,7 +203,10 @@ def main() -> int:
     (out / f"{args.name}.json").write_text(json.dumps(
         {"settings": asdict(st), "command": " ".join(sys.argv), "base": base, "rows": rows,
          "sample_efficiency": eff and _finite(eff), "sample_efficiency_all": [_finite(e) for e in others],
-         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results]}, indent=2, default=str))
+         "base_commands": run_commands(root / "base-commands.log", root),
+         "runs": [{**{k: v for k, v in r.items() if k != "curve"},
+                   "commands": run_commands(root / r["run_id"] / "commands.log", root)} for r in results]},
+        indent=2, default=str))
     (out / f"{args.name}-table.md").write_text(text)
     learning_figure(results, base, k=st.eval_samples).write_html(out / f"{args.name}.html", include_plotlyjs="cdn")
     print(text)

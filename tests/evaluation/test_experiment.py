@@ -128,6 +128,12 @@ def test_reproduce_script_end_to_end(tmp_path):
     assert 300 <= half["rollout_tokens"] < end["rollout_tokens"] and half["step"] < end["step"] == run["steps"]
     assert end["avg_at_k"] == run["avg_at_k_off"]
     assert data["base"]["slips_off"]["samples"] == 6 and run["slips_off"]["samples"] == 6
+    # every command the run ran, seeds included, to rerun it by hand
+    train, first_eval = run["commands"][:2]
+    assert train.startswith("python -m e3rl_core.cli train ") and "--seed 0 " in train and "--out ROOT/e3rl-s0/run" in train
+    assert first_eval.startswith("python -m e3rl_core.cli eval --model ROOT/e3rl-s0/run/checkpoint-")
+    assert len([c for c in run["commands"] if " train " in c]) == 2
+    assert data["base_commands"][0].startswith("python -m e3rl_core.cli eval --model ")
     assert (tmp_path / "res" / "reproduction.html").read_text().count("plotly") > 0
     table = (tmp_path / "res" / "reproduction-table.md").read_text()
     assert "| E3RL | 1 |" in table and "slips per 100 steps" in table
