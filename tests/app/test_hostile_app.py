@@ -156,17 +156,21 @@ def test_a_bad_file_is_named_as_its_user_named_it(server, tmp_path):
     assert not (cache / digest).exists() and files_under(cache) == []  # a rejected upload is deleted too
 
 
+def load_events(server, events: list[dict], path: Path) -> tuple[Client, dict]:
+    """Write edited trace events to ``path``, load it into a new session of ``server``: (that client,
+    the decisions table), both traces loaded."""
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    client = Client(server[0], verbose=False)
+    msg, _ = load(client, path)
+    assert msg.startswith("loaded 2 trace(s)")
+    return client, client.predict(False, "", "", False, api_name="/decisions")
+
+
 def test_a_huge_token_is_shown_cut_in_the_table_and_the_replay(server, trace_file, tmp_path):
-    url, _ = server
     lines = [json.loads(line) for line in trace_file.read_text().splitlines()]
     tok = next(e for e in lines if e["event"] == "token")
     tok["text"] = "<b>" * 2_000_000  # 6 MB in one token, to be escaped too
-    huge = tmp_path / "huge.jsonl"
-    huge.write_text("".join(json.dumps(e) + "\n" for e in lines))
-    client = Client(url, verbose=False)
-    msg, _ = load(client, huge)
-    assert msg.startswith("loaded 2 trace(s)")
-    table = client.predict(False, "", "", False, api_name="/decisions")
+    client, table = load_events(server, lines, tmp_path / "huge.jsonl")
     longest = max(len(cell) for row in table["data"] for cell in row if isinstance(cell, str))
     assert longest <= audit.MAX_CELL_CHARS + 40
     started = time.perf_counter()
@@ -179,19 +183,13 @@ def test_a_huge_token_is_shown_cut_in_the_table_and_the_replay(server, trace_fil
 def test_a_long_trace_id_is_shown_cut_and_still_replays(server, trace_file, tmp_path):
     """A loaded file's trace ids may be anything: one of 20,000 characters is shown cut (with a
     digest, so the cut form names one trace) in the table, and both forms replay it."""
-    url, _ = server
     lines = [json.loads(line) for line in trace_file.read_text().splitlines()]
     first = lines[0]["trace_id"]
     long_id = "x" * 20_000 + first
     for e in lines:
         if e["trace_id"] == first:
             e["trace_id"] = long_id
-    path = tmp_path / "long-ids.jsonl"
-    path.write_text("".join(json.dumps(e) + "\n" for e in lines))
-    client = Client(url, verbose=False)
-    msg, _ = load(client, path)
-    assert msg.startswith("loaded 2 trace(s)")
-    table = client.predict(False, "", "", False, api_name="/decisions")
+    client, table = load_events(server, lines, tmp_path / "long-ids.jsonl")
     shown = {row[0] for row in table["data"]}
     assert audit.shown_id(long_id) in shown and long_id not in shown
     assert max(len(t) for t in shown) <= audit.MAX_ID_CHARS
