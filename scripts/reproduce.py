@@ -27,20 +27,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from e3rl_core.errors import E3RLError  # noqa: E402
 from e3rl_core.evaluation.curves import learning_figure, sample_efficiency  # noqa: E402
-from e3rl_core.evaluation.experiment import Settings, baseline, markdown_table, plan, run_all, summarize  # noqa: E402
+from e3rl_core.evaluation.experiment import Settings, baseline, markdown_table, paired_text, plan, run_all, summarize  # noqa: E402
+
+
+def _ratio(v: float) -> str:
+    return "∞" if math.isinf(v) else f"{v:.2f}"
 
 
 def efficiency_text(eff: dict | None) -> str:
     if not eff:
         return ""
-    fmt = lambda v: "∞" if math.isinf(v) else f"{v:.2f}"  # noqa: E731
     reach = (f"does not reach {eff['ref']}'s final mean Avg@K ({eff['target']:.3f}) within the budget"
              if math.isinf(eff["ratio"]) else
              f"reaches {eff['ref']}'s final mean Avg@K ({eff['target']:.3f}) with {eff['ratio']:.2f}× the rollout "
              f"tokens {eff['ref']} used")
     return (f"Sample efficiency: {eff['name']} {reach}. 95% bootstrap interval of that ratio over seeds "
             f"({eff['seeds'][0]} and {eff['seeds'][1]}, {eff['n_boot']} resamples; ∞ = not reached): "
-            f"{fmt(eff['ci_low'])} – {fmt(eff['ci_high'])}; the target was reached in {eff['reached_share']:.0%} "
+            f"{_ratio(eff['ci_low'])} – {_ratio(eff['ci_high'])}; the target was reached in {eff['reached_share']:.0%} "
             f"of the resamples.\n")
 
 
@@ -49,10 +52,9 @@ def efficiency_table(effs: list[dict]) -> str:
     the reference's tokens (∞: not within the budget), with the bootstrap interval over seeds."""
     if not effs:
         return ""
-    fmt = lambda v: "∞" if math.isinf(v) else f"{v:.2f}"  # noqa: E731
     lines = [f"| run | seeds | tokens to reach {effs[0]['ref']}'s final {effs[0]['target']:.3f}, × {effs[0]['ref']}'s | "
              f"95% bootstrap interval | resamples that reach it |", "|---|---|---|---|---|"]
-    lines += [f"| {e['name']} | {e['seeds'][0]} | {fmt(e['ratio'])} | {fmt(e['ci_low'])} – {fmt(e['ci_high'])} | "
+    lines += [f"| {e['name']} | {e['seeds'][0]} | {_ratio(e['ratio'])} | {_ratio(e['ci_low'])} – {_ratio(e['ci_high'])} | "
               f"{e['reached_share']:.0%} |" for e in effs]
     return "\n".join(lines) + "\n"
 
@@ -76,9 +78,7 @@ def slips_table(results: list[dict], base: dict) -> str:
         m, h = mean_ci([v["slips_per_100_steps"] for v in vals])
         s, hs = mean_ci([v["samples_with_slip"] for v in vals])
         pm = (lambda a, b: f"{a:.2f} ± {b:.2f}") if len(vals) > 1 else (lambda a, b: f"{a:.2f}")
-        vs = vs_grpo.get(name)
-        vs_text = "-" if not vs else (f"{vs['mean']:+.2f} ± {vs['ci']:.2f} ({vs['pairs']} pairs)" if vs["pairs"] > 1
-                                      else f"{vs['mean']:+.2f} (1 pair)")
+        vs_text = paired_text(vs_grpo.get(name), digits=2)
         change = f"{m - start:+.2f} ± {h:.2f}" if len(vals) > 1 else f"{m - start:+.2f}"
         lines.append(f"| {name} | {len(vals)} | {pm(m, h)} | {change} | {vs_text} | {pm(s, hs)} |")
     return "\n".join(lines) + "\n"
@@ -95,7 +95,7 @@ def dynamics_table(results: list[dict], root: Path) -> str:
         files = [root / r["run_id"] / "run" / "log.jsonl" for r in runs]
         logs[name] = [[json.loads(line) for line in f.read_text().splitlines() if line.strip()]
                       for f in files if f.is_file()]
-    dyn = {name: d for name, d in training_dynamics({n: v for n, v in logs.items() if v}).items()}
+    dyn = training_dynamics({n: v for n, v in logs.items() if v})
     if not dyn:
         return ""
     fmt = lambda v, nd: "-" if v is None else f"{v[0]:.{nd}f} → {v[1]:.{nd}f}"  # noqa: E731
@@ -195,8 +195,8 @@ def main() -> int:
     rows = summarize(results, base)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    eff = sample_efficiency(results, base)
     others = [e for e in (sample_efficiency(results, base, name=r["name"]) for r in rows if r["name"] != "GRPO") if e]
+    eff = next((e for e in others if e["name"] == "E3RL"), None)  # the headline; bootstrapped once
     text = (markdown_table(rows, base, st.eval_samples) + "\n" + efficiency_text(eff) + "\n"
             + efficiency_table(others) + "\n" + slips_table(results, base)
             + "\n" + dynamics_table(results, root))

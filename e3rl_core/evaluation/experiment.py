@@ -295,16 +295,20 @@ def summarize(results: Sequence[dict[str, Any]], base: dict[str, Any] | None = N
     return rows
 
 
+def paired_text(vs: dict[str, Any] | None, digits: int = 3) -> str:
+    """A ``paired_differences`` entry as a table cell: mean ± 95% half-width (pairs), or "-"."""
+    if not vs:
+        return "-"
+    if vs["pairs"] == 1:
+        return f"{vs['mean']:+.{digits}f} (1 pair)"
+    return f"{vs['mean']:+.{digits}f} ± {vs['ci']:.{digits}f} ({vs['pairs']} pairs)"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], base: dict[str, Any] | None, k: int, ref: str = "GRPO",
                    ablation_ref: str = "E3RL") -> str:
     """The comparison table: final Avg@K (± 95% t interval over seeds), the seed-paired difference
     from ``ref``, the mean curve at each evaluation point, erasure at test, cost. Ablations follow in
     a table of their own, paired with ``ablation_ref`` as well as with ``ref``."""
-    def paired(vs: dict[str, Any] | None) -> str:
-        if not vs:
-            return "-"
-        return f"{vs['mean']:+.3f} ± {vs['ci']:.3f} ({vs['pairs']} pairs)" if vs["pairs"] > 1 else f"{vs['mean']:+.3f} (1 pair)"
-
     def cells(r: dict[str, Any]) -> tuple[str, str]:
         pm = lambda m, c: f"{m:.3f} ± {c:.3f}" if r["seeds"] > 1 else f"{m:.3f}"  # noqa: E731
         curve = " → ".join(f"{p['mean']:.3f}" for p in r.get("curve") or [])
@@ -323,13 +327,13 @@ def markdown_table(rows: Sequence[dict[str, Any]], base: dict[str, Any] | None, 
     for r in rows:
         if r.get("kind") != "ablation":
             rest, avg = cells(r)
-            lines.append(f"| {r['name']} | {r['seeds']} | {avg} | {paired(r.get('vs_ref'))} | {rest}")
+            lines.append(f"| {r['name']} | {r['seeds']} | {avg} | {paired_text(r.get('vs_ref'))} | {rest}")
     text = head + "\n".join(lines) + "\n"
     if ablations:
         text += (f"\n| ablation | seeds | Avg@{k}, plain sampling at test | vs {ablation_ref}, seed-paired | "
                  f"vs {ref}, seed-paired | {tail}\n|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in ablations:
             rest, avg = cells(r)
-            text += (f"| {r['name']} | {r['seeds']} | {avg} | {paired(r.get('vs_method'))} | "
-                     f"{paired(r.get('vs_ref'))} | {rest}\n")
+            text += (f"| {r['name']} | {r['seeds']} | {avg} | {paired_text(r.get('vs_method'))} | "
+                     f"{paired_text(r.get('vs_ref'))} | {rest}\n")
     return text
