@@ -17,15 +17,25 @@ def add_parser(sub: Any) -> None:
     add_device_flags(bg)
     bg.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median reported)")
     bg.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    bg.add_argument("--parts", default="abcdefgh",
+    bg.add_argument("--parts", default="abcdefghi",
                     help="which parts to run (default all): a-d on --model; e-h, the long-trace parts, on "
-                         "--long-model (e also on the shipped model, at the lengths its context holds)")
+                         "--long-model (e also on the shipped model, at the lengths its context holds); i, the "
+                         "sliding-window and hybrid families against a Llama of the same size")
     bg.add_argument("--long-model", default="random:small-qwen3",
                     help="model of the long-trace parts (default: a random-init Qwen3-shaped model a CPU can "
                          "decode 4k tokens with; random:qwen3-0.6b on a GPU)")
     add_compile_flag(bg)
     add_trust_remote_code_flag(bg)
     bg.set_defaults(func=cmd_bench_generate)
+    bc = bench_sub.add_parser("compat", help="which model families erasure handles exactly (tiny random-init models)")
+    bc.add_argument("--families", default="",
+                    help="comma-separated family names (default: every hand-sized family; see e3rl_core/evaluation/"
+                         "compat.py); a causal-LM model type of the installed transformers also works")
+    bc.add_argument("--all", action="store_true",
+                    help="also every other causal-LM type the installed transformers has, shrunk generically")
+    bc.add_argument("--no-train", action="store_true", help="skip the one-step e3rl training check")
+    bc.add_argument("--out", default="", help="also write the table (Markdown) to this file")
+    bc.set_defaults(func=cmd_bench_compat)
     bt = bench_sub.add_parser("train", help="a training step's phases vs the same work done bare")
     bt.add_argument("--model", default="checkpoints/arith-demo", help="model directory or random:<preset>")
     bt.add_argument("--data", default="synthetic:train?n=2000", help="training data spec (as e3rl train)")
@@ -50,6 +60,23 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     )
     print(format_table(result))
     return 0
+
+
+def cmd_bench_compat(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..evaluation.compat import format_compat, run_compat
+
+    families = [f.strip() for f in args.families.split(",") if f.strip()] or None
+    rows = run_compat(families, all_installed=args.all, train=not args.no_train,
+                      progress=lambda msg: print(f"[compat] {msg}", file=sys.stderr, flush=True))
+    table = format_compat(rows)
+    print(table)
+    if args.out:
+        out = Path(args.out).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+    return 0 if all(r.status in ("exact", "refused", "not built") for r in rows) else 1
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:

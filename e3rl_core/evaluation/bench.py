@@ -5,7 +5,9 @@
     regeneration that re-prefills the kept prefix;
 (c) peak KV-cache memory vs tokens generated with erasures on (linear fit, R^2);
 (d) a G=8 group decoded in lockstep with erasure vs the same 8 rollouts one after another;
-(e)-(h) the long-trace parts, on a Qwen3-shaped model: see ``bench_long``.
+(e)-(h) the long-trace parts, on a Qwen3-shaped model: see ``bench_long``;
+(i) the family mechanics (sliding windows, recurrent states) against a Llama of the same size:
+    see ``bench_families``.
 Returns rows; the CLI prints them. Timings are medians over ``repeats`` runs after a warm-up.
 """
 from __future__ import annotations
@@ -253,7 +255,7 @@ def _bench_group(b: _Bench, p32: list[int], gen_tokens: int) -> BenchRow:
     )
 
 
-PARTS = "abcdefgh"
+PARTS = "abcdefghi"
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                        "checkpoints", "arith-demo")
 
@@ -312,6 +314,12 @@ def run_generate_bench(
         result.rows += bench_long.run_long_parts(
             result, parts, long_model, shipped_model, device=device, dtype=dtype, repeats=repeats, quick=quick,
             progress=progress, trust_remote_code=trust_remote_code, compile=compile)
+    if "i" in parts:
+        from .bench_families import run_family_parts
+
+        dev = torch.device(device) if device else torch.device("cpu")
+        result.machine = result.machine or machine_description(dev)
+        result.rows += run_family_parts(dev, repeats, quick, progress)
     return result
 
 

@@ -29,7 +29,9 @@ from . import detok
 from .config import GenerationConfig
 from .decision import decide
 from .compile import check_compiler, compiled_forward
+from .families import Masks, RowStates, inspect_model
 from .kvcache import BatchKV
+from .selfcheck import ensure_exact
 from .sampling import choose_tokens
 from .scoring import SegmentFeatures, segment_features, segment_score
 from .segmenter import SEGMENTERS, make_segmenter
@@ -151,10 +153,12 @@ class ErasableGenerator:
         model_name: str | None = None,
         checker: Checker | None = None,
         answer_fn: AnswerFn | None = None,
+        self_check: bool = True,
     ) -> None:
         """checker(text, gold) and answer_fn(text) fill the done event's ``correct`` and ``answer``
         (a task's answer checking, e.g. ``e3rl_core.tasks.rewards``); without them both are None,
-        since the engine knows tokens, not tasks."""
+        since the engine knows tokens, not tasks. A model of a family no test covers is checked once
+        for exact erasure (``selfcheck``) and refused if it fails."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or GenerationConfig()
@@ -163,6 +167,10 @@ class ErasableGenerator:
         POLICIES.get(self.config.threshold.policy)
         self.segmenter = make_segmenter(self.config.segment)
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        # What erasure needs per layer family (windows counted in positions, recurrent states
+        # snapshotted); a family it cannot make exact is refused here, before any generation.
+        self.layout = inspect_model(model)
+        self.masks = Masks(self.layout, next(model.parameters()).dtype)
         self.checker = checker
         self.answer_fn = answer_fn
         self.device = next(model.parameters()).device
@@ -180,6 +188,8 @@ class ErasableGenerator:
         self.last_stats = RunStats()
         self.decoder = detok.Decoder(tokenizer)
         self._token_texts: dict[int, str] = {}
+        if self_check:
+            ensure_exact(self)
 
     def token_text(self, token_id: int) -> str:
         """One token's text on its own (memoized), for top-k alternatives."""
@@ -296,7 +306,8 @@ class _Run:
         self.gen = gen
         self.cfg = gen.config
         self.rows = rows
-        self.kv = BatchKV(len(rows), gen.device, self.cfg.kv_cache)
+        self.kv = BatchKV(len(rows), gen.device, self.cfg.kv_cache, gen.layout, gen.model.config)
+        self.states = RowStates(self.kv.cache)
         self.signal_name = self.cfg.score.signal
         self.window = self.cfg.smoothing_window
         self.weights = (self.cfg.score.weight_base, self.cfg.score.weight_max, self.cfg.score.weight_delta)
@@ -307,7 +318,13 @@ class _Run:
         self.boundary: torch.Tensor | None = None  # (B, V) logits at each row's segment start
 
     # ------------------------------------------------------------------ model
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, keep: int) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor, keep: int,
+                 fed: torch.Tensor) -> torch.Tensor:
+        """Append the (B, n) columns ``input_ids`` (``valid``: real or a hole, ``fed``: (B,) the
+        row takes part) at ``position_ids``; returns the last ``keep`` logits (B, keep, V)."""
+        n = input_ids.shape[1]
+        mask = self.kv.attention_mask(valid, position_ids)
+        attention_mask = self.gen.masks(mask, self.kv.pending_positions(n), n, fed)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
             self.gen._cache_kw: self.kv.cache, "use_cache": True,
@@ -319,8 +336,11 @@ class _Run:
         if input_ids.shape[1] == 1 and self.cfg.compile:
             forward = self.gen._decode_forward
             # A contiguous mask keeps its strides the same from step to step: no recompilation.
-            kwargs["attention_mask"] = attention_mask.contiguous()
+            kwargs["attention_mask"] = (
+                {k: m.contiguous() for k, m in attention_mask.items()} if isinstance(attention_mask, dict)
+                else attention_mask.contiguous())
         logits = forward(**kwargs).logits
+        self.kv.advance(n)
         return logits[:, -keep:].float()  # (B, keep, V)
 
     def _prefill(self) -> None:
@@ -335,8 +355,9 @@ class _Run:
         pos = (valid.cumsum(1) - 1).clamp_min(0)
         dev = self.gen.device
         keep = min(longest, self.window + 1) if self.cfg.score.first_reference == "prompt_tail" else 1
-        logits = self._forward(ids.to(dev), self.kv.attention_mask(valid.to(dev)), pos.to(dev), keep)
-        self.kv.advance(longest)
+        everyone = torch.ones(B, dtype=torch.long, device=dev)
+        logits = self._forward(ids.to(dev), valid.to(dev), pos.to(dev), keep, everyone)
+        self.states.mark_segment_start(range(B))
         self.stats.kv_bytes_per_column = self.kv.nbytes() // max(1, self.kv.length)
         self.stats.peak_columns = self.kv.length
         self.stats.peak_capacity = self.kv.capacity()
@@ -549,6 +570,7 @@ class _Run:
         r.replay, r.restored_from = replay, restored_from
         self._reset_segment(r)
         r.pos = r.seg_start_pos
+        self.states.roll_back(r.index)
         r.detok = r.seg_detok.copy()
         self.cur[r.index] = self.boundary[r.index]
         r.status = RowStatus.SAMPLE
@@ -606,11 +628,14 @@ class _Run:
         for r in feeding:
             ids[r.index], pos[r.index], valid[r.index] = r.to_feed, r.pos, 1
         dev = self.gen.device
-        mask = kv.attention_mask(torch.tensor(valid, device=dev)[:, None])
-        logits = self._forward(
-            torch.tensor(ids, device=dev)[:, None], mask, torch.tensor(pos, device=dev)[:, None], 1
-        )[:, -1]  # (B, V)
-        kv.advance(1)
+        fed = torch.tensor(valid, device=dev)
+        # A live row that sits out this forward is fed padding: its recurrent state (if any) must
+        # come out as it went in.
+        idle = [r.index for r in self.rows if not valid[r.index] and r.status is not RowStatus.DONE]
+        with self.states.hold(idle):
+            logits = self._forward(
+                torch.tensor(ids, device=dev)[:, None], fed[:, None], torch.tensor(pos, device=dev)[:, None], 1, fed
+            )[:, -1]  # (B, V)
         self.stats.forwards += 1
         self.stats.peak_columns = max(self.stats.peak_columns, kv.length)
         self.stats.peak_capacity = max(self.stats.peak_capacity, kv.capacity())
@@ -625,6 +650,7 @@ class _Run:
                 self.boundary[r.index] = self.cur[r.index]
                 r.seg_start_pos = r.pos
                 r.new_segment = False
+                self.states.mark_segment_start((r.index,))
             else:
                 r.seg_cols.append(col)
 

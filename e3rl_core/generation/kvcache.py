@@ -26,12 +26,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import ConfigError
 from .config import KV_CACHES
+from .families import ModelLayout, is_kv_layer, make_layers
 
 
 def cache_layers(cache: Any) -> list[tuple[Any, str, str]]:
-    """(holder, key attribute, value attribute) per layer, for transformers 5.x and 4.x caches."""
+    """(holder, key attribute, value attribute) per layer that holds key/value columns, for
+    transformers 5.x and 4.x caches (recurrent-state and cache-less layers have none)."""
     if hasattr(cache, "layers"):
-        return [(layer, "keys", "values") for layer in cache.layers]
+        return [(layer, "keys", "values") for layer in cache.layers if is_kv_layer(layer)]
     return [(cache, f"key_cache.{i}", f"value_cache.{i}") for i in range(len(cache.key_cache))]
 
 
@@ -141,6 +143,17 @@ class GrowingLayer(CacheLayerMixin):
             self._views()
 
 
+def _crop_columns(layer: Any, count: int) -> None:
+    """Drop ``-count`` columns of one key/value layer (a hybrid layer's own ``crop`` would also
+    try to crop its recurrent state, which has no columns)."""
+    if count >= 0:
+        return
+    if isinstance(layer, GrowingLayer):
+        layer.crop(count)
+    else:
+        layer.keys, layer.values = layer.keys[..., :count, :], layer.values[..., :count, :]
+
+
 class GrowingCache(Cache):
     """A transformers ``Cache`` of ``GrowingLayer``s, one per model layer, created on first use."""
 
@@ -148,8 +161,16 @@ class GrowingCache(Cache):
         super().__init__(layer_class_to_replicate=GrowingLayer)
 
 
-def make_cache(kind: str) -> Cache:
-    """A fresh cache of the ``GenerationConfig.kv_cache`` kind."""
+def make_cache(kind: str, layout: ModelLayout | None = None, config: Any = None) -> Cache:
+    """A fresh cache of the ``GenerationConfig.kv_cache`` kind; for a model with windowed or
+    state layers (``layout``), one layer per model layer as ``families.make_layers`` lays out."""
+    if kind not in KV_CACHES:
+        raise ConfigError(f"unknown kv_cache {kind!r}; choose one of: {', '.join(KV_CACHES)}")
+    layers = make_layers(layout, kind, config) if layout is not None else None
+    if layers is not None:
+        cache = DynamicCache(config=config)
+        cache.layers = layers
+        return cache
     if kind == "dynamic":
         return DynamicCache()
     if kind == "static":
@@ -160,11 +181,13 @@ def make_cache(kind: str) -> Cache:
 class BatchKV:
     """The cache plus its (B, T) column-validity mask."""
 
-    def __init__(self, batch_size: int, device: torch.device, kind: str = "dynamic") -> None:
-        self.cache = make_cache(kind)
+    def __init__(self, batch_size: int, device: torch.device, kind: str = "dynamic",
+                 layout: ModelLayout | None = None, config: Any = None) -> None:
+        self.cache = make_cache(kind, layout, config)
         self.batch_size = batch_size
         self.device = device
         self._mask = torch.zeros(batch_size, 256, dtype=torch.long, device=device)
+        self._pos = torch.zeros(batch_size, 256, dtype=torch.long, device=device)  # each column's position
         self.length = 0  # columns in the cache
 
     @property
@@ -172,19 +195,33 @@ class BatchKV:
         """(B, T) 1 where the column holds a valid entry for the row."""
         return self._mask[:, : self.length]
 
+    @property
+    def positions(self) -> torch.Tensor:
+        """(B, T) the position id each column was fed at (what windowed layers count in)."""
+        return self._pos[:, : self.length]
+
     def reserve(self, columns: int) -> None:
         need = self.length + columns
         if need > self._mask.shape[1]:
-            grown = torch.zeros(self.batch_size, max(need, 2 * self._mask.shape[1]), dtype=torch.long, device=self.device)
-            grown[:, : self.length] = self.mask
-            self._mask = grown
+            size = max(need, 2 * self._mask.shape[1])
+            for name in ("_mask", "_pos"):
+                grown = torch.zeros(self.batch_size, size, dtype=torch.long, device=self.device)
+                grown[:, : self.length] = getattr(self, name)[:, : self.length]
+                setattr(self, name, grown)
 
-    def attention_mask(self, new_valid: torch.Tensor) -> torch.Tensor:
-        """Mask for a forward that appends ``new_valid.shape[1]`` columns: (B, T + n)."""
+    def attention_mask(self, new_valid: torch.Tensor, new_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask for a forward that appends ``new_valid.shape[1]`` columns: (B, T + n). The new
+        columns' positions are recorded when given."""
         n = new_valid.shape[1]
         self.reserve(n)
         self._mask[:, self.length : self.length + n] = new_valid
+        if new_positions is not None:
+            self._pos[:, self.length : self.length + n] = new_positions
         return self._mask[:, : self.length + n]
+
+    def pending_positions(self, n: int) -> torch.Tensor:
+        """(B, T + n) positions including the ``n`` columns the next forward appends."""
+        return self._pos[:, : self.length + n]
 
     def advance(self, n: int) -> None:
         """Record that the forward appended ``n`` columns."""
@@ -227,8 +264,14 @@ class BatchKV:
         keep = int(any_valid[-1]) + 1 if len(any_valid) else 0
         cut = self.length - keep
         if cut > 0:
-            # A negative count means "drop that many" on transformers 4.x and 5.x alike.
-            self.cache.crop(keep - self.cache.get_seq_length())
+            # A negative count means "drop that many" on transformers 4.x and 5.x alike. Layer by
+            # layer, since recurrent-state layers have no columns to drop.
+            if hasattr(self.cache, "layers"):
+                for holder, k, _ in cache_layers(self.cache):
+                    n = _get(holder, k).shape[-2] if not isinstance(holder, GrowingLayer) else holder.length
+                    _crop_columns(holder, keep - n)
+            else:
+                self.cache.crop(keep - self.cache.get_seq_length())
             self._mask[:, keep : self.length] = 0
             self.length = keep
         return cut
@@ -242,6 +285,7 @@ class BatchKV:
         # A stable sort on validity puts each row's holes first and its valid columns after, in order.
         order = torch.sort(valid.long(), dim=1, stable=True).indices[:, self.length - new_len :]  # (B, T')
         new_mask = torch.gather(valid.long(), 1, order)
+        new_pos = torch.gather(self.positions, 1, order)
         for holder, k_attr, v_attr in cache_layers(self.cache):
             if isinstance(holder, GrowingLayer):
                 holder.keep_columns(order)  # in place, in the buffer it already holds
@@ -255,5 +299,6 @@ class BatchKV:
         remap.scatter_(1, order, torch.where(new_mask.bool(), positions, torch.full_like(positions, -1)))
         self._mask.zero_()
         self._mask[:, :new_len] = new_mask
+        self._pos[:, :new_len] = new_pos
         self.length = new_len
         return remap

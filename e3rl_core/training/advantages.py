@@ -14,21 +14,18 @@
    - ``causal_attention``  A_{i,n} = A_i * ((1 - lam) + lam * hat_w_{i,n}) with hat_w = N * w / sum(w),
                            w_{i,n} the attention mass the answer segment puts on segment n
                            (``attention_weights`` computes it from eager attention maps, O(T^2);
-                           ``answer_attention`` from hooks on an SDPA forward, only for the answer
-                           segment's queries, O(answer x T)), so hat_w averages 1 over segments.
+                           ``answer_attention.answer_attention`` from hooks on an SDPA forward, only
+                           for the answer segment's queries, O(answer x T)), so hat_w averages 1
+                           over segments.
 Standard deviations are population (ddof=0) as in the threshold policy; TRL uses ddof=1 for its
 group std. This only rescales advantages by sqrt((G-1)/G) inside a group.
 """
 from __future__ import annotations
 
-import contextlib
-import math
-import sys
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from ..errors import ConfigError
 from ..registry import Registry
 
 EPS = 1e-4  # TRL's epsilon in (R - mean) / (std + eps)
@@ -135,166 +132,3 @@ def attention_weights(
         mass = (mass * query[:, None, :, None]).sum(2) / qn[:, None, None]  # (R, H, N)
         per_layer.append(mass.max(1).values)  # (R, N)
     return torch.stack(per_layer).mean(0)
-
-
-# ---------------------------------------------------------------- linear-memory causal allocation
-# ``attention_weights`` needs every query's full attention row: an eager forward with
-# ``output_attentions`` materialises (R, H, T, T) per layer. Only the answer segment's queries
-# matter, so the linear path hooks the last ``layers`` attention modules of the ordinary (SDPA)
-# forward, recomputes their queries and keys from the module's own inputs (projections, Qwen3's
-# q_norm/k_norm, the model's RoPE and ``scaling``, GQA) and reduces the answer rows' attention to
-# per-segment mass inside the hook: O(answer rows x T) memory, nothing kept but (R, N) per layer.
-
-LINEAR_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-"""Model types whose attention the linear path reproduces (tested against the eager reference)."""
-EAGER_FALLBACK = "--set attention_impl=eager"
-QUERY_CHUNK = 256  # answer queries per attention block: bounds the (R, H, chunk, T) probabilities
-
-
-class UnsupportedAttentionError(ConfigError):
-    """The linear causal allocation cannot reproduce this model's attention; the eager path can."""
-
-
-def _unsupported(model_type: str, why: str) -> UnsupportedAttentionError:
-    return UnsupportedAttentionError(
-        f"allocation=causal_attention: the linear-memory attention path does not support this model "
-        f"({model_type}: {why}); rerun with {EAGER_FALLBACK} (O(T^2) memory) or allocation=uniform")
-
-
-def attention_modules(model: Any, layers: int) -> list[Any]:
-    """The attention modules of the last ``layers`` decoder layers (all if 0 or fewer), checked to
-    have the layout the linear path reproduces; raises ``UnsupportedAttentionError`` naming the
-    eager fallback otherwise (before anything runs)."""
-    config = getattr(model, "config", None)
-    model_type = str(getattr(config, "model_type", type(model).__name__))
-    if model_type not in LINEAR_MODEL_TYPES:
-        raise _unsupported(model_type, f"model type not known to work; known: {', '.join(LINEAR_MODEL_TYPES)}")
-    decoder = getattr(getattr(model, "model", None), "layers", None)
-    if decoder is None or len(decoder) == 0:
-        raise _unsupported(model_type, "no decoder layers found at model.model.layers")
-    chosen = list(decoder)[-layers:] if layers > 0 else list(decoder)
-    modules = []
-    for layer in chosen:
-        attn = getattr(layer, "self_attn", None)
-        needed = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim", "num_key_value_groups")
-        missing = [name for name in needed if not hasattr(attn, name)]
-        if attn is None or missing:
-            raise _unsupported(model_type, f"attention without {', '.join(missing) or 'self_attn'}")
-        if getattr(attn, "sliding_window", None) is not None:
-            raise _unsupported(model_type, "sliding-window attention layers")
-        if hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
-            raise _unsupported(model_type, "a q_norm without a k_norm or the reverse")
-        module = sys.modules.get(type(attn).__module__)
-        if not callable(getattr(module, "apply_rotary_pos_emb", None)):
-            raise _unsupported(model_type, f"no apply_rotary_pos_emb in {type(attn).__module__}")
-        modules.append(attn)
-    return modules
-
-
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B or 1, T, D), idx (R, A) -> (R, A, D)."""
-    x = x.expand(idx.shape[0], -1, -1)
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _heads(module: Any, proj: Any, x: torch.Tensor, norm: Any) -> torch.Tensor:
-    """(R, S, D) -> (R, heads, S, head_dim), normed per head when the model does (Qwen3)."""
-    y = proj(x).view(*x.shape[:2], -1, module.head_dim)
-    if norm is not None:
-        y = norm(y)
-    return y.transpose(1, 2)
-
-
-class _AnswerAttention:
-    """Per-call state of the hooks: the batch's answer queries, key masks and segment one-hots."""
-
-    def __init__(self, segment_ids: torch.Tensor, n_segments: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        query, keys = _answer_queries(segment_ids, n_segments)
-        self.count = query.sum(1)  # (R,)
-        a = max(int(self.count.max()), 1) if self.count.numel() else 1
-        # answer positions first (stable sort keeps their order), padded with position 0 + invalid
-        order = torch.sort(query.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :a]
-        self.valid = torch.arange(a)[None, :] < self.count[:, None]  # (R, A)
-        self.index = torch.where(self.valid, order, torch.zeros_like(order))
-        self.key_mask = attention_mask.bool()
-        self.keys = keys
-        self.per_layer: list[torch.Tensor] = []
-
-    def hook(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
-        actual = output[0] if isinstance(output, tuple) else output
-        self.per_layer.append(_answer_mass(module, hidden, cos, sin, actual, self))
-
-    def weights(self) -> torch.Tensor:
-        """(R, N): mean over the hooked layers of the max over heads of the answer mass."""
-        return torch.stack(self.per_layer).mean(0)
-
-
-@torch.no_grad()
-def _answer_mass(module: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, actual: torch.Tensor,
-                 st: _AnswerAttention) -> torch.Tensor:
-    """One layer: (R, N) max over heads of the mean over answer queries of the attention mass on
-    each segment, recomputed as the module computes it; the module's own output at the answer
-    positions is checked against the recomputation, so a layout the hook does not reproduce fails
-    loudly instead of giving a wrong weighting."""
-    dev = hidden.device
-    rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
-    q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
-    k = _heads(module, module.k_proj, hidden, k_norm)
-    k = rope(k, k, cos, sin)[0]
-    v = _heads(module, module.v_proj, hidden, None)
-    groups = module.num_key_value_groups
-    k = k.repeat_interleave(groups, dim=1).float()  # GQA: repeat_kv's head order
-    v = v.repeat_interleave(groups, dim=1)
-    key_mask, keys = st.key_mask.to(dev), st.keys.to(dev)
-    positions = torch.arange(hidden.shape[1], device=dev)
-    mass_sum, err, ref = 0.0, 0.0, 0.0
-    for lo in range(0, st.index.shape[1], QUERY_CHUNK):
-        idx, valid = st.index[:, lo: lo + QUERY_CHUNK].to(dev), st.valid[:, lo: lo + QUERY_CHUNK].to(dev)
-        q = _heads(module, module.q_proj, _gather_rows(hidden, idx), q_norm)
-        q = rope(q, q, _gather_rows(cos, idx), _gather_rows(sin, idx))[0]
-        scores = (q.float() @ k.transpose(2, 3)) * module.scaling  # (R, H, A, T)
-        # causal and padding, as the model's mask; padded query slots see every key (no NaN)
-        allowed = ((positions[None, None, :] <= idx[..., None]) & key_mask[:, None, :]) | ~valid[..., None]
-        probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
-        mass = probs @ keys[:, None]  # (R, H, A, N)
-        mass_sum = mass_sum + (mass * valid[:, None, :, None]).sum(2)
-        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(*idx.shape, -1)
-        diff = (module.o_proj(out) - _gather_rows(actual, idx)).float() * valid[..., None]
-        err = err + float(diff.pow(2).sum())
-        ref = ref + float((_gather_rows(actual, idx).float() * valid[..., None]).pow(2).sum())
-    _check_reproduced(module, err, ref, hidden.dtype)
-    count = st.count.to(dev).clamp(min=1).float()
-    return (mass_sum / count[:, None, None]).max(1).values.cpu()  # (R, N)
-
-
-def _check_reproduced(module: Any, err: float, ref: float, dtype: torch.dtype) -> None:
-    """Relative error of the recomputed attention output vs the module's: float noise passes,
-    a different rotary, scaling, mask or projection does not."""
-    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
-    rel = math.sqrt(err / ref) if ref > 0 else math.sqrt(err)
-    if not rel <= tol:
-        model_type = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
-        raise _unsupported(str(model_type), f"layer {getattr(module, 'layer_idx', '?')}'s attention output is not "
-                                            f"reproduced (relative error {rel:.2g} > {tol:g})")
-
-
-@contextlib.contextmanager
-def answer_attention(model: Any, layers: int, segment_ids: torch.Tensor, n_segments: torch.Tensor,
-                     attention_mask: torch.Tensor) -> Iterator[_AnswerAttention]:
-    """Hooks for one forward of ``model`` on this batch; after it, ``.weights()`` is (R, N), equal
-    to ``attention_weights`` of the eager attentions, in O(answer rows x T) memory::
-
-        with answer_attention(model, 4, b.segment_ids, b.n_segments, b.attention_mask) as att:
-            model(input_ids=b.input_ids, attention_mask=b.attention_mask)
-        w = att.weights()
-    """
-    modules = attention_modules(model, layers)
-    state = _AnswerAttention(segment_ids, n_segments, attention_mask)
-    handles = [m.register_forward_hook(state.hook, with_kwargs=True) for m in modules]
-    try:
-        yield state
-    finally:
-        for h in handles:
-            h.remove()

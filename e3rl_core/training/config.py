@@ -92,8 +92,8 @@ class TrainConfig:
     """[R] Attention is averaged over the last L layers (all if fewer; 0 = all)."""
     attention_impl: str = "linear"
     """How ``causal_attention`` gets the answer segment's attention: ``linear`` recomputes it for the
-    answer queries only, from hooks on the ordinary (SDPA) forward, O(answer x T) memory (Llama,
-    Qwen2, Qwen3); ``eager`` reads the full maps of an eager ``output_attentions`` forward, O(T^2)
+    answer queries only, from hooks on the ordinary (SDPA) forward, O(answer x T) memory (the
+    families ``training/answer_attention.py`` lists; others are refused naming this field); ``eager`` reads the full maps of an eager ``output_attentions`` forward, O(T^2)
     memory, any model (the reference)."""
     no_base_uncertainty: bool = False
     """Ablation: drop B_n from the segment score (score.weight_base = 0)."""

@@ -41,7 +41,8 @@ from ..tasks.datasets import DataError, Example, load_examples, render_prompt
 from ..tasks.rewards import extract_answer, prompt_opens_think, reward
 from . import checkpoint as ckpt
 from . import distributed, fsdp, held_out
-from .advantages import ADVANTAGES, ALLOCATORS, answer_attention, attention_modules, attention_weights
+from .advantages import ADVANTAGES, ALLOCATORS, attention_weights
+from .answer_attention import answer_attention, attention_modules
 from .config import TrainConfig
 from .losses import LOSSES, LossNorm, clipped_surrogate, token_logps
 from .rollout import RolloutBatch, build_batch, finish_metrics, group_has_signal, rollout_metrics
@@ -102,10 +103,14 @@ class Trainer:
         # A template that opens the think block in the prompt (DeepSeek-R1 distills) starts every
         # completion inside the reasoning: its answer comes only after the closing tag.
         self._opened = prompt_opens_think(render_prompt(self.examples[0].question, self.tokenizer))
-        self.generator = ErasableGenerator(
-            self.rollout_model, self.tokenizer, self.gen_config, model_name=model, checker=self._correct,
-            answer_fn=partial(extract_answer, opened=self._opened),
-        )
+        try:  # a model erasure is not exact on is refused here, before any rollout
+            self.generator = ErasableGenerator(
+                self.rollout_model, self.tokenizer, self.gen_config, model_name=model, checker=self._correct,
+                answer_fn=partial(extract_answer, opened=self._opened),
+            )
+        except E3RLError:
+            self._discard_out_dir(created)
+            raise
         self.examples, self.prompts_filtered = self._fitting_examples(created)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -161,14 +166,17 @@ class Trainer:
         return kept, len(self.examples) - len(kept)
 
     def _check_attention_layout(self, created: bool) -> None:
-        """Causal allocation's linear path refuses a model it cannot reproduce before any rollout,
-        naming the eager fallback (``--set attention_impl=eager``)."""
-        if self.allocation == "causal_attention" and self.cfg.attention_impl == "linear":
-            try:
+        """Before any rollout: a model erasure is not exact on is refused in one line
+        (``families.inspect_model``, ``selfcheck``), and causal allocation's linear path refuses a
+        model it cannot reproduce, naming the eager fallback (``--set attention_impl=eager``)."""
+        try:
+            # the family checks and, for a family no test covers, the one-time exactness check
+            ErasableGenerator(self.model, self.tokenizer, self.gen_config)
+            if self.allocation == "causal_attention" and self.cfg.attention_impl == "linear":
                 attention_modules(self.model, self.cfg.attention_layers)
-            except E3RLError:
-                self._discard_out_dir(created)
-                raise
+        except E3RLError:
+            self._discard_out_dir(created)
+            raise
 
     def _discard_out_dir(self, created: bool) -> None:
         """Leave no empty run directory behind a run that could not start."""

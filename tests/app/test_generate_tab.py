@@ -236,3 +236,32 @@ def test_the_pages_run_joins_the_session_once_it_has_ended():
     history = join_history(earlier, events, info)
     assert history == earlier + events
     assert join_history(history, events, info) == history  # a failed click leaves the last run: not added twice
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    """A hybrid model the engine runs exactly (Jamba) and one it refuses (RecurrentGemma)."""
+    from e3rl_core.evaluation.compat import family_model
+
+    dirs = {}
+    for name in ("jamba", "recurrent_gemma"):
+        model, tok = family_model(name)
+        path = tmp_path_factory.mktemp("families") / name
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        dirs[name] = str(path)
+    return dirs
+
+
+def test_the_generate_tab_runs_a_hybrid_and_refuses_what_the_engine_refuses(family_dirs):
+    from e3rl_core.evaluation.compat import family_model
+    from e3rl_core.generation.families import UnsupportedModelError, inspect_model
+
+    outs = list(generate(shared(), "entropy", 0, [], values(model=family_dirs["jamba"], group_size=2,
+                                                           max_new_tokens=24)))
+    assert sum(e.kind == "done" for e in outs[-1][5]) == 2
+    with pytest.raises(UnsupportedModelError) as cli_error:
+        inspect_model(family_model("recurrent_gemma")[0])
+    with pytest.raises(Exception) as app_error:
+        list(generate(shared(), "entropy", 0, [], values(model=family_dirs["recurrent_gemma"], group_size=1)))
+    assert str(cli_error.value) in str(app_error.value)  # the one line the command line prints

@@ -9,12 +9,14 @@ import torch
 from conftest import make_config, median_score
 
 from e3rl_core.errors import ConfigError
+from e3rl_core.evaluation.compat import family_model, forced_erasure_config
 from e3rl_core.generation.generator import ErasableGenerator
 from e3rl_core.models import random_model, recommended_config
 from e3rl_core.overrides import apply_overrides
-from e3rl_core.training import advantages
+from e3rl_core.training import answer_attention as advantages
 from e3rl_core.training import trainer as trainer_mod
-from e3rl_core.training.advantages import UnsupportedAttentionError, answer_attention, attention_weights
+from e3rl_core.training.advantages import attention_weights
+from e3rl_core.training.answer_attention import UnsupportedAttentionError, answer_attention
 from e3rl_core.training.config import TrainConfig
 from e3rl_core.training.rollout import build_batch
 from e3rl_core.training.trainer import Trainer
@@ -104,19 +106,20 @@ def test_trainer_allocation_linear_equals_eager(tmp_path):
     assert (old_lin - old_eager).abs().max() <= 1e-4
 
 
-def _alter_type(model):
-    model.config.model_type = "mistral"
-
-
-def _alter_sliding(model):
-    model.model.layers[-1].self_attn.sliding_window = 8
-
-
 def _alter_fused_qkv(model):
     del model.model.layers[-1].self_attn.q_proj
 
 
-LAYOUTS = {"unknown model type": _alter_type, "sliding window": _alter_sliding, "no q_proj": _alter_fused_qkv}
+def _alter_query_size(model):
+    attn = model.model.layers[-1].self_attn
+    attn.q_proj = torch.nn.Linear(attn.q_proj.in_features, 3 * attn.q_proj.out_features)
+
+
+def _alter_temperature(model):
+    model.config.attn_temperature_tuning = True  # Llama 4's query temperature
+
+
+LAYOUTS = {"no q_proj": _alter_fused_qkv, "query size": _alter_query_size, "query temperature": _alter_temperature}
 
 
 @pytest.mark.parametrize("alter", list(LAYOUTS))
@@ -126,6 +129,35 @@ def test_unsupported_layout_names_the_eager_fallback(alter):
     seg = torch.tensor([[-1, 0, 0, 1, 1]])
     with pytest.raises(UnsupportedAttentionError, match="--set attention_impl=eager"):
         answer_attention(model, 4, seg, torch.tensor([2]), torch.ones(1, 5, dtype=torch.long)).__enter__()
+
+
+def test_a_model_without_attention_is_told_to_allocate_uniformly():
+    model, _ = family_model("mamba")
+    seg = torch.tensor([[-1, 0, 0, 1, 1]])
+    with pytest.raises(ConfigError, match="mamba has no attention layers.*allocation=uniform"):
+        answer_attention(model, 4, seg, torch.tensor([2]), torch.ones(1, 5, dtype=torch.long)).__enter__()
+
+
+FAMILIES = ["qwen3_moe", "mistral-window", "gemma2", "gemma3_text", "gpt_oss", "smollm3", "phi3", "olmo2", "gpt2",
+            "gpt_neox", "qwen3_next", "lfm2", "jamba", "bamba", "falcon_h1"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_linear_path_equals_eager_reference_on_every_family(name):
+    """MoE, sliding windows (the answer queries see only their window), sinks, soft-capping, NoPE,
+    fused projections, absolute positions, gated attention and hybrids (attention layers only),
+    on erasing rollouts with padding: equal to the eager ``output_attentions`` reference."""
+    model, tok = family_model(name)
+    cfg = apply_overrides(forced_erasure_config("dynamic"), ["max_new_tokens=48", "erase.budget=1"])
+    traces = ErasableGenerator(model, tok, cfg).generate(PROMPTS, group_size=2, seed=0)
+    batch = build_batch(traces, [1.0, 0.0, 1.0, 0.0], pad_id=tok.pad_token_id, erased_rows=True)
+    assert (batch.attention_mask == 0).any() and (batch.parent >= 0).any()
+    assert batch.input_ids.shape[1] > 32  # longer than the 16-token windows
+    ref = eager_reference(model, batch, 0)
+    got = linear(model, batch, 0)
+    assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5
+    live = torch.arange(ref.shape[1])[None] < batch.n_segments[:, None]
+    assert ref[live].std() > 1e-3
 
 
 def test_attention_the_hooks_do_not_reproduce_fails_loudly(model_and_batch):
@@ -155,22 +187,23 @@ def test_attention_the_hooks_do_not_reproduce_fails_loudly(model_and_batch):
     assert (linear(model, batch, 1) - eager_reference(model, batch, 1)).abs().max() <= 1e-5
 
 
-def test_trainer_refuses_an_unsupported_layout_before_any_rollout(tmp_path, monkeypatch):
-    real = trainer_mod.load_model
+@pytest.mark.parametrize("family, error, fallback", [
+    ("llama4_text", UnsupportedAttentionError, r"llama4_text.*--set attention_impl=eager"),
+    ("recurrent_gemma", ConfigError, r"recurrent_gemma: recurrent layers beside sliding-window layers"),
+    ("mpt", ConfigError, r"mpt: a check run with erasures left kept-token signals")])
+def test_trainer_refuses_an_unsupported_model_before_any_rollout(tmp_path, monkeypatch, family, error, fallback):
+    from e3rl_core.evaluation.compat import FAMILIES, generic_model
 
-    def mistral_typed(*args, **kwargs):
-        model, tok = real(*args, **kwargs)
-        model.config.model_type = "mistral"
-        return model, tok
-
-    monkeypatch.setattr(trainer_mod, "load_model", mistral_typed)
+    build = family_model if family in FAMILIES else generic_model
+    monkeypatch.setattr(trainer_mod, "load_model", lambda *a, **k: build(family))
     config = apply_overrides(TrainConfig.for_algo("e3rl", recommended_config(DEMO)),
                              ["num_generations=2", "prompts_per_step=2"])
-    with pytest.raises(UnsupportedAttentionError, match=r"mistral.*--set attention_impl=eager"):
+    with pytest.raises(error, match=fallback):
         Trainer(config, model="random:tiny-qwen3", data=DATA, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()  # no empty run directory left behind
-    eager = apply_overrides(config, ["attention_impl=eager"])
-    assert Trainer(eager, model="random:tiny-qwen3", data=DATA, out=tmp_path / "run2").cfg.attention_impl == "eager"
+    if family == "llama4_text":
+        eager = apply_overrides(config, ["attention_impl=eager"])
+        assert Trainer(eager, model="x", data=DATA, out=tmp_path / "run2").cfg.attention_impl == "eager"
 
 
 def test_attention_impl_is_validated():

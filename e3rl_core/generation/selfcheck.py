@@ -1,0 +1,85 @@
+"""A one-time check that erasure is exact on a model whose family no test covers.
+
+``families.inspect_model`` knows the layer types transformers declares, but not everything a
+model does with positions (ALiBi built from cache columns, a cache class of its own, a layer that
+ignores the cache it is given). So a model of a family outside ``VERIFIED`` is checked once, before
+its first generation: a G = 2 group on a short prompt with forced erasures (every first attempt
+erased), whose kept tokens' signals must equal one fresh forward over prompt + completion. A
+model that fails, or raises, is refused in one line with the measured error. The result is kept
+per model object, so the check costs one short run per loaded model.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from .families import UnsupportedModelError
+
+VERIFIED = frozenset({
+    # the families e3rl_core/evaluation/compat.py builds and the test suite checks on every run
+    "llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "gemma2", "gemma3_text", "gpt_oss", "llama4_text", "smollm3",
+    "phi3", "olmo2", "gpt2", "gpt_neox", "qwen3_next", "lfm2", "jamba", "bamba", "falcon_h1", "mamba",
+})
+"""Model types whose exactness the tests prove on every run: no self-check."""
+
+_CHECKED: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Nats of kept-signal error that float noise explains (float32: linear attention's chunked
+    prefill vs its recurrent steps reach ~2e-4; half precision ~1e-2)."""
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 0.1
+
+
+def ensure_exact(gen: Any) -> None:
+    """Raise ``UnsupportedModelError`` unless erasure is exact on ``gen.model`` (checked once per
+    model; families in ``VERIFIED`` are taken as proven)."""
+    model = gen.model
+    model_type = gen.layout.model_type
+    if model_type in VERIFIED:
+        return
+    if model not in _CHECKED:
+        _CHECKED[model] = _probe(gen)
+    why = _CHECKED[model]
+    if why is not None:
+        raise UnsupportedModelError(
+            f"{model_type}: {why}; erasure is not exact on this model, so E3RL refuses to run it "
+            f"(use a model of a family listed by `e3rl bench compat`)")
+
+
+@torch.no_grad()
+def _probe(gen: Any) -> str | None:
+    from ..overrides import apply_overrides
+    from .generator import ErasableGenerator
+    from .signals import sequence_signals
+
+    cfg = apply_overrides(gen.config.__class__(), [
+        "max_new_tokens=24", "segment.mode=fixed", "segment.segment_tokens=6", "threshold.policy=fixed",
+        "threshold.value=-1e9", "erase.budget=1", "sampling.temperature=1.0", "compile=false",
+        f"kv_cache={gen.config.kv_cache}"])
+    probe = ErasableGenerator(gen.model, gen.tokenizer, cfg, self_check=False)
+    probe.eos_ids = set()  # run to the length asked for: erasures and holes in both rows
+    vocab = int(getattr(gen.model.config.get_text_config(), "vocab_size", 0) or 0)
+    low, high = min(8, max(vocab - 1, 1)), max(min(vocab, 1000), 9)
+    prompts = [torch.randint(low, high, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 6)]
+    try:
+        traces = probe.generate(prompts, group_size=2, seed=0)
+        worst = 0.0
+        for t in traces:
+            ids = torch.tensor([t.start.prompt_ids + t.done.token_ids], device=gen.device)
+            ent, sur = sequence_signals(gen.model(input_ids=ids).logits, ids)
+            n = len(t.start.prompt_ids) - 1
+            kept = t.kept_tokens()
+            got = torch.tensor([[k.entropy for k in kept], [k.surprisal for k in kept]])
+            ref = torch.stack([ent[0, n:], sur[0, n:]]).float().cpu()
+            worst = max(worst, float((got - ref).abs().max()))
+    except Exception as err:  # the model's own error is the reason: say it, in one line
+        text = str(err).splitlines()[0][:200] if str(err) else ""
+        return f"a check run with erasures failed ({type(err).__name__}: {text})"
+    tol = tolerance(next(gen.model.parameters()).dtype)
+    if not worst <= tol:
+        return (f"a check run with erasures left kept-token signals {worst:.3g} nats off a fresh forward "
+                f"(float noise explains {tol:g})")
+    return None
