@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from csv import QUOTE_NONNUMERIC
 from typing import IO, Any, Iterable, Iterator, Sequence
 
 import pandas as pd
@@ -28,6 +29,7 @@ from e3rl_core.events import (
     StartEvent,
     TokenEvent,
     Trace,
+    check_trace,
     dumps,
     group_traces,
     is_gzip,
@@ -126,6 +128,10 @@ def filter_frame(df: pd.DataFrame, only_erasures: bool = False, trace: str = "",
     return out
 
 
+MAX_EXPORTS = 64
+"""Export folders kept at once (all sessions); past it the oldest are removed first."""
+
+
 def export_dir(root: str | os.PathLike[str], max_age_s: float = 3600.0) -> Path:
     """A new folder under ``root`` for one export. Each export gets its own, so the files keep their
     plain names (e3rl-audit.csv, ...) while two sessions exporting at once never overwrite each
@@ -134,13 +140,35 @@ def export_dir(root: str | os.PathLike[str], max_age_s: float = 3600.0) -> Path:
     base = Path(root)
     base.mkdir(parents=True, exist_ok=True)
     cutoff = time.time() - max_age_s
+    exports = []
     for old in base.glob("export-*"):
         try:
             if old.is_dir() and old.stat().st_mtime < cutoff:
                 shutil.rmtree(old, ignore_errors=True)
+            elif old.is_dir():
+                exports.append((old.stat().st_mtime, old))
         except OSError:
             pass  # removed by another session meanwhile
+    for _, old in sorted(exports)[: max(0, len(exports) - MAX_EXPORTS + 1)]:  # the oldest past the bound
+        shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(dir=base, prefix="export-"))
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with every text cell that a spreadsheet would run as a formula (one beginning with
+    ``= + - @``, a tab or a carriage return) prefixed with ``'``, as OWASP recommends against CSV
+    injection. Numbers stay numbers; the JSONL export keeps the raw text."""
+    def safe(value: Any) -> Any:
+        return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+    out = df.copy()
+    for col in out.columns:
+        if pd.api.types.is_object_dtype(out[col]) or pd.api.types.is_string_dtype(out[col]):
+            out[col] = out[col].map(safe)
+    return out
 
 
 def export(df: pd.DataFrame, directory: str | os.PathLike[str], stem: str = "e3rl-audit", compress: bool = False,
@@ -152,7 +180,8 @@ def export(df: pd.DataFrame, directory: str | os.PathLike[str], stem: str = "e3r
     d.mkdir(parents=True, exist_ok=True)
     gz = ".gz" if compress else ""
     csv, rows, events = d / f"{stem}.csv", d / f"{stem}.jsonl{gz}", d / f"{stem}-traces.jsonl{gz}"
-    writers = [(csv, lambda p: df.to_csv(p, index=False)),
+    # Every text cell quoted: one holding a line break or carriage return stays one cell.
+    writers = [(csv, lambda p: spreadsheet_safe(df).to_csv(p, index=False, quoting=QUOTE_NONNUMERIC)),
                (rows, lambda p: df.to_json(p, orient="records", lines=True, force_ascii=False,
                                            compression="gzip" if compress else None))]
     if traces:  # the trace writer picks gzip by the name's .gz, which the temporary name keeps
@@ -236,6 +265,8 @@ def read_trace_file(path: str | os.PathLike[str], name: str | None = None,
     starts = [t for t in traces if not any(isinstance(e, StartEvent) for e in t.events)]
     if starts:
         raise TraceFormatError(f"{name}: trace {starts[0].trace_id!r} has no start event; the file is incomplete")
+    for t in traces:  # before anything (replay, what-if) loops over what it claims
+        check_trace(t, name)
     return traces, read[0]
 
 

@@ -37,6 +37,14 @@ MAX_NEW_TOKENS = 16_384
 """The most new tokens one generation may ask for: a long reasoning trace (the paper samples up to
 16 x 512)."""
 SPACE_MAX_NEW_TOKENS = 1_024
+ENGINE_CONCURRENCY = 2
+"""Generations running at once in the whole server: the page's Generate, /generate and
+/counterfactual share this one limit (a gradio concurrency group); the rest wait in the queue."""
+MAX_HISTORY_EVENTS = 100_000
+"""A session keeps its generated runs up to this many events (~30 MB; a 4k-token run is ~5k
+events); past it the oldest runs leave the Audit tab (export them first)."""
+SPACE_MAX_MODEL_BYTES = 4 * 2**30
+"""In a Space, a model whose config describes more than 4 GiB of weights is refused before it is built."""
 """The most in Space mode, whose CPU is shared by every visitor (as its training runs are bounded)."""
 
 
@@ -66,8 +74,9 @@ class ModelStore:
     (``e3rl app --device/--dtype``); and the forked workers that generate with them (``workers``,
     for the "process" engine, CPU only)."""
 
-    def __init__(self, device: str = "cpu", dtype: str = "auto") -> None:
+    def __init__(self, device: str = "cpu", dtype: str = "auto", max_bytes: int | None = None) -> None:
         self.device = device
+        self.max_bytes = max_bytes  # a model whose config describes more weights is refused unbuilt
         self.dtype = dtype
         self._models: dict[str, tuple[Any, Any]] = {}
         self._lock = threading.Lock()
@@ -86,7 +95,7 @@ class ModelStore:
         path); loaded on first use."""
         with self._lock:
             if path not in self._models:
-                self._models[path] = load_model(path, device=self.device, dtype=self.dtype)
+                self._models[path] = load_model(path, device=self.device, dtype=self.dtype, max_bytes=self.max_bytes)
             return self._models[path]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -67,17 +68,27 @@ def _alive(pid: int) -> bool:
         return True
 
 
+MAX_RUNS_KEPT = 20
+"""Run folders kept under a deployment's runs root with visitors kept apart (a Space): past it the
+oldest finished runs are removed when a new one starts."""
+
+
 class TrainingManager:
-    """Start, watch and stop one background run under ``root``."""
+    """Start, watch and stop one background run under ``root``.
+
+    ``visitors_apart`` (a Space): each run belongs to the browser session that started it; only that
+    visitor sees its settings and can stop it, another visitor is told the slot is taken and to wait,
+    the slot is released when its visitor leaves, and at most ``MAX_RUNS_KEPT`` runs stay on disk."""
 
     def __init__(self, root: str | os.PathLike[str], max_steps: int | None = None, offline: bool = False,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", visitors_apart: bool = False) -> None:
         """offline: the run never reaches the network (HF_HUB_OFFLINE for its process; a Space);
         device: where the run trains (the app's --device, so a GPU app trains on its GPU)."""
         self.root = Path(root)
         self.device = device
         self.max_steps = max_steps
         self.offline = offline
+        self.visitors_apart = visitors_apart
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()  # two clicks at once in this server
 
@@ -106,13 +117,21 @@ class TrainingManager:
             return None
         return info
 
-    def start(self, req: RunRequest) -> Path:
+    def start(self, req: RunRequest, owner: str | None = None) -> Path:
         with self._lock:
-            return self._start(req)
+            return self._start(req, owner)
 
-    def _start(self, req: RunRequest) -> Path:
+    def _busy(self, owner: str | None) -> E3RLError:
+        if self.visitors_apart:
+            info = self.active() or {}
+            if info.get("owner") != owner:
+                return E3RLError("another visitor's training run holds this Space's one run slot; try again when "
+                                 "it has finished")
+        return E3RLError("a training run is already in progress; stop it or wait for it to finish")
+
+    def _start(self, req: RunRequest, owner: str | None = None) -> Path:
         if self.active():
-            raise E3RLError("a training run is already in progress; stop it or wait for it to finish")
+            raise self._busy(owner)
         if self.max_steps is not None and req.steps > self.max_steps:
             raise E3RLError(f"this deployment allows at most {self.max_steps} steps per run; lower the steps")
         if req.group_size < 2:
@@ -121,8 +140,11 @@ class TrainingManager:
         try:  # the lock file is created exclusively: another server process cannot start a second run
             fd = os.open(self.root / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            raise E3RLError("a training run is already in progress; stop it or wait for it to finish") from None
+            raise self._busy(owner) from None
         out = self.root / f"{req.algo}-{time.strftime('%Y%m%d-%H%M%S')}-s{req.seed}"
+        if self.visitors_apart:
+            self._prune()
+            _owner_file(out).write_text(owner or "")
         cmd = train_command(model=req.model, data=req.data, algo=req.algo, out=out, steps=req.steps,
                             group_size=req.group_size, prompts_per_step=req.prompts_per_step,
                             learning_rate=req.learning_rate, seed=req.seed, save_steps=req.save_steps,
@@ -139,16 +161,28 @@ class TrainingManager:
             raise
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps({"pid": self._proc.pid, "out": str(out), "started": time.time(),
-                                "request": req.__dict__}))
+                                "request": req.__dict__, "owner": owner}))
         return out
 
-    def stop(self) -> str:
+    def owns(self, info: dict[str, Any] | None, owner: str | None) -> bool:
+        """Whether the visitor ``owner`` may see and stop the run of lock record ``info``."""
+        return not self.visitors_apart or (info or {}).get("owner") == owner
+
+    def release(self, owner: str | None) -> None:
+        """The visitor left: their running run is stopped, so the slot is free for the next one."""
+        info = self.active()
+        if self.visitors_apart and info and info.get("owner") == owner and info.get("pid"):
+            self.stop(owner)
+
+    def stop(self, owner: str | None = None) -> str:
         """Ask the running run to stop (SIGTERM): it finishes its step and writes a checkpoint. The
         request is recorded in the lock, so every page (a reloaded one too) says "stopping" until
-        the process has ended."""
+        the process has ended. With visitors kept apart, only the run's own visitor can stop it."""
         info = self.active()
         if not info:
             return "no run in progress"
+        if not self.owns(info, owner):
+            return "the run in progress is another visitor's; only they can stop it"
         if info.get("pid") is None:
             return "a run is starting; press Stop again in a moment"
         os.kill(int(info["pid"]), signal.SIGTERM)
@@ -168,13 +202,27 @@ class TrainingManager:
                                     f"trains per run")
         return steps, ""
 
-    def runs(self) -> list[Path]:
-        """Run directories under root, newest first."""
+    def runs(self, owner: str | None = None) -> list[Path]:
+        """Run directories under root, newest first (with visitors kept apart: ``owner``'s only)."""
         if not self.root.is_dir():
             return []
         found = {p for p in self.root.iterdir() if p.is_dir() and (p / RUN_FILE).is_file()}
         found |= {self.root / p.name[: -len(".console.log")] for p in self.root.glob("*.console.log")}
+        if self.visitors_apart:
+            found = {p for p in found if _read_owner(p) == (owner or "")}
         return sorted(found, key=lambda p: _console(p).stat().st_mtime if _console(p).exists() else 0, reverse=True)
+
+    def _prune(self) -> None:
+        """Remove the oldest runs past ``MAX_RUNS_KEPT`` (never the running one); only folders this
+        manager made (each has its console log beside it)."""
+        every = sorted((self.root / p.name[: -len(".console.log")] for p in self.root.glob("*.console.log")),
+                       key=lambda p: _console(p).stat().st_mtime)
+        active = (self.active() or {}).get("out")
+        for run in every[: max(0, len(every) - MAX_RUNS_KEPT + 1)]:
+            if str(run) != active:
+                shutil.rmtree(run, ignore_errors=True)
+                for extra in (_console(run), _owner_file(run)):
+                    extra.unlink(missing_ok=True)
 
     def checkpoints(self) -> list[Path]:
         """Every checkpoint of every run (for the Generate tab's model picker), newest first."""
@@ -212,7 +260,19 @@ def _console(run: Path) -> Path:
     return run.with_name(run.name + ".console.log")
 
 
-def status_markdown(run: Path, status: dict[str, Any], active: dict[str, Any] | bool | None) -> str:
+def _owner_file(run: Path) -> Path:
+    return run.with_name(run.name + ".owner")
+
+
+def _read_owner(run: Path) -> str | None:
+    try:
+        return _owner_file(run).read_text()
+    except OSError:
+        return None
+
+
+def status_markdown(run: Path, status: dict[str, Any], active: dict[str, Any] | bool | None,
+                    show_paths: bool = True) -> str:
     """One run's state for the Train tab: its name, status and step (counted from log.jsonl, which
     gains a row every step, while run.json's step moves only at checkpoints), the model and settings
     it runs with, and the error if it failed (or the console's last line, when it died before
@@ -230,7 +290,8 @@ def status_markdown(run: Path, status: dict[str, Any], active: dict[str, Any] | 
         notes.append(f"⚠️ {status.get('message')}")
     elif status.get("status") == STALE_STATUS:  # SIGKILL, out of memory: the trainer wrote no status
         last = status.get("last_checkpoint")
-        msg += (f" — resume it: `e3rl train --out {run} --resume` continues from {last}" if last else
+        msg += (f" — resume it: `e3rl train --out {run if show_paths else run.name} --resume` continues from {last}"
+                if last else
                 " — it wrote no checkpoint, so start it again")
         if status.get("console", "").strip():
             notes.append("⚠️ " + status["console"].strip().splitlines()[-1])

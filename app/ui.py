@@ -3,7 +3,9 @@ between tabs. What a handler computes lives in ``session``, ``render``, ``audit`
 (all gradio-free and tested without a server)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -13,7 +15,7 @@ import gradio as gr
 
 from e3rl_core.errors import E3RLError
 
-from .session import ModelStore, defaults, resolve, shipped_models
+from .session import SPACE_MAX_MODEL_BYTES, ModelStore, defaults, resolve, shipped_models
 from .tabs import Shared, audit, generate, train
 from .tabs.generate import GEN_FIELDS, examples
 from .training import TrainingManager
@@ -23,9 +25,10 @@ __all__ = ["DEFAULTS", "GEN_FIELDS", "build", "examples"]
 DEFAULTS = defaults()  # the Generate tab's starting values (GenRequest's field defaults), for tests and scripts
 
 
-CACHE_MAX_AGE_S = 3600
-"""Files gradio keeps for this app (exports offered for download) are deleted after an hour, and
-all of them when the server stops."""
+CACHE_MAX_AGE_S = 600
+"""Files gradio keeps for this app (uploads never passed to a load, exports offered for download)
+are deleted 10 to 20 minutes after they were written (checked every 10 minutes), and all of them
+when the server stops."""
 
 
 def build(space: bool = False, runs_root: str | None = None, default_model: str | None = None,
@@ -34,10 +37,10 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
     """The workbench's Blocks. engine: where generations run, "thread" or "process" (see
     ``app.producer``); traces_ttl_s: how long a session keeps trace files it loaded; device and
     dtype: where and how the models are loaded."""
-    store = ModelStore(device=device, dtype=dtype)
+    store = ModelStore(device=device, dtype=dtype, max_bytes=SPACE_MAX_MODEL_BYTES if space else None)
     # In a Space, training runs offline: its models are local directories, and nothing is fetched.
     trainer = TrainingManager(runs_root or os.environ.get("E3RL_RUNS", "runs/app"), max_steps=30 if space else None,
-                              offline=space, device=device)
+                              offline=space, device=device, visitors_apart=space)
     models = shipped_models()
     default = default_model or (models[0] if models else None)
     if default:  # load before the first click, so it streams at once
@@ -45,7 +48,7 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
     with gr.Blocks(title="E3RL workbench", analytics_enabled=False,
                    delete_cache=(CACHE_MAX_AGE_S, CACHE_MAX_AGE_S)) as demo:
         shared = Shared(store=store, trainer=trainer, space=space, engine=engine, default_model=default,
-                        shipped=models, audit_dir=Path(tempfile.mkdtemp(prefix="e3rl-audit-")),
+                        shipped=models, audit_dir=_audit_dir(),
                         session_events=gr.State([]), last_events=gr.State([]))
         gr.Markdown("# E3RL workbench\nWatch the model generate, erase uncertain segments and regenerate them; "
                     "audit every decision; train with GRPO, DAPO or E3RL.")
@@ -67,7 +70,20 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
         gen_tab.select(back_to_generate, model, [timer, model], api_visibility="private")
         audit_tab.select(poll_off, None, timer, api_visibility="private")
         demo.unload(audit.end_session)
+
+        def leave(request: gr.Request) -> None:  # a visitor's run ends with their visit (a Space)
+            trainer.release(request.session_hash if request else None)
+
+        if space:
+            demo.unload(leave)
     return demo
+
+
+def _audit_dir() -> Path:
+    """This server's folder for audit exports, removed when the process ends."""
+    path = Path(tempfile.mkdtemp(prefix="e3rl-audit-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def _preload(store: ModelStore, path: str) -> None:

@@ -388,3 +388,50 @@ def group_traces(events: Iterable[Event]) -> list[Trace]:
         traces.setdefault(e.trace_id, Trace()).events.append(e)
     return list(traces.values())
 
+
+def check_trace(trace: Trace, where: str) -> None:
+    """Refuse, in one line naming ``where``, the trace and the field, a trace whose recorded
+    numbers disagree with its own events: every loop over a loaded trace is then bounded by the
+    tokens the file holds (a segment claiming 10**12 tokens is refused, not stepped through).
+
+    Checked: segments numbered in order from 0 and attempts from 0 within each; each attempt's span
+    [start, end) as long as its recorded tokens and starting where the kept text ends; each erasure
+    the span of an erased attempt; the done event's kept tokens and counts."""
+    tid = trace.trace_id
+    tokens: dict[tuple[int, int], int] = {}
+    for t in trace.tokens:
+        tokens[(t.segment, t.attempt)] = tokens.get((t.segment, t.attempt), 0) + 1
+
+    def bad(field: str, why: str) -> TraceFormatError:
+        return TraceFormatError(f"{where}: trace {tid!r}: {field} {why}; the file does not describe what was "
+                                f"generated, load a trace written by e3rl")
+
+    kept, seg, attempt, erased = 0, 0, -1, set()
+    for s in trace.segments:
+        if s.segment == seg + 1 and attempt >= 0:
+            seg, attempt = s.segment, -1
+        if s.segment != seg or s.attempt != attempt + 1:
+            raise bad(f"segment {s.segment} attempt {s.attempt}", f"out of order (expected segment {seg} "
+                                                                  f"attempt {attempt + 1} or segment {seg + 1})")
+        attempt = s.attempt
+        n = tokens.get((s.segment, s.attempt), 0)
+        if not (s.start == kept and s.end - s.start == n):
+            raise bad(f"segment {s.segment} attempt {s.attempt} span [{s.start}, {s.end})",
+                      f"disagrees with its {n} recorded tokens after {kept} kept ones")
+        if s.decision == "erase":
+            erased.add((s.segment, s.attempt, s.start, s.end))
+        else:
+            kept = s.end
+    for e in trace.erasures:
+        if (e.segment, e.attempt, e.start, e.end) not in erased:
+            raise bad(f"erase event of segment {e.segment} attempt {e.attempt}", "matches no erased attempt")
+    done = trace.done
+    if done is not None:
+        if done.erasures != len(trace.erasures):
+            raise bad("done.erasures", f"is {done.erasures}, but the trace holds {len(trace.erasures)} erase events")
+        if trace.tokens and done.tokens_generated != len(trace.tokens):
+            raise bad("done.tokens_generated", f"is {done.tokens_generated}, but {len(trace.tokens)} tokens are "
+                                               f"recorded")
+        if trace.segments and len(done.token_ids) != kept:
+            raise bad("done.token_ids", f"holds {len(done.token_ids)} tokens, but the kept segments {kept}")
+

@@ -7,6 +7,7 @@ Llama/Qwen2, ``e3rl bench``'s ``random:<preset>`` specs, the demo model's starti
 transformers and tokenizers are imported inside the functions, so importing the package stays light."""
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -166,14 +167,80 @@ def _load_weights(spec: str, config: Any, dtype: str, attn_implementation: str |
         ) from None
 
 
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+MAX_LAYERS_TO_SIZE = 2048  # a config with more layers than any real model is refused without being built
+
+
+def estimate_params(config: Any) -> int:
+    """Parameters a causal-LM config describes, from its sizes (embeddings, attention, MLP with
+    every expert): an upper-end estimate made before anything is allocated. A config without the
+    usual size fields is built on the meta device (no memory) and counted, unless its layer count
+    alone is implausible."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def first(*names: str) -> int | None:
+        for n in names:
+            v = getattr(c, n, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    layers = first("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    if layers is not None and layers > MAX_LAYERS_TO_SIZE:
+        raise ModelLoadError(f"the config asks for {layers:,} layers (more than {MAX_LAYERS_TO_SIZE:,}); "
+                             f"fix num_hidden_layers in config.json")
+    hidden, vocab = first("hidden_size", "n_embd", "d_model"), first("vocab_size")
+    if hidden is None or layers is None or vocab is None:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    heads = first("num_attention_heads", "n_head") or 1
+    head_dim = first("head_dim") or max(hidden // heads, 1)
+    kv = first("num_key_value_heads") or heads
+    inter = first("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+    experts = first("num_local_experts", "num_experts", "n_routed_experts") or 1
+    moe = first("moe_intermediate_size") or inter
+    attention = hidden * head_dim * (2 * heads + 2 * kv)
+    mlp = 3 * hidden * (inter + (experts * moe if experts > 1 else 0))
+    tied = bool(getattr(c, "tie_word_embeddings", getattr(config, "tie_word_embeddings", True)))
+    return vocab * hidden * (1 if tied else 2) + layers * (attention + mlp)
+
+
+def memory_budget(device: str | None) -> int:
+    """Bytes a model's weights may take on ``device``: 80% of the GPU's memory, or of the machine's."""
+    if device and device.startswith("cuda") and torch.cuda.is_available():
+        return int(0.8 * torch.cuda.mem_get_info(torch.device(device))[1])
+    try:
+        return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # no sysconf: no machine limit to check against
+        return 2**62
+
+
+def check_size(spec: str, config: Any, dtype: str, device: str | None, max_bytes: int | None = None) -> int:
+    """The weights' bytes estimated from ``config``; ``ModelLoadError`` in one line when they cannot
+    fit the device (or ``max_bytes``, a deployment's documented limit), before anything is built."""
+    params = estimate_params(config)
+    name = dtype if dtype in _DTYPE_BYTES else str(getattr(config, "dtype", None) or "float32").split(".")[-1]
+    nbytes = params * _DTYPE_BYTES.get(name, 4)
+    limit = min(memory_budget(device), max_bytes or 2**62)
+    if nbytes > limit:
+        where = "allowed here" if max_bytes and max_bytes <= limit else "this machine has"
+        raise ModelLoadError(
+            f"{spec}: its config describes ~{params / 1e9:,.2f}B parameters (~{nbytes / 2**30:,.1f} GiB as "
+            f"{name}), more than the {limit / 2**30:,.1f} GiB {where}; check config.json or use a smaller model")
+    return nbytes
+
+
 def load_model(
     spec: str, *, device: str | None = None, dtype: str = "auto", attn_implementation: str | None = None,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, max_bytes: int | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a directory with config.json, weights and tokenizer files, or a hub id.
 
     ``random:<preset>`` builds a random-init model instead (see ``PRESETS`` below). Python code
-    shipped with a model (``auto_map``) is refused unless ``trust_remote_code``; the app never sets it."""
+    shipped with a model (``auto_map``) is refused unless ``trust_remote_code``; the app never sets it.
+    A config whose weights cannot fit the device (or ``max_bytes``) is refused before it is built."""
     if spec.startswith("random:"):
         preset = spec.split(":", 1)[1]
         if preset not in PRESETS:
@@ -186,6 +253,7 @@ def load_model(
     # trust_remote_code always explicit: left unset, transformers asks on stdin and a piped "y" runs the code.
     hub = {"trust_remote_code": trust_remote_code, "local_files_only": unreachable is not None}
     config = _load_causal_config(spec, hub, unreachable)
+    check_size(spec, config, dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"), max_bytes)
     tokenizer = load_tokenizer(spec, **hub)
     model = _load_weights(spec, config, dtype, attn_implementation, hub)
     model.eval()

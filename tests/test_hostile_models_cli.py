@@ -150,3 +150,28 @@ def test_hub_id_without_network_fails_fast_and_cached_ids_still_load(tmp_path, n
     assert ("HF_HUB_OFFLINE is set" if no_network == "offline-mode" else "cannot reach http://127.0.0.1") in line
     proc = _run(["generate", "--model", "someorg/cached", "--prompt", "1+1=", "--max-new-tokens", "4"], env=env)
     assert proc.returncode == 0 and "1 rollout(s): 4 tokens generated" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("num_hidden_layers", 10**5, "100,000 layers"), ("vocab_size", 10**9, "B parameters")])
+def test_a_config_too_large_to_build_is_refused_before_anything_is_allocated(tmp_path, capsys, field, value, says):
+    path = save_random_model(tmp_path / "m", "tiny-llama")
+    config = json.loads((path / "config.json").read_text())
+    config[field] = value
+    (path / "config.json").write_text(json.dumps(config))
+    started = time.monotonic()
+    assert main(["generate", "--model", str(path), "--prompt", "1+1="]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert says in err[-1] and not any("Traceback" in line for line in err)
+    assert time.monotonic() - started < 30
+
+
+def test_a_deployment_limit_refuses_a_model_the_machine_could_hold(tmp_path):
+    from e3rl_core.models import check_size
+
+    path = save_random_model(tmp_path / "m", "tiny-llama")
+    model, _ = load_model(str(path))
+    nbytes = check_size(str(path), model.config, "float32", "cpu")
+    assert 0.9 * sum(p.numel() * 4 for p in model.parameters()) <= nbytes <= 1.1 * sum(p.numel() * 4 for p in model.parameters())
+    with pytest.raises(ModelLoadError, match="allowed here"):
+        load_model(str(path), max_bytes=nbytes // 2)

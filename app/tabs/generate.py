@@ -21,8 +21,8 @@ from e3rl_core.generation.thresholds import POLICIES
 from e3rl_core.tasks import arith
 
 from .. import live, render
-from ..session import (MAX_NEW_TOKENS, SPACE_MAX_NEW_TOKENS, THINKING, Frame, GenRequest, Job, Stops, check_prompt,
-                       defaults, same_run, stream_generation, unknown_warning)
+from ..session import (ENGINE_CONCURRENCY, MAX_HISTORY_EVENTS, MAX_NEW_TOKENS, SPACE_MAX_NEW_TOKENS, THINKING, Frame,
+                       GenRequest, Job, Stops, check_prompt, defaults, same_run, stream_generation, unknown_warning)
 from . import Shared
 
 # The order the controls are sent in: GenRequest's fields, and the API's parameters after the
@@ -145,14 +145,15 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
 
     joined = dict(fn=join_history, inputs=[history, last, run_info], outputs=history, api_visibility="private")
     go_btn.click(generate_in_page, [color_by, row, history, *inputs], [*shown, last, run_info, edits],
-                 concurrency_limit=2, show_progress="hidden",  # the spinner would repaint all run long
+                 concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine",
+                 show_progress="hidden",  # the spinner would repaint all run long
                  api_visibility="private").then(**joined)
     # /generate for scripts: the same run with the whole heatmap in every frame (no page to edit).
     # Its listener sits on a button nobody sees; the page's own button is the one above.
     api_btn = gr.Button("generate (API)", elem_classes=["e3rl-offstage"])
     # (gradio_client runs no .then steps: the API's frames carry the session's events themselves)
     api_btn.click(generate_endpoint, [color_by, row, history, *inputs], [*shown, last, history, run_info],
-                  concurrency_limit=2, api_name="generate")
+                  concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine", api_name="generate")
     edits.change(None, edits, None, js=live.live_js("#e3rl-heatmap"), api_visibility="private")
     # A long trace reads segment by segment: decided segments fold to their one-line summary (CSS
     # on the heatmap element; nothing is sent, and edits keep applying underneath).
@@ -166,7 +167,7 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
     color_by.change(render.legend_html, color_by, legend, api_visibility="private")
     row.change(**redraw)
     cf_btn.click(counterfactual_endpoint, [color_by, last, history, *inputs], [*cf_outputs, history],
-                 concurrency_limit=2, api_name="counterfactual")
+                 concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine", api_name="counterfactual")
     return tab, controls["model"]
 
 
@@ -325,7 +326,7 @@ def _stream(frames: Iterator[Frame], colour: str, which: int, history: list,
         events = list(frame.events)
         out = [heatmap, md + info.get("tail", ""), render.group_markdown(views) if len(views) > 1 else "", fig,
                rows, events]
-        out += [info, ops] if edits else [history + (events if frame.finished else []), info]
+        out += [info, ops] if edits else [cap_history(history + (events if frame.finished else [])), info]
         yield tuple(out)
     if out is not None:
         # The finished text first, then its chart a moment later, so the browser paints the answer
@@ -349,7 +350,24 @@ def join_history(history: list, events: list, info: dict | None) -> list:
     first = events[0].trace_id
     if any(e.trace_id == first for e in history):
         return history
-    return history + list(events)
+    return cap_history(history + list(events))
+
+
+def cap_history(events: list) -> list:
+    """A session's generated events, the oldest runs dropped past ``MAX_HISTORY_EVENTS`` (whole
+    traces: the newest ones kept), as loaded trace files are bounded per session."""
+    if len(events) <= MAX_HISTORY_EVENTS:
+        return events
+    counts: dict[str, int] = {}
+    for e in events:
+        counts[e.trace_id] = counts.get(e.trace_id, 0) + 1
+    keep, total = set(), 0
+    for tid in reversed(list(counts)):  # newest first (traces in order of first appearance)
+        if total + counts[tid] > MAX_HISTORY_EVENTS:
+            break
+        keep.add(tid)
+        total += counts[tid]
+    return [e for e in events if e.trace_id in keep]
 
 
 def counterfactual(shared: Shared, colour: str, last: list, history: list, values: tuple) -> tuple:
@@ -368,7 +386,7 @@ def counterfactual(shared: Shared, colour: str, last: list, history: list, value
     on, off = list(render.fold(on_events).values())[0], list(render.fold(off_events).values())[0]
     return (gr.update(visible=True), render.trace_html(on, colour, with_css=False), render.summary_markdown(on),
             render.trace_html(off, colour, with_css=False), render.summary_markdown(off),
-            history + new + off_events)
+            cap_history(history + new + off_events))
 
 
 def _final_events(shared: Shared, job: Job) -> list:

@@ -47,21 +47,21 @@ def build(shared: Shared, model: gr.Dropdown) -> tuple[gr.Tab, gr.Timer]:
     def start_training(model: str | None, algo: str = d["algo"], steps: int = d["steps"],
                        group_size: int = d["group_size"], learning_rate: float = d["learning_rate"],
                        seed: int = d["seed"], prompts_per_step: int = d["prompts_per_step"],
-                       eval_problems: int = EVAL_PROBLEMS) -> str:
+                       eval_problems: int = EVAL_PROBLEMS, request: gr.Request = None) -> str:
         """Start a background training run of `model` (a listed model or a local directory); returns
         a line saying which run started, or why none did. `eval_problems` held-out problems are
         scored before the first step and after the last (0: none)."""
         return start_run(shared, model, algo, steps, group_size, learning_rate, seed, prompts_per_step,
-                         eval_problems)
+                         eval_problems, owner=visitor(request))
 
-    def stop_training() -> str:
+    def stop_training(request: gr.Request = None) -> str:
         """Ask the running run to stop after its current step (it writes a checkpoint first)."""
-        return shared.trainer.stop()
+        return shared.trainer.stop(visitor(request))
 
-    def training_status() -> tuple:
+    def training_status(request: gr.Request = None) -> tuple:
         """The newest run: its status line (step from its log, model and settings from its run.json),
         its training curves, and its latest logged rollout as a heatmap."""
-        return status(shared)
+        return status(shared, visitor(request))
 
     def model_choices(current: str | None):  # new checkpoints appear in the Generate tab's model box
         return gr.update(choices=shared.model_choices(), value=current)
@@ -77,8 +77,14 @@ def build(shared: Shared, model: gr.Dropdown) -> tuple[gr.Tab, gr.Timer]:
     return tab, timer
 
 
+def visitor(request: gr.Request | None) -> str | None:
+    """The browser session a call comes from (a Space keeps each visitor's run to them)."""
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
 def start_run(shared: Shared, model: str | None, algo: str, steps: int, group_size: int, learning_rate: float,
-              seed: int, prompts_per_step: int = RunRequest.prompts_per_step, eval_problems: int = EVAL_PROBLEMS) -> str:
+              seed: int, prompts_per_step: int = RunRequest.prompts_per_step, eval_problems: int = EVAL_PROBLEMS,
+              owner: str | None = None) -> str:
     try:
         n_eval = int(eval_problems or 0)
         if not 0 <= n_eval <= MAX_EVAL_PROBLEMS:
@@ -95,7 +101,7 @@ def start_run(shared: Shared, model: str | None, algo: str, steps: int, group_si
         out = shared.trainer.start(RunRequest(
             model=resolve(chosen), algo=algo, steps=steps, group_size=int(group_size),
             prompts_per_step=int(prompts_per_step), learning_rate=float(learning_rate), seed=int(seed),
-            eval_data=eval_spec(n_eval)))
+            eval_data=eval_spec(n_eval)), owner=owner)
     except E3RLError as err:
         return f"⚠️ {err}"
     return f"started {out.name}" + (f" (⚠️ {note})" if note else "")
@@ -107,12 +113,20 @@ def eval_spec(n: int) -> str | None:
     return f"synthetic:test?n={n}" if n > 0 else None
 
 
-def status(shared: Shared) -> tuple:
-    """The newest run's status markdown, curves figure and latest rollout."""
-    runs = shared.trainer.runs()
+def status(shared: Shared, owner: str | None = None) -> tuple:
+    """The newest run's status markdown, curves figure and latest rollout (with visitors kept apart:
+    the visitor's own newest run, and only that another visitor's run holds the slot)."""
+    trainer = shared.trainer
+    active = trainer.active()
+    busy = ""
+    if active and not trainer.owns(active, owner):
+        busy = "another visitor's training run holds this Space's one run slot; yours can start when it ends"
+        active = None
+    runs = trainer.runs(owner)
     if not runs:
-        return "no training run yet", None, ""
+        return busy or "no training run yet", None, ""
     st = read_status(runs[0])
     rows = st.get("rows", [])
     fig = render.as_figure(curves_spec(rows)) if rows else None
-    return status_markdown(runs[0], st, shared.trainer.active()), fig, rollout_html(latest_trace_events(runs[0]))
+    text = status_markdown(runs[0], st, active, show_paths=not trainer.visitors_apart)
+    return "\n\n".join(x for x in (busy, text) if x), fig, rollout_html(latest_trace_events(runs[0]))

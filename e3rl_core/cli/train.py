@@ -82,15 +82,16 @@ def add_parser(sub: Any) -> None:
 
 def _config(args: argparse.Namespace) -> tuple[Any, str, str]:
     from ..models import recommended_config
+    from ..outdirs import resolve_out
     from ..training.checkpoint import RunDirError, read_run, refuse_live_run
     from ..training.config import TrainConfig
 
     items = [f"{field}={getattr(args, flag)}" for flag, field in FLAGS.items() if getattr(args, flag) is not None]
     if args.resume:
-        run = read_run(Path(args.out))
+        run = read_run(resolve_out(args.out))
         if run is None:
             raise RunDirError(f"nothing to resume in {args.out}: it holds no run; drop --resume to start one")
-        refuse_live_run(Path(args.out), run, "resume")
+        refuse_live_run(resolve_out(args.out), run, "resume")
         return _resume_config(args, run, items), run["model"], run["data"]
     missing = [f"--{f}" for f in ("model", "data", "algo") if getattr(args, f) is None]
     if missing:

@@ -109,8 +109,6 @@ def _check(layout: ModelLayout, config: Any) -> None:
     if getattr(config, "is_encoder_decoder", False):
         raise _refuse(layout.model_type, "the decoder of an encoder-decoder model (its cache holds the encoder's "
                                          "keys too)")
-    if getattr(config, "is_decoder", None) is False:
-        raise _refuse(layout.model_type, "an encoder (bidirectional attention: is_decoder is false)")
     known = {FULL, *WINDOWED, *STATEFUL, *NO_CACHE}
     odd = sorted({t for t in layout.layer_types if t not in known})
     if odd:

@@ -30,6 +30,9 @@ def decision_order(segments: Sequence[Sequence[SegmentEvent]],
     drawn = [0] * n  # tokens drawn of it
     status = [RowStatus.SAMPLE if ss else RowStatus.DONE for ss in segs]
     first_scored: list[set[int]] = [set() for _ in range(n)]
+    # how many segments from 0 on each row has first-scored: a group's decision at segment k waits
+    # until every live row has (one minimum per pass instead of a scan of the group per row)
+    scored_upto = [0] * n
     order: list[tuple[str, int, SegmentEvent]] = []
 
     def decided(i: int) -> None:
@@ -53,20 +56,29 @@ def decision_order(segments: Sequence[Sequence[SegmentEvent]],
                     order.append(("score", i, s))
                     if s.attempt == 0:
                         first_scored[i].add(s.segment)
+                        while scored_upto[i] in first_scored[i]:
+                            scored_upto[i] += 1
                     if needs_group and s.reason != "restored":
                         status[i] = RowStatus.WAIT
                     else:
                         decided(i)
             resolved = 0
+            floor = min((scored_upto[o] for o in range(n) if status[o] is not RowStatus.DONE), default=0)
             for i in range(n):
-                live = [o for o in range(n) if status[o] is not RowStatus.DONE]
-                if status[i] is RowStatus.WAIT and all(segs[i][at[i]].segment in first_scored[o] for o in live):
+                if status[i] is RowStatus.WAIT and segs[i][at[i]].segment < floor:
                     resolved += 1
                     decided(i)
+                    if status[i] is RowStatus.DONE:  # a row left: the live rows' minimum may rise
+                        floor = min((scored_upto[o] for o in range(n) if status[o] is not RowStatus.DONE),
+                                    default=0)
             if not resolved:
                 break
         feeding = [i for i in range(n) if status[i] is RowStatus.FEED]
         if not feeding:  # every row done (or a cut-off file whose group cannot resolve)
             return order
+        # Steps in which no row reaches the end of its attempt change nothing but the counts:
+        # skip them, so the work follows the recorded events, not the tokens they claim.
+        quiet = min(segs[i][at[i]].end - segs[i][at[i]].start - drawn[i] for i in feeding) - 1
         for i in feeding:
             status[i] = RowStatus.SAMPLE
+            drawn[i] += max(quiet, 0)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ from . import arith
 class DataError(E3RLError, ValueError):
     """A dataset spec is malformed, or its file is missing, unreadable or of the wrong schema."""
 
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class Example:
@@ -213,8 +216,16 @@ def _fetch_hub(repo_id: str) -> Path:
         ) from None
 
 
-def _split_files(root: Path, split: str) -> list[Path]:
-    files = sorted(p for p in root.rglob("*") if p.suffix in _FILE_SUFFIXES and p.is_file())
+def _split_files(root: Path, split: str, recursive: bool = False) -> list[Path]:
+    """The files of ``split`` in ``root``: a folder the user named is searched itself and, where it
+    holds none, its ``data/`` folder (the hub's layout), never deeper (``aime:/`` does not walk the
+    disk); a hub snapshot this module downloaded is searched whole (``recursive``)."""
+    if recursive:
+        files = sorted(p for p in root.rglob("*") if p.suffix in _FILE_SUFFIXES and p.is_file())
+    else:
+        files = sorted(p for p in root.glob("*") if p.suffix in _FILE_SUFFIXES and p.is_file())
+        if not files and (root / "data").is_dir():
+            files = sorted(p for p in (root / "data").glob("*") if p.suffix in _FILE_SUFFIXES and p.is_file())
     # hub layouts name the split as a path part or file-name prefix: data/train-00000-of-00002.parquet
     token = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
     chosen = [p for p in files if token.search(p.relative_to(root).as_posix())]
@@ -230,7 +241,8 @@ def _read_rows(location: str, options: dict[str, str], required: list[str], expe
     path = Path(location).expanduser()
     if path.is_dir() or (not path.exists() and _HUB_ID.match(location) and path.suffix not in _FILE_SUFFIXES):
         root = path if path.is_dir() else _fetch_hub(location)
-        files = _split_files(root, options.get("split", "train"))
+        files = _split_files(root, options.get("split", "train"), recursive=not path.is_dir())
+        log.info("dataset %s: reading %s", location, ", ".join(str(f) for f in files))
     elif path.is_file():
         files = [path]
     else:

@@ -33,6 +33,7 @@ import torch
 
 from ..errors import E3RLError
 from ..events import strict_dumps
+from ..outdirs import is_run_record
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
@@ -76,13 +77,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def read_run(out: Path) -> dict[str, Any] | None:
+    """``out``'s run record, or None when it holds none: a ``run.json`` without a run's own fields
+    (any JSON may have that name) is not a run, so nothing treats its folder as one."""
     path = out / RUN_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RunDirError(f"{path} is unreadable ({err}); delete it or choose another --out") from None
+    return data if is_run_record(data) else None
 
 
 @contextmanager
@@ -178,7 +182,10 @@ def refuse_live_run(out: Path, run: dict[str, Any], verb: str) -> None:
 
 
 def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """Check ``out`` against the request; returns the checkpoint to resume from (None = fresh run)."""
+    """Check ``out`` against the request; returns the checkpoint to resume from (None = fresh run).
+    A folder that holds anything but this project's run is never deleted (``outdirs``)."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file; name a folder (new, empty, or holding an e3rl run)")
     run = read_run(out) if out.is_dir() else None
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other; pass one")

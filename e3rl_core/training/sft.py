@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -148,9 +149,10 @@ def train_demo_model(
 def save_model(model: Any, tok: Any, out_dir: str | Path, log: TrainLog) -> None:
     """Write to a temporary directory, then rename: a run killed mid-save leaves no half model."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Fresh hidden names beside it, so no folder of the user's (``X.tmp``, ``X.old``) is touched.
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is read by others (a Space, a server)
     model.eval()
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = PAD_ID
@@ -158,9 +160,8 @@ def save_model(model: Any, tok: Any, out_dir: str | Path, log: TrainLog) -> None
     tok.save_pretrained(tmp)
     (tmp / "train_log.json").write_text(strict_dumps(asdict(log), indent=1))
     if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        out.rename(old / out.name)
         tmp.rename(out)
         shutil.rmtree(old)
     else:

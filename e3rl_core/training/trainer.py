@@ -37,6 +37,7 @@ from ..errors import ConfigError, E3RLError, NonFiniteLogitsError, TraceFormatEr
 from ..events import Trace, dumps, event_from_dict, group_traces, strict_dumps
 from ..generation.generator import ErasableGenerator
 from ..models import RECOMMENDED_CONFIG, load_model
+from ..outdirs import resolve_out
 from ..tasks.datasets import DataError, Example, load_examples, render_prompt
 from ..tasks.rewards import extract_answer, prompt_opens_think, reward
 from . import checkpoint as ckpt
@@ -79,7 +80,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.model_spec, self.data_spec = config, model, data
         self.trust_remote_code = trust_remote_code  # run a model's own code (auto_map): e3rl train --trust-remote-code
-        self.out, self.callbacks = Path(out), list(callbacks)
+        self.out, self.callbacks = resolve_out(out), list(callbacks)
         self.should_stop = should_stop or (lambda: False)
         self.dist = distributed.init(device)
         self._check_config()
@@ -647,6 +648,10 @@ class Trainer:
                     break
             if self.eval_examples and self.step > 0:  # the policy as its last checkpoint holds it; run.json still says running
                 held_out.run(self, "after", self.eval_examples)
+        except KeyboardInterrupt:  # a stop that could not wait for the step's end is a stop, not a failure
+            self._write_run("stopped", message="interrupted before its first step" if self.step == 0 else
+                            f"interrupted during step {self.step + 1}", last=last)
+            raise
         except BaseException as err:
             self._mark_failed(err, last)
             raise

@@ -282,3 +282,183 @@ def test_space_mode_trains_from_another_directory_without_the_network(tmp_path, 
     # This process's gradio_client reports its own use to the hub endpoint; nothing else may ask it.
     own = ("HEAD /api/telemetry/", "GET /api/agent-harnesses")
     assert [r for r in hub.requests if not r.startswith(own)] == []
+
+
+# ------------------------------------------------------------------ traces that lie
+def test_a_trace_that_claims_more_tokens_than_it_holds_is_refused_in_one_line(server, trace_file, tmp_path):
+    """A 30 KB file whose segment claims 10**12 tokens used to send the what-if replay through every
+    claimed token (never ending, a core pinned). Now the load checks every recorded number against
+    the trace itself and names the file and the field."""
+    events = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    seg = next(e for e in events if e["event"] == "segment")
+    seg["end"] = 10**12
+    path = tmp_path / "crafted.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    client = Client(server[0], verbose=False)
+    t0 = time.monotonic()
+    msg, rows = load(client, path)
+    assert time.monotonic() - t0 < 10
+    assert msg.startswith("⚠️ crafted.jsonl: trace ") and "span [0, 1000000000000)" in msg and "\n" not in msg
+    assert rows <= 0  # nothing of it was loaded
+    client.close()
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("attempt", 7, "out of order"), ("start", 3, "disagrees"), ("erasures", 99, "done.erasures")])
+def test_other_recorded_numbers_are_checked_against_the_events(trace_file, tmp_path, field, value, says):
+    events = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    target = next(e for e in events if e["event"] == ("done" if field == "erasures" else "segment"))
+    target[field] = value
+    path = tmp_path / "edited.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    with pytest.raises(E3RLError, match=f"edited.jsonl: trace .*{says}"):
+        audit.load_trace_file(path)
+
+
+def test_the_decision_replay_steps_through_events_not_claimed_tokens():
+    """Even unchecked, a group's replay costs its events: a span of 10**12 tokens is one step."""
+    from e3rl_core.events import SegmentEvent
+    from e3rl_core.generation.schedule import decision_order
+
+    def seg(i: int, n: int, end: int) -> SegmentEvent:
+        return SegmentEvent(trace_id=f"t{i}", segment=n, attempt=0, start=0, end=end, score=0.0, features={},
+                            baseline=None, penalty=1.0, history=1.0, threshold=None, decision="accept")
+
+    t0 = time.monotonic()
+    order = decision_order([[seg(0, 0, 10**12)], [seg(1, 0, 5), seg(1, 1, 10**9)]], needs_group=True)
+    assert time.monotonic() - t0 < 1.0
+    assert [(step, i) for step, i, _ in order] == [("score", 1), ("score", 0), ("decide", 0), ("decide", 1),
+                                                    ("score", 1), ("decide", 1)]
+
+
+# ------------------------------------------------------------------ Space visitors
+def test_space_visitors_see_and_stop_only_their_own_training_run(tmp_path):
+    """Visitor B used to stop visitor A's run and read its settings and the server's paths. Now B is
+    told the one run slot is taken, and sees nothing of A's run; A sees and stops it."""
+    from app.main import launch
+    from app.training import TrainingManager
+
+    runs = tmp_path / "runs"
+    demo, url = launch(port=free_port(), block=False, space=True, runs_root=str(runs), threads=1, engine="thread")
+    try:
+        a, b = Client(url, verbose=False), Client(url, verbose=False)
+        msg = a.predict("checkpoints/arith-demo", "grpo", 30, 2, 5e-5, 0, 2, 0, api_name="/start_training")
+        assert msg.startswith("started"), msg
+        seen_by_b = b.predict(api_name="/training_status")[0]
+        assert "another visitor's training run" in seen_by_b and str(tmp_path) not in seen_by_b
+        assert "grpo" not in seen_by_b and "arith-demo" not in seen_by_b  # none of A's settings
+        assert "another visitor's" in b.predict(api_name="/stop_training")
+        assert "another visitor's" in b.predict("checkpoints/arith-demo", "grpo", 1, 2, 5e-5, 0, 2, 0,
+                                                api_name="/start_training")
+        manager = TrainingManager(runs)
+        assert manager.active() and "stop_requested" not in manager.active()  # B's stop did nothing
+        seen_by_a = a.predict(api_name="/training_status")[0]
+        assert msg.split()[-1] in seen_by_a and str(tmp_path) not in seen_by_a
+        assert a.predict(api_name="/stop_training").startswith("stopping")
+        assert wait_until(lambda: manager.active() is None, timeout=300)
+        a.close()
+        b.close()
+    finally:
+        demo.close()
+
+
+def test_a_leaving_visitor_frees_the_slot_and_old_runs_are_bounded(tmp_path, monkeypatch):
+    from app import training
+    from app.training import RunRequest, TrainingManager
+
+    monkeypatch.setattr(training, "MAX_RUNS_KEPT", 2)
+    manager = TrainingManager(tmp_path, visitors_apart=True)
+    for i in range(3):  # three finished runs of earlier visitors (a console log beside each)
+        old = tmp_path / f"grpo-old{i}"
+        old.mkdir()
+        (tmp_path / f"grpo-old{i}.console.log").write_text("")
+        os.utime(tmp_path / f"grpo-old{i}.console.log", (i, i))
+    (tmp_path / "someone-elses-folder").mkdir()
+    out = manager.start(RunRequest(model="checkpoints/arith-demo", algo="grpo", steps=30, group_size=2,
+                                   prompts_per_step=2, learning_rate=5e-5, seed=0, eval_data=None), owner="A")
+    kept = {p.name for p in tmp_path.iterdir() if p.is_dir()}
+    assert {"grpo-old2", "someone-elses-folder"} <= kept and not {"grpo-old0", "grpo-old1"} & kept
+    assert (tmp_path / f"{out.name}.owner").read_text() == "A"
+    manager.release("B")  # another visitor leaving changes nothing
+    assert manager.active() and "stop_requested" not in manager.active()
+    manager.release("A")
+    assert "stop_requested" in manager.active()
+    assert wait_until(lambda: manager.active() is None, timeout=300)
+
+
+# ------------------------------------------------------------------ exports
+def test_csv_cells_a_spreadsheet_would_run_are_neutralised_and_the_jsonl_keeps_them(tmp_path):
+    import pandas as pd
+
+    hostile = ["=HYPERLINK(\"http://x\",\"y\")", "=cmd|' /C calc'!A0", "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+    df = pd.DataFrame({"trace": hostile, "erased text": ["ok"] * len(hostile), "score": [-1.5] * len(hostile)})
+    csv, rows = audit.export(df, tmp_path)[:2]
+    back = pd.read_csv(csv, keep_default_na=False)
+    assert all(cell.startswith("'") for cell in back["trace"]) and list(back["erased text"]) == ["ok"] * 7
+    assert list(back["score"]) == [-1.5] * 7  # numbers stay numbers
+    assert [json.loads(line)["trace"] for line in rows.read_text().splitlines()] == hostile
+
+
+def test_one_engine_limit_for_the_whole_server(monkeypatch):
+    """/generate, /counterfactual and the page's Generate used to have a limit of 2 each (6 ran at
+    once). They now share one concurrency group: never more than ENGINE_CONCURRENCY at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app import session
+    from app.main import launch
+
+    running, peak, lock = [0], [0], threading.Lock()
+    real = session.engine_events
+
+    def counted(job, store):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            yield from real(job, store)
+            time.sleep(0.3)  # hold the slot a moment, so overlapping runs would show
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(session, "engine_events", counted)
+    demo, url = launch(port=free_port(), block=False, engine="thread", threads=1)
+    try:
+        def call(i: int) -> None:
+            client = Client(url, verbose=False)
+            kwargs = dict(prompt="Compute 3 + 4 = ", max_new_tokens=16, group_size=1)
+            client.predict(**kwargs, api_name="/generate" if i % 2 else "/counterfactual")
+            client.close()
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(call, range(8)))
+    finally:
+        demo.close()
+    assert 1 <= peak[0] <= session.ENGINE_CONCURRENCY
+
+
+def test_a_sessions_generated_history_is_capped_oldest_runs_first(monkeypatch):
+    from app.tabs import generate as gen_tab
+    from e3rl_core.events import TokenEvent
+
+    monkeypatch.setattr(gen_tab, "MAX_HISTORY_EVENTS", 10)
+
+    def run(tid: str, n: int) -> list:
+        return [TokenEvent(trace_id=tid, step=i, token_id=1, text="x", entropy=0.0, surprisal=0.0, segment=0,
+                           attempt=0) for i in range(n)]
+
+    history = run("a", 4) + run("b", 4)
+    capped = gen_tab.cap_history(history + run("c", 4))
+    assert [e.trace_id for e in capped] == ["b"] * 4 + ["c"] * 4  # whole traces, newest kept
+    assert gen_tab.cap_history(history) == history
+
+
+def test_export_folders_are_bounded_oldest_removed_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(audit, "MAX_EXPORTS", 3)
+    made = []
+    for i in range(5):
+        d = audit.export_dir(tmp_path)
+        os.utime(d, (time.time() - 100 + i, time.time() - 100 + i))
+        made.append(d)
+    left = sorted(p for p in tmp_path.iterdir())
+    assert len(left) == 3 and left == sorted(made[-3:])

@@ -265,3 +265,18 @@ def test_hub_id_offline_says_to_pass_a_local_file(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"hub could not be reached.*pass a local file instead") as info:
         load_examples("deepmath:no-such-org/no-such-dataset")
     assert isinstance(info.value, E3RLError) and isinstance(info.value, ValueError)
+
+
+def test_a_named_directory_is_searched_itself_never_walked(tmp_path, caplog):
+    """``aime:/`` used to walk the whole disk and parse whatever ``*train*.jsonl`` it met first: a
+    named folder is searched itself (and its hub-style data/ folder), no deeper, and the files read
+    are logged."""
+    deep = tmp_path / "projects" / "other"
+    deep.mkdir(parents=True)
+    write_jsonl(deep / "train.jsonl", DEEPMATH_ROWS[:1])
+    with pytest.raises(DataError, match="no .parquet/.jsonl files of split 'train'"):
+        load_examples(f"deepmath:{tmp_path}")
+    write_jsonl(tmp_path / "train.jsonl", DEEPMATH_ROWS[1:3])
+    with caplog.at_level("INFO", logger="e3rl_core.tasks.datasets"):
+        assert len(load_examples(f"deepmath:{tmp_path}")) == 2
+    assert str(tmp_path / "train.jsonl") in caplog.text and "other" not in caplog.text

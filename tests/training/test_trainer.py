@@ -317,3 +317,17 @@ def test_schedule_decays_over_the_token_budget_when_it_ends_the_run(tmp_path, ki
         factor = 1 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
         assert row["lr"] == pytest.approx(1e-3 * factor, abs=1e-12), row["step"]
     assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_run_interrupted_before_its_first_step_reads_stopped_not_failed(tmp_path, monkeypatch):
+    out = tmp_path / "early"
+    trainer = Trainer(small("grpo", "max_steps=2"), model=DEMO, data=DATA, out=out)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    run = json.loads((out / ckpt.RUN_FILE).read_text())
+    assert run["status"] == "stopped" and run["message"] == "interrupted before its first step"
