@@ -185,3 +185,12 @@ def test_compiled_decode_equals_eager_with_window_masks_and_state_snapshots(name
     for x, y in zip(a, b):
         assert x.done.token_ids == y.done.token_ids
         assert signal_error(model, y) <= 1e-4
+
+
+def test_the_families_trusted_without_a_check_are_the_ones_tested_here():
+    from e3rl_core.evaluation.compat import FAMILIES
+    from e3rl_core.generation.selfcheck import VERIFIED
+
+    tested = {FAMILIES[name][0] for name in SUBSET} | {"llama", "qwen2", "qwen3"}  # + test_generator_on_cpu.py
+    assert VERIFIED == tested
+
