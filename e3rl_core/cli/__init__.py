@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from typing import Sequence
 
@@ -37,7 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.Handler):
+    """Log lines on whatever ``sys.stderr`` is at the time (a captured stream in tests too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"[e3rl] {record.getMessage()}", file=sys.stderr)
+
+
+def _say_which_data_files() -> None:
+    """A dataset SPEC naming a folder says which files it read (``tasks.datasets`` logs them)."""
+    log = logging.getLogger("e3rl_core.tasks.datasets")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        log.addHandler(_Stderr())
+        log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _say_which_data_files()
     parser = build_parser()
     # Known args only: ``e3rl app`` passes what follows it to the workbench's own parser; for every
     # other subcommand an unknown argument is the usual argparse error.

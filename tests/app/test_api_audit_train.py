@@ -148,7 +148,7 @@ def test_a_bounded_deployment_clamps_steps_and_says_so(tmp_path):
     from app.training import TrainingManager
 
     class Recording(TrainingManager):
-        def start(self, req):
+        def start(self, req, owner=None):
             self.request = req
             return self.root / "grpo-x"
 

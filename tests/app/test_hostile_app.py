@@ -58,14 +58,15 @@ def trace_file(tmp_path_factory, tiny_llama) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """(url, gradio's upload folder): a launched workbench with a cache folder of its own, so what
-    uploads leave behind can be counted."""
+    """(url, gradio's upload folder): a launched workbench in Space mode with a cache folder of its
+    own, so what uploads leave behind can be counted."""
     from app.main import launch
 
     cache = tmp_path_factory.mktemp("gradio-cache")
     before = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(cache)  # read by gradio while it serves, not only at launch
-    demo, url = launch(port=free_port(), block=False, runs_root=str(tmp_path_factory.mktemp("runs")))
+    # Space mode, as a public deployment meets hostile visitors
+    demo, url = launch(port=free_port(), block=False, space=True, runs_root=str(tmp_path_factory.mktemp("runs")))
     yield url, cache
     demo.close()
     if before is None:
@@ -422,7 +423,7 @@ def test_one_engine_limit_for_the_whole_server(monkeypatch):
                 running[0] -= 1
 
     monkeypatch.setattr(session, "engine_events", counted)
-    demo, url = launch(port=free_port(), block=False, engine="thread", threads=1)
+    demo, url = launch(port=free_port(), block=False, space=True, engine="thread", threads=1)
     try:
         def call(i: int) -> None:
             client = Client(url, verbose=False)

@@ -3,6 +3,7 @@ task, prompt rendering, and one helpful DataError per failure."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -280,3 +281,12 @@ def test_a_named_directory_is_searched_itself_never_walked(tmp_path, caplog):
     with caplog.at_level("INFO", logger="e3rl_core.tasks.datasets"):
         assert len(load_examples(f"deepmath:{tmp_path}")) == 2
     assert str(tmp_path / "train.jsonl") in caplog.text and "other" not in caplog.text
+
+
+def test_the_command_line_says_which_files_a_folder_spec_read(tmp_path, capsys):
+    from e3rl_core.cli import main
+
+    write_jsonl(tmp_path / "train.jsonl", DEEPMATH_ROWS[:2])
+    model = str(Path(__file__).resolve().parents[2] / "checkpoints" / "arith-demo")
+    main(["eval", "--model", model, "--data", f"deepmath:{tmp_path}", "--samples", "1", "--max-new-tokens", "8"])
+    assert f"[e3rl] dataset {tmp_path}: reading {tmp_path / 'train.jsonl'}" in capsys.readouterr().err
