@@ -383,7 +383,8 @@ def test_a_leaving_visitor_frees_the_slot_and_old_runs_are_bounded(tmp_path, mon
     manager.release("B")  # another visitor leaving changes nothing
     assert manager.active() and "stop_requested" not in manager.active()
     manager.release("A")
-    assert "stop_requested" in manager.active()
+    record = manager.active()  # the process may have ended already (a stop before it set up its handler)
+    assert record is None or "stop_requested" in record
     assert wait_until(lambda: manager.active() is None, timeout=300)
 
 
