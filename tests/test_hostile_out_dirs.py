@@ -76,4 +76,5 @@ def test_a_run_record_is_told_by_its_fields():
     run = {"status": "finished", "config": {}, "step": 3, "max_steps": 3, "model": "m", "data": "d"}
     assert is_run_record(run)
     assert not is_run_record({**run, "status": "whatever"}) and not is_run_record({**run, "step": "3"})
+    assert not is_run_record({**run, "max_steps": True}) and not is_run_record({"status": "running"})
     assert not is_run_record([run]) and not is_run_record(None)

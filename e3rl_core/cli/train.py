@@ -92,6 +92,10 @@ def _config(args: argparse.Namespace) -> tuple[Any, str, str]:
         if run is None:
             raise RunDirError(f"nothing to resume in {args.out}: it holds no run; drop --resume to start one")
         refuse_live_run(resolve_out(args.out), run, "resume")
+        if not (isinstance(run.get("config"), dict) and isinstance(run.get("model"), str)
+                and isinstance(run.get("data"), str)):
+            raise RunDirError(f"the run record in {args.out} lacks its model, data or config; start the run again "
+                              f"with --overwrite")
         return _resume_config(args, run, items), run["model"], run["data"]
     missing = [f"--{f}" for f in ("model", "data", "algo") if getattr(args, f) is None]
     if missing:
