@@ -23,9 +23,10 @@ from typing import Any, Callable
 import torch
 
 from ..errors import E3RLError
+from ..generation.selfcheck import forced_erasure_config, kept_signal_error, tolerance
 
 GENERIC_MAX_PARAMS = 20_000_000  # a generically shrunk config larger than this is listed, not built
-TOL = 1e-3  # nats: float noise is <= 2e-4 here (linear attention's chunked prefill vs its recurrent steps)
+TOL = tolerance(torch.float32)  # float noise is <= 2e-4 here (linear attention's chunked prefill vs recurrent steps)
 
 _BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16)
@@ -119,34 +120,6 @@ def family_model(name: str, *, seed: int = 1) -> tuple[Any, Any]:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model.eval(), tok
-
-
-def kept_signal_error(model: Any, traces: list[Any]) -> float:
-    """Largest |difference| between the recorded entropy/surprisal of every kept token and one
-    fresh forward (no cache) over prompt + final completion."""
-    from ..generation.signals import sequence_signals
-
-    worst = 0.0
-    for t in traces:
-        ids = torch.tensor([t.start.prompt_ids + t.done.token_ids])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits
-        ent, sur = sequence_signals(logits, ids)  # (1, T-1)
-        n = len(t.start.prompt_ids) - 1
-        kept = t.kept_tokens()
-        got = torch.tensor([[k.entropy for k in kept], [k.surprisal for k in kept]])
-        worst = max(worst, float((got - torch.stack([ent[0, n:], sur[0, n:]])).abs().max()) if kept else 0.0)
-    return worst
-
-
-def forced_erasure_config(kv_cache: str, *extra: str) -> Any:
-    from ..generation.config import GenerationConfig
-    from ..overrides import apply_overrides
-
-    # A fixed threshold below every score erases each first attempt until the budget is spent.
-    return apply_overrides(GenerationConfig(), [
-        "max_new_tokens=96", "segment.mode=fixed", "segment.segment_tokens=8", "threshold.policy=fixed",
-        "threshold.value=-1000", "erase.budget=2", "sampling.temperature=1.0", f"kv_cache={kv_cache}", *extra])
 
 
 def check_generation(model: Any, tok: Any) -> tuple[float, int]:

@@ -123,24 +123,17 @@ def _check(layout: ModelLayout, config: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------ caches
-def make_layers(layout: ModelLayout, kind: str, config: Any) -> list[Any] | None:
-    """Cache layers for ``layout`` (None: the plain cache of ``kind``, as before). Windowed layers
-    get full-attention layers (the engine masks by position); state layers are transformers' own."""
-    if not (layout.windowed or layout.stateful):
-        return None
-    from transformers import DynamicCache
+def use_full_layers(layers: list[Any], kind: str) -> None:
+    """Swap, in place, each attention layer of a cache built from the config for a full-attention
+    one (``GrowingLayer`` for ``kind=static``): windows are the engine's masks, by position, and a
+    transformers sliding layer would drop columns by count. State layers stay transformers' own."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     from .kvcache import GrowingLayer
 
-    layers = DynamicCache(config=config).layers
-    out = []
-    for layer in layers:
-        if isinstance(layer, (DynamicLayer,)) and type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
-            out.append(GrowingLayer() if kind == "static" else DynamicLayer())
-        else:
-            out.append(layer)
-    return out
+    for i, layer in enumerate(layers):
+        if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
+            layers[i] = GrowingLayer() if kind == "static" else DynamicLayer()
 
 
 def is_state_layer(layer: Any) -> bool:

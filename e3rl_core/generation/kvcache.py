@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import ConfigError
 from .config import KV_CACHES
-from .families import ModelLayout, is_kv_layer, make_layers
+from .families import ModelLayout, is_kv_layer, use_full_layers
 
 
 def cache_layers(cache: Any) -> list[tuple[Any, str, str]]:
@@ -163,13 +163,12 @@ class GrowingCache(Cache):
 
 def make_cache(kind: str, layout: ModelLayout | None = None, config: Any = None) -> Cache:
     """A fresh cache of the ``GenerationConfig.kv_cache`` kind; for a model with windowed or
-    state layers (``layout``), one layer per model layer as ``families.make_layers`` lays out."""
+    state layers (``layout``), one layer per model layer as ``families.use_full_layers`` lays out."""
     if kind not in KV_CACHES:
         raise ConfigError(f"unknown kv_cache {kind!r}; choose one of: {', '.join(KV_CACHES)}")
-    layers = make_layers(layout, kind, config) if layout is not None else None
-    if layers is not None:
-        cache = DynamicCache(config=config)
-        cache.layers = layers
+    if layout is not None and (layout.windowed or layout.stateful):
+        cache = DynamicCache(config=config)  # one layer per model layer, of the config's types
+        use_full_layers(cache.layers, kind)
         return cache
     if kind == "dynamic":
         return DynamicCache()
