@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from e3rl_core.cli.options import add_device_flags, resolve_device
+from e3rl_core.devices import add_device_flags, resolve_device
 from e3rl_core.errors import E3RLError
 from e3rl_core.models import resolve_model_spec
 

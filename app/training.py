@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from e3rl_core.cli.train import train_command
+from e3rl_core.commands import train_command
 from e3rl_core.errors import E3RLError
 from e3rl_core.events import json_number
 from e3rl_core.training import held_out

@@ -18,6 +18,7 @@ from e3rl_core.errors import E3RLError
 from .session import SPACE_MAX_MODEL_BYTES, ModelStore, defaults, resolve, shipped_models
 from .tabs import Shared, audit, generate, train
 from .tabs.generate import GEN_FIELDS, examples
+from .effects import SPACE_MAX_ROWS, EffectsManager
 from .training import TrainingManager
 
 __all__ = ["DEFAULTS", "GEN_FIELDS", "build", "examples"]
@@ -41,19 +42,20 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
     # In a Space, training runs offline: its models are local directories, and nothing is fetched.
     trainer = TrainingManager(runs_root or os.environ.get("E3RL_RUNS", "runs/app"), max_steps=30 if space else None,
                               offline=space, device=device, visitors_apart=space)
+    effects_jobs = EffectsManager(trainer.root, visitors_apart=space, max_rows=SPACE_MAX_ROWS if space else None)
     models = shipped_models()
     default = default_model or (models[0] if models else None)
     if default:  # load before the first click, so it streams at once
         threading.Thread(target=_preload, args=(store, resolve(default)), daemon=True).start()
     with gr.Blocks(title="E3RL workbench", analytics_enabled=False,
                    delete_cache=(CACHE_MAX_AGE_S, CACHE_MAX_AGE_S)) as demo:
-        shared = Shared(store=store, trainer=trainer, space=space, engine=engine, default_model=default,
+        shared = Shared(store=store, trainer=trainer, effects=effects_jobs, space=space, engine=engine, default_model=default,
                         shipped=models, audit_dir=_audit_dir(),
                         session_events=gr.State([]), last_events=gr.State([]))
         gr.Markdown("# E3RL workbench\nWatch the model generate, erase uncertain segments and regenerate them; "
                     "audit every decision; train with GRPO, DAPO or E3RL.")
         gen_tab, model = generate.build(shared)
-        audit_tab = audit.build(shared, traces_ttl_s)
+        audit_tab, effects_timer = audit.build(shared, traces_ttl_s)
         train_tab, timer = train.build(shared, model)
         # The Train tab polls its run only while it is open; coming back to Generate lists the
         # checkpoints written meanwhile. Page plumbing, not actions: private (no API endpoint).
@@ -69,10 +71,16 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
         train_tab.select(poll_on, None, timer, api_visibility="private")
         gen_tab.select(back_to_generate, model, [timer, model], api_visibility="private")
         audit_tab.select(poll_off, None, timer, api_visibility="private")
+        # The decision-effects job is polled while the Audit tab is open (its progress is on disk, so a
+        # reloaded page shows it again at the next tick).
+        audit_tab.select(poll_on, None, effects_timer, api_visibility="private")
+        for other in (gen_tab, train_tab):
+            other.select(poll_off, None, effects_timer, api_visibility="private")
         demo.unload(audit.end_session)
 
-        def leave(request: gr.Request) -> None:  # a visitor's run ends with their visit (a Space)
+        def leave(request: gr.Request) -> None:  # a visitor's run and job end with their visit (a Space)
             trainer.release(request.session_hash if request else None)
+            effects_jobs.release(request.session_hash if request else None)
 
         if space:
             demo.unload(leave)

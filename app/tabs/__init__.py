@@ -10,6 +10,7 @@ from typing import Any
 
 from e3rl_core.errors import E3RLError
 
+from ..effects import EffectsManager
 from ..session import ModelStore
 from ..training import TrainingManager
 
@@ -33,6 +34,8 @@ class Shared:
     """gr.State: every event of this browser session (generations and counterfactuals)."""
     last_events: Any
     """gr.State: the events of the generation on screen."""
+    effects: EffectsManager | None = None
+    """Background decision-effect jobs (the Audit tab's "Decision effects")."""
 
     def model_choices(self) -> list[str]:
         """The model picker's entries: shipped checkpoints, the default, then every trained checkpoint."""

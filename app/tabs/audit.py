@@ -19,6 +19,8 @@ from e3rl_core.generation.thresholds import POLICIES
 from .. import audit, render
 from ..session import replay_view
 from . import Shared
+from . import effects as effects_section
+from .train import visitor
 
 # What-if controls the recorded settings are read into; a trace that lacks one starts at the default.
 WHAT_IF = ("policy", "kappa", "penalty_lambda", "value")
@@ -27,9 +29,11 @@ TRACES_TTL_S = 3 * 3600
 open (a closed page frees them at once: ``end_session``)."""
 
 
-def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> gr.Tab:
-    """The tab. Its public endpoints: ``/load_traces``, ``/decisions``, ``/replay``, ``/what_if`` and
-    ``/export_audit``; every other listener only keeps the page in step and is private."""
+def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> tuple[gr.Tab, gr.Timer]:
+    """The tab and its decision-effects timer (active while the tab is open; ``app.ui`` switches it).
+    Its public endpoints: ``/load_traces``, ``/decisions``, ``/replay``, ``/what_if``,
+    ``/export_audit`` and the decision effects' (``tabs.effects``); every other listener only keeps
+    the page in step and is private."""
     history = shared.session_events
     with gr.Tab("Audit") as tab:
         # traces loaded from files, in this browser session (an audit.LoadedTraces, None until a load)
@@ -60,8 +64,21 @@ def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> gr.Tab:
             replay_step = gr.Slider(0, 1, value=1, step=1, label="events shown")
         replay_html = gr.HTML(elem_id="e3rl-replay", label="heatmap")
         what_if_controls, wi_table, wi_msg = _what_if_panel()
+        filters = [history, loaded, only_erasures, trace_filter, sort_by, only_flipped]
+        effects_timer = effects_section.build(shared, table, filters, find_trace, all_traces, table_for)
 
-    filters = [history, loaded, only_erasures, trace_filter, sort_by, only_flipped]
+    def decisions(history: list, loaded: audit.LoadedTraces | None, only_erasures: bool = False,
+                  trace_contains: str = "", sort_by: str = "", only_flipped: bool = False,
+                  request: gr.Request = None) -> pd.DataFrame:
+        """Every recorded decision of this session's generations and loaded trace files, one row each:
+        only_erasures / only_flipped keep erasures (that flipped the answer against the recorded
+        counterfactual); trace_contains keeps traces whose id contains it; sort_by names a column
+        (sorted descending). With a decision-effects job, its effect columns (effect, its interval,
+        verdict, P(correct) of each branch). Numbers shown to 4 places, long texts cut (the export
+        keeps both whole)."""
+        df = table_for(history, loaded, only_erasures, trace_contains, sort_by, only_flipped)
+        return audit.display_frame(effects_section.table_columns(shared, df, visitor(request)).round(4))
+
     choices = ([replay_trace, history, loaded], replay_trace)
     private: dict = dict(api_visibility="private")
     refresh.click(decisions, filters, table, api_name="decisions").then(trace_choices, *choices, **private)
@@ -77,15 +94,17 @@ def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> gr.Tab:
     # temporary file behind per upload.
     upload.upload(load_traces, [upload, loaded, history, only_erasures, trace_filter, sort_by, only_flipped],
                   [loaded, load_msg, table, replay_trace, upload], api_name="load_traces", preprocess=False).then(
-        trace_choices, *choices, **private)
+        trace_choices, *choices, **private).then(decisions, filters, table, **private)
     table.select(select_row, None, replay_trace, **private)
 
     def export_audit(history: list, loaded: audit.LoadedTraces | None, only_erasures: bool = False,
                      trace_contains: str = "", sort_by: str = "", only_flipped: bool = False,
-                     gzip_jsonl: bool = False) -> list[str]:
-        """Export the decisions table as filtered (CSV and JSONL) and the traces of its rows (a trace
-        file the Audit tab loads again); gzip_jsonl writes the JSONL files as .jsonl.gz."""
-        df = table_for(history, loaded, only_erasures, trace_contains, sort_by, only_flipped)
+                     gzip_jsonl: bool = False, request: gr.Request = None) -> list[str]:
+        """Export the decisions table as filtered (CSV and JSONL; with the effect columns of a
+        decision-effects job) and the traces of its rows (a trace file the Audit tab loads again);
+        gzip_jsonl writes the JSONL files as .jsonl.gz."""
+        df = effects_section.table_columns(
+            shared, table_for(history, loaded, only_erasures, trace_contains, sort_by, only_flipped), visitor(request))
         ids = set(df["trace"])
         traces = [t for t in all_traces(history, loaded) if t.trace_id in ids]
         return [str(p) for p in audit.export(df, audit.export_dir(shared.audit_dir), compress=gzip_jsonl, traces=traces)]
@@ -107,7 +126,7 @@ def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> gr.Tab:
         what_if, wi_inputs, [wi_table, wi_msg], api_name="what_if")
     for ctl in what_if_controls:
         ctl.input(what_if, wi_inputs, [wi_table, wi_msg], trigger_mode="always_last", **private)
-    return tab
+    return tab, effects_timer
 
 
 def _what_if_panel() -> tuple[list, gr.Dataframe, gr.Markdown]:
@@ -154,12 +173,9 @@ def table_for(history: list, files: audit.LoadedTraces | None, only: bool, conta
     return audit.filter_frame(df, only, contains or "", sort or "", only_flipped=flipped)
 
 
-def decisions(history: list, loaded: audit.LoadedTraces | None, only_erasures: bool = False,
-              trace_contains: str = "", sort_by: str = "", only_flipped: bool = False) -> pd.DataFrame:
-    """Every recorded decision of this session's generations and loaded trace files, one row each:
-    only_erasures / only_flipped keep erasures (that flipped the answer against the recorded
-    counterfactual); trace_contains keeps traces whose id contains it; sort_by names a column
-    (sorted descending). Numbers shown to 4 places, long texts cut (the export keeps both whole)."""
+def plain_decisions(history: list, loaded: audit.LoadedTraces | None, only_erasures: bool = False,
+                    trace_contains: str = "", sort_by: str = "", only_flipped: bool = False) -> pd.DataFrame:
+    """The decisions table without effect columns (a load shows it at once; ``decisions`` adds them next)."""
     df = table_for(history, loaded, only_erasures, trace_contains, sort_by, only_flipped)
     return audit.display_frame(df.round(4))
 
@@ -198,7 +214,7 @@ def load_traces(trace_file: Any, loaded: audit.LoadedTraces | None, history: lis
     # The replay shows the file's first trace (a plain id: what a script passes on to /replay; the
     # list of traces follows in the next step); a file that added nothing leaves the pick as it is.
     picked = audit.shown_id(files.traces[before].trace_id) if len(files.traces) > before else gr.update()
-    return files, msg, decisions(history, files, only_erasures, trace_contains, sort_by, only_flipped), picked, None
+    return files, msg, plain_decisions(history, files, only_erasures, trace_contains, sort_by, only_flipped), picked, None
 
 
 def _upload(upload: Any) -> tuple[str | None, str]:

@@ -58,19 +58,7 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
                     go_btn = gr.Button("Generate", variant="primary", elem_id="e3rl-generate")
                     stop_btn = gr.Button("Stop", elem_id="e3rl-stop")
                     cf_btn = gr.Button("Counterfactual (erasure off)")
-        row = gr.Radio([0], value=0, label="rollout of the group", type="value")
-        legend = gr.HTML(render.legend_html("entropy"), elem_id="e3rl-legend")
-        # Labels name the API's return values (none is drawn: HTML and Markdown hide theirs).
-        heatmap = gr.HTML(live.page_html(render.TraceView()), elem_id="e3rl-heatmap", label="heatmap")
-        # While a run streams, the heatmap is edited in the page (app.live): each frame sends what
-        # changed, not the whole trace; the last frame and every redraw send the whole trace.
-        edits = gr.Textbox(elem_id="e3rl-live-edits", elem_classes=["e3rl-offstage"], label="heatmap edits")
-        summary = gr.Markdown(elem_id="e3rl-summary", label="summary")
-        cf_outputs = _counterfactual_panel()  # under the run it compares with, above the table and chart
-        shown = [heatmap, summary, gr.Markdown(label="group table"),
-                 # An empty chart from the start: the browser loads plotly with the page, not on the first click.
-                 gr.Plot(render.trace_figure(render.TraceView()), label="scores vs thresholds; per-token signal",
-                         elem_id="e3rl-chart"), row]
+        row, legend, edits, cf_outputs, shown = _views()
     inputs = [controls[name] for name in GEN_FIELDS]
     last, history = shared.last_events, shared.session_events
     run_info = gr.State({})  # the shown run's timing, warning and whether it was stopped (for redraws)
@@ -169,6 +157,27 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
     cf_btn.click(counterfactual_endpoint, [color_by, last, history, *inputs], [*cf_outputs, history],
                  concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine", api_name="counterfactual")
     return tab, controls["model"]
+
+
+
+def _views() -> tuple:
+    """The run's views, under the controls: the rollout picker, the legend, the heatmap (and the
+    hidden box its live edits travel through), the summary, the counterfactual panel, the group
+    table and the chart. Returns (row, legend, edits, counterfactual outputs, the views a frame fills)."""
+    row = gr.Radio([0], value=0, label="rollout of the group", type="value")
+    legend = gr.HTML(render.legend_html("entropy"), elem_id="e3rl-legend")
+    # Labels name the API's return values (none is drawn: HTML and Markdown hide theirs).
+    heatmap = gr.HTML(live.page_html(render.TraceView()), elem_id="e3rl-heatmap", label="heatmap")
+    # While a run streams, the heatmap is edited in the page (app.live): each frame sends what
+    # changed, not the whole trace; the last frame and every redraw send the whole trace.
+    edits = gr.Textbox(elem_id="e3rl-live-edits", elem_classes=["e3rl-offstage"], label="heatmap edits")
+    summary = gr.Markdown(elem_id="e3rl-summary", label="summary")
+    cf_outputs = _counterfactual_panel()  # under the run it compares with, above the table and chart
+    shown = [heatmap, summary, gr.Markdown(label="group table"),
+             # An empty chart from the start: the browser loads plotly with the page, not on the first click.
+             gr.Plot(render.trace_figure(render.TraceView()), label="scores vs thresholds; per-token signal",
+                     elem_id="e3rl-chart"), row]
+    return row, legend, edits, cf_outputs, shown
 
 
 def _request_values(params: dict[str, Any]) -> tuple:

@@ -2,6 +2,7 @@
 
     e3rl generate --model PATH --prompt TEXT [options]     erasable generation, prints completions (generate.py)
     e3rl eval --model PATH --data SPEC [options]           Avg@K / Pass@k with or without erasure (eval.py)
+    e3rl audit TRACE --effects --out DIR                  the measured effect of every decision (audit.py)
     e3rl train --model PATH --data SPEC --algo e3rl --out DIR   RL training (train.py)
     e3rl bench generate [--model PATH]                     speed/memory table of the engine (bench.py)
     e3rl train-demo-model --out DIR                        the small demo model (demo.py)
@@ -19,15 +20,10 @@ import logging
 import sys
 from typing import Sequence
 
+from ..commands import e3rl_command  # noqa: F401  (scripts and tests import it from here)
 from ..errors import E3RLError
 
-SUBCOMMANDS = ("generate", "demo", "eval", "app", "train", "bench")  # modules of this package, in --help order
-
-
-def e3rl_command(*args: str) -> list[str]:
-    """``e3rl ARGS`` as a subprocess command line: through ``python -m`` with this interpreter, so it
-    needs no console script on PATH and runs in the same environment."""
-    return [sys.executable, "-m", "e3rl_core.cli", *args]
+SUBCOMMANDS = ("generate", "demo", "eval", "audit", "app", "train", "bench")  # modules of this package, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

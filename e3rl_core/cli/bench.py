@@ -17,10 +17,11 @@ def add_parser(sub: Any) -> None:
     add_device_flags(bg)
     bg.add_argument("--repeats", type=int, default=3, help="timed repeats per cell (median reported)")
     bg.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    bg.add_argument("--parts", default="abcdefghi",
+    bg.add_argument("--parts", default="abcdefghij",
                     help="which parts to run (default all): a-d on --model; e-h, the long-trace parts, on "
                          "--long-model (e also on the shipped model, at the lengths its context holds); i, the "
-                         "sliding-window and hybrid families against a Llama of the same size")
+                         "sliding-window and hybrid families against a Llama of the same size; j, one decision's "
+                         "2K branches (e3rl audit --effects) with the prefix shared vs re-prefilled, on --long-model")
     bg.add_argument("--long-model", default="random:small-qwen3",
                     help="model of the long-trace parts (default: a random-init Qwen3-shaped model a CPU can "
                          "decode 4k tokens with; random:qwen3-0.6b on a GPU)")

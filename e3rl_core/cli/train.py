@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from ..errors import E3RLError
 from ..overrides import apply_overrides
-from . import e3rl_command
+from ..commands import train_command  # noqa: F401  (its flags are this parser's; tests import it from here)
 from .options import add_compile_flag, add_device_flags, add_trust_remote_code_flag, resolve_device
 
 # flag -> TrainConfig field; each flag is a shortcut for --set FIELD=VALUE
@@ -25,29 +25,6 @@ FLAGS = {"steps": "max_steps", "group_size": "num_generations", "prompts_per_ste
          "learning_rate": "learning_rate", "seed": "seed", "token_budget": "rollout_token_budget",
          "erase_budget": "generation.erase.budget", "save_steps": "save_steps", "compile": "generation.compile",
          "eval_data": "eval_data", "eval_samples": "eval_samples"}
-
-
-def train_command(*, out: str | os.PathLike[str], model: str | None = None, data: str | None = None,
-                  algo: str | None = None, steps: int | None = None, group_size: int | None = None,
-                  prompts_per_step: int | None = None, learning_rate: float | None = None, seed: int | None = None,
-                  token_budget: int | None = None, erase_budget: int | None = None, save_steps: int | None = None,
-                  eval_data: str | None = None, eval_samples: int | None = None, overrides: Sequence[str] = (), device: str | None = None, quiet: bool = False,
-                  overwrite: bool = False, resume: bool = False) -> list[str]:
-    """The ``e3rl train`` command line for a subprocess (the app's Train tab, the reproduction), from
-    named settings: a setting left None is left out (the preset's default), ``overrides`` become
-    ``--set`` items. The one place outside the parser below that knows its flags."""
-    named = {"model": model, "data": data, "algo": algo, "out": out, "steps": steps, "group_size": group_size,
-             "prompts_per_step": prompts_per_step, "learning_rate": learning_rate, "seed": seed,
-             "token_budget": token_budget, "erase_budget": erase_budget, "save_steps": save_steps,
-             "eval_data": eval_data, "eval_samples": eval_samples, "device": device}
-    cmd = e3rl_command("train")
-    for name, value in named.items():
-        if value is not None:
-            cmd += [f"--{name.replace('_', '-')}", str(value)]
-    cmd += [flag for flag, on in (("--quiet", quiet), ("--overwrite", overwrite), ("--resume", resume)) if on]
-    for item in overrides:
-        cmd += ["--set", item]
-    return cmd
 
 
 def add_parser(sub: Any) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .bench import BenchRow, _Bench, _bench_erase_cost, _bench_memory, _prompt_maker, _run, _sync
+from .bench_common import BenchRow, _Bench, _bench_erase_cost, _bench_memory, _prompt_maker, _run, _sync
 
 SIZES = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
              head_dim=32)

@@ -26,7 +26,7 @@ import torch
 from ..events import TokenEvent
 from ..generation.kvcache import GrowingLayer
 from ..models import load_model
-from .bench import BenchResult, BenchRow, _Bench, _bench_erase_cost, _prompt_maker, _run, _sync, linear_fit, machine_description
+from .bench_common import BenchResult, BenchRow, _Bench, _bench_erase_cost, _prompt_maker, _run, _sync, linear_fit, machine_description
 
 CACHE_UPDATE = "kv_cache_update"
 

@@ -26,7 +26,7 @@ from ..tasks.rewards import reward
 from ..training.config import TrainConfig
 from ..training.losses import token_logps
 from ..training.rollout import build_batch
-from .bench import BenchResult, BenchRow, _sync, machine_description
+from .bench_common import BenchResult, BenchRow, _sync, machine_description
 
 
 def _plain_step(trainer: Any, batch: Any) -> None:

@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..cli import e3rl_command
-from ..cli.train import train_command
+from ..commands import e3rl_command, train_command
 from ..errors import E3RLError
 from ..events import strict_dumps
 from ..tasks.datasets import load_examples

@@ -46,3 +46,31 @@ def slip_rate(rows: Iterable[Mapping[str, Any]], references: Mapping[str, str]) 
         raise E3RLError("no evaluation rows to measure slips on")
     return {"slips_per_100_steps": 100.0 * slips / steps, "samples_with_slip": slips / samples,
             "steps_attempted": steps, "samples": samples}
+
+
+def _deviates(reference: list[str], text: str) -> bool:
+    """Whether a partial solution already differs from the reference: a complete line that is not
+    the reference's line at its place, or a last, unfinished line that does not begin it."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        ref = reference[i] if i < len(reference) else None
+        last = i == len(lines) - 1
+        if last:
+            return bool(line.strip()) and (ref is None or not ref.startswith(line.strip()))
+        if ref is None or line.strip() != ref:
+            return True
+    return False
+
+
+def slipped_before(reference: str, before: str) -> bool:
+    """Whether the text ``before`` a segment already left the reference solution (a segment written
+    there follows an earlier slip: redrawing it cannot repair that one)."""
+    return _deviates([line.strip() for line in reference.strip().split("\n")], before)
+
+
+def holds_slip(reference: str, before: str, segment: str) -> bool:
+    """Whether ``segment``, written after the text ``before``, holds the solution's first wrong
+    step: ``before`` still agrees with the reference solution (line by line, an unfinished last
+    line a prefix of the reference's) and ``before + segment`` no longer does."""
+    ref = [line.strip() for line in reference.strip().split("\n")]
+    return not _deviates(ref, before) and _deviates(ref, before + segment)

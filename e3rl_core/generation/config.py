@@ -204,6 +204,13 @@ class GenerationConfig:
     rollback moves the write position back) or ``dynamic`` (transformers' ``DynamicCache``, which
     concatenates the whole cache at every step: the reference). Both give the same tokens and
     signals (tested); ``static`` avoids the per-token copy that dominates long traces."""
+    share_prefix: bool = False
+    """Prefill the prompt tokens every row of the batch shares once, on one row, and copy their
+    cache entries (keys and values, recurrent states) to every row: the decision-effect audit's
+    2K branches of one prefix (``evaluation.effects``) then pay for the prefix once. Each row
+    still prefills at least the last ``score.smoothing_window + 1`` prompt tokens itself, so the
+    first segment's baseline is the same; tokens equal the unshared prefill's (tested). Off by
+    default: a batch of different prompts shares little."""
     compile: bool = False
     """``torch.compile`` the one-token decode forward (``--compile``; dynamic shapes, the prefill
     stays eager). The first run pays the compilation (about a minute on a CPU), later runs with the

@@ -123,40 +123,12 @@ def _check(layout: ModelLayout, config: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------ caches
-def use_full_layers(layers: list[Any], kind: str) -> None:
-    """Swap, in place, each attention layer of a cache built from the config for a full-attention
-    one (``GrowingLayer`` for ``kind=static``): windows are the engine's masks, by position, and a
-    transformers sliding layer would drop columns by count. State layers stay transformers' own."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-    from .kvcache import GrowingLayer
-
-    for i, layer in enumerate(layers):
-        if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
-            layers[i] = GrowingLayer() if kind == "static" else DynamicLayer()
-
-
 def is_state_layer(layer: Any) -> bool:
     try:
         from transformers.cache_utils import LinearAttentionCacheLayerMixin
     except ImportError:
         return False
     return isinstance(layer, LinearAttentionCacheLayerMixin)
-
-
-def is_kv_layer(layer: Any) -> bool:
-    """A layer with key/value columns (the hole mechanism applies), hybrid layers included."""
-    if type(layer).__name__ == "DummyLayer":
-        return False
-    from .kvcache import GrowingLayer
-
-    if isinstance(layer, GrowingLayer):
-        return True
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:
-        return True
-    return isinstance(layer, DynamicLayer)
 
 
 # ------------------------------------------------------------------------------------ masks
@@ -242,6 +214,12 @@ class RowStates:
         saved = self.take(rows) if self.layers else {}
         yield
         self.put(saved)
+
+    def repeat(self, batch: int) -> None:
+        """Copy one row's states to ``batch`` rows (a prefix prefilled once, shared by every row)."""
+        for d, i in self._slots():
+            if d[i] is not None:
+                d[i] = d[i].repeat(batch, *([1] * (d[i].dim() - 1)))
 
     def mark_segment_start(self, rows: Iterable[int]) -> None:
         if self.layers:

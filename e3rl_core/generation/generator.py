@@ -38,6 +38,11 @@ from .segmenter import SEGMENTERS, make_segmenter
 from .signals import entropy_from_logp, log_probs, token_signals
 from .thresholds import POLICIES, ThresholdPolicy, make_policy
 
+# Stateful families whose recurrent layers continue a multi-token prefill from a cached state
+# (tests/generation/test_share_prefix.py). Mamba-style mixers (Mamba, Jamba) read a cached state
+# only one token at a time, so ``share_prefix`` leaves them the plain prefill.
+STATE_PREFILL_CONTINUES = frozenset({"qwen3_next", "lfm2"})
+
 Checker = Callable[[str, str], "bool | None"]
 AnswerFn = Callable[[str], "str | None"]
 
@@ -243,13 +248,16 @@ class ErasableGenerator:
         golds: Sequence[str | None] | None = None,
         trace_prefix: str | None = None,
         train_step: int | None = None,
+        max_new: Sequence[int] | None = None,
     ) -> Iterator[Event]:
         """Generate ``group_size`` rollouts for each prompt, all in one batch.
 
         seed: one int (row r of the batch uses seed + r) or one seed per row; None draws one and
         records it in each start event. golds: the known answers, one per prompt, for ``done``.
         trace_prefix: the batch id (random if None); trace ids are ``<batch>-<group>-<index>``.
-        train_step: recorded in each start event by the trainer."""
+        train_step: recorded in each start event by the trainer. max_new: a smaller budget of kept
+        tokens per prompt than ``max_new_tokens`` (a decision's keep branch, whose segment already
+        used part of the trace's budget)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         if not prompts:
@@ -265,6 +273,8 @@ class ErasableGenerator:
             raise ConfigError(f"got {len(seeds)} seeds for {n_rows} rows; give one int or one per row")
         if golds is not None and len(golds) != len(encoded):
             raise ConfigError(f"got {len(golds)} gold answers for {len(encoded)} prompts")
+        if max_new is not None and (len(max_new) != len(encoded) or min(max_new) < 1):
+            raise ConfigError(f"max_new needs one budget >= 1 per prompt ({len(encoded)}), got {list(max_new)}")
         prefix = trace_prefix or uuid.uuid4().hex[:8]
         cfg = self.config
         rows: list[_Row] = []
@@ -273,7 +283,8 @@ class ErasableGenerator:
             for k in range(group_size):
                 r = len(rows)
                 rng = random.Random(seeds[r])
-                room = cfg.max_new_tokens if self.context is None else min(cfg.max_new_tokens, self.context - len(ids))
+                room = cfg.max_new_tokens if max_new is None else min(cfg.max_new_tokens, max_new[g])
+                room = room if self.context is None else min(room, self.context - len(ids))
                 rows.append(
                     _Row(
                         index=r, trace_id=f"{prefix}-{g}-{k}", group=g, policy=policy, prompt_ids=ids,
@@ -343,16 +354,85 @@ class _Run:
         self.kv.advance(n)
         return logits[:, -keep:].float()  # (B, keep, V)
 
+    def _shared_length(self) -> int:
+        """How many leading prompt tokens every row shares and may prefill once
+        (``share_prefix``): all the common ones but the last ``window + 1`` of the shortest
+        prompt, which each row prefills itself (B_0 reads their logits)."""
+        if not self.cfg.share_prefix or len(self.rows) < 2:
+            return 0
+        layout = self.gen.layout
+        if layout.stateful and layout.model_type not in STATE_PREFILL_CONTINUES:
+            return 0  # its recurrent layers cannot take a second prompt chunk: the plain prefill
+        first = self.rows[0].prompt_ids
+        common = min(len(r.prompt_ids) for r in self.rows)
+        for r in self.rows[1:]:
+            common = next((i for i, (a, b) in enumerate(zip(first, r.prompt_ids[:common])) if a != b), common)
+        need = self.window + 1 if self.cfg.score.first_reference == "prompt_tail" else 1
+        return max(0, min(common, min(len(r.prompt_ids) for r in self.rows) - need))
+
+    def _prefill_shared(self, n: int) -> None:
+        """Feed the first ``n`` prompt tokens (the same in every row) as one row, then copy that
+        row's cache entries to every row: a prefix shared by B rows costs one row's forward."""
+        B, dev = len(self.rows), self.gen.device
+        ids = torch.tensor([self.rows[0].prompt_ids[:n]], device=dev)
+        pos = torch.arange(n, device=dev)[None]
+        mask = self.kv.attention_mask(torch.ones((B, n), dtype=torch.long, device=dev), pos.expand(B, n))
+        one = torch.ones(1, dtype=torch.long, device=dev)
+        kwargs: dict[str, Any] = {
+            "input_ids": ids, "attention_mask": self.gen.masks(mask[:1], self.kv.pending_positions(n)[:1], n, one),
+            "position_ids": pos, self.gen._cache_kw: self.kv.cache, "use_cache": True,
+        }
+        if self.gen._has_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        self.gen.model(**kwargs)
+        self.kv.advance(n)
+        self.kv.repeat_first_row()
+        self.states.repeat(B)
+
+    def _even_out(self, fed: list[int]) -> None:
+        """Recurrent states would read padding between a shared prefix and a row's own tokens as
+        input, so a stateful model feeds the longer rows' extra tokens first, in steps of equal
+        length, while the other rows sit out with their states held, until every row has the same
+        number of prompt tokens left (the final prefill then has no padding)."""
+        dev = self.gen.device
+        while True:
+            left = {r.index: len(r.prompt_ids) - fed[r.index] for r in self.rows}
+            top = max(left.values())
+            lower = [n for n in left.values() if n < top]
+            if not lower:
+                return
+            n = top - max(lower)
+            going = [i for i, m in left.items() if m == top]
+            ids = torch.full((len(self.rows), n), self.gen.pad_id, dtype=torch.long)
+            valid = torch.zeros_like(ids)
+            pos = torch.zeros_like(ids)
+            for i in going:
+                ids[i] = torch.tensor(self.rows[i].prompt_ids[fed[i] : fed[i] + n])
+                valid[i] = 1
+                pos[i] = torch.arange(fed[i], fed[i] + n)
+            fed_rows = valid[:, 0].to(dev)
+            with self.states.hold([i for i in left if i not in going]):
+                self._forward(ids.to(dev), valid.to(dev), pos.to(dev), 1, fed_rows)
+            for i in going:
+                fed[i] += n
+
     def _prefill(self) -> None:
         B = len(self.rows)
-        longest = max(len(r.prompt_ids) for r in self.rows)
+        skip = self._shared_length()
+        fed = [skip] * B  # prompt tokens of each row already in the cache
+        if skip:
+            self._prefill_shared(skip)
+            if self.gen.layout.stateful:
+                self._even_out(fed)
+        longest = max(len(r.prompt_ids) - fed[r.index] for r in self.rows)
         ids = torch.full((B, longest), self.gen.pad_id, dtype=torch.long)
         valid = torch.zeros((B, longest), dtype=torch.long)
+        start = torch.tensor(fed)[:, None]
         for r in self.rows:
-            n = len(r.prompt_ids)
-            ids[r.index, longest - n :] = torch.tensor(r.prompt_ids)  # left padding
+            n = len(r.prompt_ids) - fed[r.index]
+            ids[r.index, longest - n :] = torch.tensor(r.prompt_ids[fed[r.index]:])  # left padding
             valid[r.index, longest - n :] = 1
-        pos = (valid.cumsum(1) - 1).clamp_min(0)
+        pos = (valid.cumsum(1) - 1).clamp_min(0) + start
         dev = self.gen.device
         keep = min(longest, self.window + 1) if self.cfg.score.first_reference == "prompt_tail" else 1
         everyone = torch.ones(B, dtype=torch.long, device=dev)

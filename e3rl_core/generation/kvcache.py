@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import ConfigError
 from .config import KV_CACHES
-from .families import ModelLayout, is_kv_layer, use_full_layers
+from .families import ModelLayout
 
 
 def cache_layers(cache: Any) -> list[tuple[Any, str, str]]:
@@ -161,9 +161,33 @@ class GrowingCache(Cache):
         super().__init__(layer_class_to_replicate=GrowingLayer)
 
 
+def is_kv_layer(layer: Any) -> bool:
+    """A layer with key/value columns (the hole mechanism applies), hybrid layers included."""
+    if type(layer).__name__ == "DummyLayer":
+        return False
+    if isinstance(layer, GrowingLayer):
+        return True
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return True
+    return isinstance(layer, DynamicLayer)
+
+
+def use_full_layers(layers: list[Any], kind: str) -> None:
+    """Swap, in place, each attention layer of a cache built from the config for a full-attention
+    one (``GrowingLayer`` for ``kind=static``): windows are the engine's masks, by position, and a
+    transformers sliding layer would drop columns by count. State layers stay transformers' own."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    for i, layer in enumerate(layers):
+        if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer):
+            layers[i] = GrowingLayer() if kind == "static" else DynamicLayer()
+
+
 def make_cache(kind: str, layout: ModelLayout | None = None, config: Any = None) -> Cache:
     """A fresh cache of the ``GenerationConfig.kv_cache`` kind; for a model with windowed or
-    state layers (``layout``), one layer per model layer as ``families.use_full_layers`` lays out."""
+    state layers (``layout``), one layer per model layer as ``use_full_layers`` lays out."""
     if kind not in KV_CACHES:
         raise ConfigError(f"unknown kv_cache {kind!r}; choose one of: {', '.join(KV_CACHES)}")
     if layout is not None and (layout.windowed or layout.stateful):
@@ -238,6 +262,19 @@ class BatchKV:
         if layers and isinstance(layers[0], GrowingLayer):
             return layers[0].capacity
         return self.length
+
+    def repeat_first_row(self) -> None:
+        """Copy row 0's key/value columns to every row: a shared prefix was fed to one row
+        (``GenerationConfig.share_prefix``); the column masks and positions are already set."""
+        B = self.batch_size
+        for holder, k_attr, v_attr in cache_layers(self.cache):
+            if isinstance(holder, GrowingLayer):
+                holder.key_buffer = holder.key_buffer.repeat(B, 1, 1, 1)
+                holder.value_buffer = holder.value_buffer.repeat(B, 1, 1, 1)
+                holder._views()
+                continue
+            for attr in (k_attr, v_attr):
+                _set(holder, attr, _get(holder, attr).repeat(B, 1, 1, 1))
 
     def invalidate(self, row: int, columns: list[int]) -> None:
         if columns:

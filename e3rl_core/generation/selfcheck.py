@@ -82,11 +82,9 @@ def kept_signal_error(model: Any, traces: list[Any]) -> float:
 
 
 def _probe(gen: Any) -> str | None:
-    from .generator import ErasableGenerator
-
     cfg = forced_erasure_config(gen.config.kv_cache, "max_new_tokens=24", "segment.segment_tokens=6",
                                 "erase.budget=1", "compile=false")
-    probe = ErasableGenerator(gen.model, gen.tokenizer, cfg, self_check=False)
+    probe = type(gen)(gen.model, gen.tokenizer, cfg, self_check=False)  # the engine's own class: no import back
     probe.eos_ids = set()  # run to the length asked for: erasures and holes in both rows
     vocab = int(getattr(gen.model.config.get_text_config(), "vocab_size", 0) or 0)
     low, high = min(8, max(vocab - 1, 1)), max(min(vocab, 1000), 9)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 
 NAMES = "abcdefgh"
@@ -102,3 +103,32 @@ def problems(split: str, n: int, *, seed: int = 0, difficulty: int | None = None
         seen.add(p.question)
         out.append(p)
     return out
+
+
+_STATEMENT = re.compile(r"([a-h]) = (\d+|[a-h]) ([+\-*]) (\d+)\.")
+_QUESTION = re.compile(r"Question: ((?:[a-h] = (?:\d+|[a-h]) [+\-*] \d+\. )+)What is ([a-h])\?\nAnswer:\n$")
+
+
+def solve(prompt: str) -> Problem | None:
+    """The problem a prompt of this task asks (answer and one-step-per-line reference solution,
+    worked out from the question's own statements), or None when the prompt is not one: the
+    decision-effect audit reads slips off it without a dataset file."""
+    m = _QUESTION.search(prompt)
+    if m is None:
+        return None
+    values: dict[str, int] = {}
+    lines = []
+    for name, left, op, right in _STATEMENT.findall(m.group(1)):
+        if not left.isdigit() and left not in values:
+            return None
+        x = int(left) if left.isdigit() else values[left]
+        values[name] = {"+": x + int(right), "-": x - int(right), "*": x * int(right)}[op]
+        lines.append(f"{name} = {x} {op} {right} = {values[name]}")
+    target = m.group(2)
+    if target not in values:
+        return None
+    question = m.group(1) + f"What is {target}?"
+    answer = str(values[target])
+    solution = "\n".join(lines) + f"\n\\boxed{{{answer}}}"
+    return Problem(id=hashlib.sha256(question.encode()).hexdigest()[:12], question=question, answer=answer,
+                   solution=solution, difficulty=max(1, len(lines) - 1))

@@ -36,6 +36,9 @@ ENDPOINTS = {  # the Audit and Train tabs' endpoints and their parameters, in or
                         "eval_problems"],
     "/stop_training": [],
     "/training_status": [],
+    "/start_effects": ["scope", "samples", "only_erasures", "trace_contains", "sort_by", "only_flipped"],
+    "/stop_effects": [],
+    "/effects_status": [],
 }
 # What the tabs' page plumbing would be listed as if it leaked (handler names, gradio's numbering)
 UI_ONLY = re.compile(r"^/(lambda|refresh_all|run_what_if|pick_trace|step_to|select_row|trace_choices|"

@@ -464,3 +464,35 @@ def test_export_folders_are_bounded_oldest_removed_first(tmp_path, monkeypatch):
         made.append(d)
     left = sorted(p for p in tmp_path.iterdir())
     assert len(left) == 3 and left == sorted(made[-3:])
+
+
+def test_uploads_never_loaded_are_removed_after_the_documented_age(tmp_path, monkeypatch):
+    """5 x 90 MB sent to /gradio_api/upload and never loaded used to stay until a restart. gradio's
+    delete_cache removes them once CACHE_MAX_AGE_S old (checked every CACHE_MAX_AGE_S); here 2 s."""
+    import app.ui
+    from app.main import launch
+
+    monkeypatch.setattr(app.ui, "CACHE_MAX_AGE_S", 2)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))
+    demo, url = launch(port=free_port(), block=False, space=True, runs_root=str(tmp_path / "runs"))
+    try:
+        payload = tmp_path / "never-loaded.jsonl"
+        payload.write_bytes(b"{}\n" * 1000)
+        with open(payload, "rb") as f:
+            r = httpx.post(f"{url}gradio_api/upload", files={"files": ("never-loaded.jsonl", f)}, timeout=60)
+        assert r.status_code == 200
+        stored = Path(r.json()[0])
+        assert stored.is_file()
+        assert wait_until(lambda: not stored.exists(), timeout=30)
+    finally:
+        demo.close()
+
+
+def test_the_what_if_stops_at_its_time_bound_with_one_line(trace_file):
+    """gradio cannot stop a running handler: the what-if bounds its own time (WHAT_IF_BUDGET_S)."""
+    from e3rl_core.events import group_traces, read_events
+
+    group = group_traces(read_events(trace_file))
+    assert len(audit.what_if(group, {})) > 0  # within the bound: every recorded decision
+    with pytest.raises(E3RLError, match=r"needs more than -1 s; load a smaller trace file"):
+        audit.what_if(group, {}, budget_s=-1)

@@ -230,6 +230,8 @@ def test_one_pass_takes_its_weights_from_the_training_forward(tmp_path):
         trainer = Trainer(config, model="random:tiny-qwen3", data=DATA, out=tmp_path / f"run{fused}")
         trainer.model, trainer.device = copy.deepcopy(model), torch.device("cpu")
         trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-3)
+        # the schedule follows the optimizer it steps (one built on the replaced optimizer never sees a step)
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, trainer._lr_factor)
         trainer.fuse_attention = fused
         forwards = []
         handle = trainer.model.register_forward_pre_hook(lambda m, a: forwards.append(torch.is_grad_enabled()))
