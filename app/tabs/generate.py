@@ -159,7 +159,6 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
     return tab, controls["model"]
 
 
-
 def _views() -> tuple:
     """The run's views, under the controls: the rollout picker, the legend, the heatmap (and the
     hidden box its live edits travel through), the summary, the counterfactual panel, the group

@@ -62,13 +62,14 @@ def test_auroc_equals_the_pairwise_definition():
 
 
 def test_aggregates_count_verdicts_by_decision_and_slips():
-    def row(decision, ck, cr, score, margin, slip=None):
+    def row(decision, ck, cr, score, margin, slip=None, after=None):
         lo, hi = st.newcombe(ck, 8, cr, 8)
         return {"key": f"t/{score}/0", "decision": decision, "samples": 8, "confidence": 0.95, "erasure": False,
                 "keep_correct": ck, "redraw_correct": cr, "p_keep": ck / 8, "p_redraw": cr / 8,
                 "effect": (cr - ck) / 8, "ci_low": lo, "ci_high": hi, "verdict": st.verdict(lo, hi),
-                "score": score, "margin": margin, "holds_slip": slip}
-    rows = [row("erase", 0, 8, 2.0, 0.5, True), row("erase", 8, 0, 1.5, 0.01, False), row("erase", 4, 4, 1.0, 0.0),
+                "score": score, "margin": margin, "holds_slip": slip, "after_slip": after}
+    rows = [row("erase", 0, 8, 2.0, 0.5, True, False), row("erase", 8, 0, 1.5, 0.01, False, True),
+            row("erase", 4, 4, 1.0, 0.0),
             row("accept", 0, 7, 0.9, -0.1, True), row("accept", 5, 5, 0.1, -1.0, False)]
     agg = st.aggregates(rows)
     assert (agg["erased"]["helps"], agg["erased"]["hurts"], agg["erased"]["none"]) == (1, 1, 1)
@@ -77,7 +78,10 @@ def test_aggregates_count_verdicts_by_decision_and_slips():
     assert agg["auroc_score"] == pytest.approx(st.auroc([2.0, 1.5, 0.9], [True, False, True]))
     # the row without a reference solution (holds_slip None) is left out of the slip figures
     assert agg["slips"] == {"segments_with_first_slip": 2, "erasures": 2, "erasures_on_first_slip": 1,
-                            "precision": 0.5, "recall": 0.5}
+                            "precision": 0.5, "recall": 0.5, "erasures_after_a_slip": 1,
+                            "erasures_after_a_slip_that_helped": 0}
+    # the erasure by a margin of 0.0 (< NEAR_MARGIN) is counted apart
+    assert agg["erased_near_threshold"]["n"] == 1 and agg["erased_near_threshold"]["none"] == 1
     fig = st.calibration_figure(rows)
     assert len(fig.data) == 3 and len(st.binned(rows)) >= 1
 
