@@ -3,7 +3,7 @@
 
     python scripts/decision_effects.py shipped                 # 100 held-out problems, G = 4, the app's defaults
     python scripts/decision_effects.py training RUN_DIR        # first and last quarter of a run's rollouts
-    python scripts/decision_effects.py annotate JOB_DIR        # recompute rows' slip fields (older rows)
+    python scripts/decision_effects.py annotate JOB_DIR --traces FILE   # recompute rows' slip fields
     python scripts/decision_effects.py report                  # docs/results/effects/README.md from what exists
 
 Each part is resumable (run it again after a stop). Outputs go to docs/results/effects/<part>/: the
@@ -93,7 +93,7 @@ def training(run: Path, samples: int) -> None:
         print(summary_text(rec["aggregates"]))
 
 
-def annotate(job: Path) -> None:
+def annotate(job: Path, traces: list[str]) -> None:
     """Recompute the rows' slip fields (``holds_slip``, ``after_slip``) from the job's traces and
     rewrite its outputs: for rows measured before a field existed (nothing is re-generated)."""
     from e3rl_core.evaluation.effects import decisions_of
@@ -104,7 +104,7 @@ def annotate(job: Path) -> None:
 
     record = json.loads((job / JOB_FILE).read_text())
     _, tok = load_model(record["model"])
-    by_key = {d.key: d for path in record["settings"]["traces"] for t in group_traces(iter_events(path))
+    by_key = {d.key: d for path in traces for t in group_traces(iter_events(path))
               for d in decisions_of(t)}
     rows = read_rows(job)
     for r in rows:
@@ -149,6 +149,7 @@ def main() -> None:
     p.add_argument("run", nargs="?", help="the training run's folder (training), a job's folder (annotate)")
     p.add_argument("--samples", type=int, default=8, help="K continuations per branch")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--traces", nargs="+", default=[], help="the job's trace files (annotate)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.part == "shipped":
@@ -158,7 +159,7 @@ def main() -> None:
             p.error("training needs the run's folder")
         training(Path(args.run), args.samples)
     elif args.part == "annotate":
-        annotate(Path(args.run))
+        annotate(Path(args.run), args.traces)
     report()
 
 

@@ -15,6 +15,7 @@ the decisions not yet in ``effects.jsonl``. Other settings in a folder that hold
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -61,11 +62,21 @@ class JobSpec:
     them); the record says so."""
 
     def settings(self) -> dict[str, Any]:
-        """What a resumed job must share with the one that started the folder."""
+        """What a resumed job must share with the one that started the folder: the trace files are
+        told by their name and content (so a results folder resumes from another checkout)."""
         out = dataclasses.asdict(self)
-        out["traces"] = [str(Path(t).resolve()) for t in self.traces]
+        out["traces"] = [fingerprint(t) for t in self.traces]
         out["steps"] = list(self.steps) if self.steps else None
         return out
+
+
+def fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A trace file's name, size and SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"name": Path(path).name, "bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
 
 
 def is_effects_record(data: Any) -> bool:

@@ -204,6 +204,13 @@ def test_a_stopped_job_keeps_its_rows_and_resumes_where_it_stopped(shipped, trac
     full = run_job(spec, tmp_path / "one-go", model, tok)
     assert [r["redraw_texts"] for r in read_rows(tmp_path / "one-go")] == [r["redraw_texts"] for r in rows]
     assert full["aggregates"] == json.loads((tmp_path / "out" / "aggregates.json").read_text())
+    # the same trace file elsewhere (another checkout): told by its content, the job resumes with nothing to do
+    moved = tmp_path / "elsewhere" / "t.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(path.read_bytes())
+    again = run_job(JobSpec(traces=[str(moved)], model=SHIPPED, config=EffectsConfig(samples=2), limit=5),
+                    tmp_path / "out", model, tok)
+    assert again["status"] == "finished" and len(read_rows(tmp_path / "out")) == 5
     # other settings in the folder: refused, nothing changed; --overwrite replaces
     other = JobSpec(traces=[str(path)], model=SHIPPED, config=EffectsConfig(samples=3), limit=1)
     with pytest.raises(OutDirError, match="other settings"):
