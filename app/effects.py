@@ -40,10 +40,11 @@ class EffectsManager:
     """Start, watch and stop one background effects job under ``root``/effects."""
 
     def __init__(self, root: str | os.PathLike[str], visitors_apart: bool = False,
-                 max_rows: int | None = None) -> None:
+                 max_rows: int | None = None, device: str = "cpu") -> None:
         self.root = Path(root) / "effects"
         self.visitors_apart = visitors_apart
         self.max_rows = max_rows
+        self.device = device  # where a job loads its model: the app's own device
 
     # ---------------------------------------------------------------- state
     def active(self) -> dict[str, Any] | None:
@@ -97,7 +98,7 @@ class EffectsManager:
             (job / ".owner").write_text(owner)
         cmd = e3rl_command("audit", str(job / "input.jsonl.gz"), "--effects", "--samples", str(samples),
                            "--out", str(job / "out"), "--model", model, "--decisions", str(job / "decisions.txt"),
-                           "--device", "cpu", "--json")
+                           "--device", self.device, "--json")
         with open(job / "console.log", "w") as log:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})

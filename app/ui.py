@@ -42,7 +42,8 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
     # In a Space, training runs offline: its models are local directories, and nothing is fetched.
     trainer = TrainingManager(runs_root or os.environ.get("E3RL_RUNS", "runs/app"), max_steps=30 if space else None,
                               offline=space, device=device, visitors_apart=space)
-    effects_jobs = EffectsManager(trainer.root, visitors_apart=space, max_rows=SPACE_MAX_ROWS if space else None)
+    effects_jobs = EffectsManager(trainer.root, visitors_apart=space, max_rows=SPACE_MAX_ROWS if space else None,
+                                  device=device)
     models = shipped_models()
     default = default_model or (models[0] if models else None)
     if default:  # load before the first click, so it streams at once
