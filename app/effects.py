@@ -59,12 +59,12 @@ class EffectsManager:
         lock.unlink(missing_ok=True)
         return None
 
-    def jobs(self, owner: str | None = None) -> list[Path]:
-        """Job folders, newest first (a visitor's own, with visitors kept apart)."""
+    def jobs(self, owner: str | None = None, *, everyone: bool = False) -> list[Path]:
+        """Job folders, newest first (with visitors kept apart, ``owner``'s own unless ``everyone``)."""
         if not self.root.is_dir():
             return []
         found = [p for p in self.root.iterdir() if p.is_dir() and (p / "decisions.txt").is_file()]
-        if self.visitors_apart:
+        if self.visitors_apart and not everyone:
             found = [p for p in found if _owner(p) == owner]
         return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
@@ -122,14 +122,8 @@ class EffectsManager:
             self.stop(owner)
 
     def _prune(self) -> None:
-        for old in self.jobs_all()[MAX_JOBS_KEPT - 1:]:
+        for old in self.jobs(everyone=True)[MAX_JOBS_KEPT - 1:]:
             shutil.rmtree(old, ignore_errors=True)
-
-    def jobs_all(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and (p / "decisions.txt").is_file()]
-        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def _owner(job: Path) -> str | None:

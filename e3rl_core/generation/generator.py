@@ -330,12 +330,17 @@ class _Run:
 
     # ------------------------------------------------------------------ model
     def _forward(self, input_ids: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor, keep: int,
-                 fed: torch.Tensor) -> torch.Tensor:
+                 fed: torch.Tensor, first_row_only: bool = False) -> torch.Tensor:
         """Append the (B, n) columns ``input_ids`` (``valid``: real or a hole, ``fed``: (B,) the
-        row takes part) at ``position_ids``; returns the last ``keep`` logits (B, keep, V)."""
+        row takes part) at ``position_ids``; returns the last ``keep`` logits (B, keep, V).
+        ``first_row_only``: every row's columns are recorded, but only row 0 goes through the model
+        (a prefix every row shares; ``kv.repeat_first_row`` then copies its entries)."""
         n = input_ids.shape[1]
         mask = self.kv.attention_mask(valid, position_ids)
-        attention_mask = self.gen.masks(mask, self.kv.pending_positions(n), n, fed)
+        pending = self.kv.pending_positions(n)
+        if first_row_only:
+            input_ids, position_ids, mask, pending, fed = (t[:1] for t in (input_ids, position_ids, mask, pending, fed))
+        attention_mask = self.gen.masks(mask, pending, n, fed)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
             self.gen._cache_kw: self.kv.cache, "use_cache": True,
@@ -374,18 +379,10 @@ class _Run:
         """Feed the first ``n`` prompt tokens (the same in every row) as one row, then copy that
         row's cache entries to every row: a prefix shared by B rows costs one row's forward."""
         B, dev = len(self.rows), self.gen.device
-        ids = torch.tensor([self.rows[0].prompt_ids[:n]], device=dev)
-        pos = torch.arange(n, device=dev)[None]
-        mask = self.kv.attention_mask(torch.ones((B, n), dtype=torch.long, device=dev), pos.expand(B, n))
-        one = torch.ones(1, dtype=torch.long, device=dev)
-        kwargs: dict[str, Any] = {
-            "input_ids": ids, "attention_mask": self.gen.masks(mask[:1], self.kv.pending_positions(n)[:1], n, one),
-            "position_ids": pos, self.gen._cache_kw: self.kv.cache, "use_cache": True,
-        }
-        if self.gen._has_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        self.gen.model(**kwargs)
-        self.kv.advance(n)
+        ids = torch.tensor([self.rows[0].prompt_ids[:n]], device=dev).expand(B, n)
+        pos = torch.arange(n, device=dev)[None].expand(B, n)
+        everyone = torch.ones(B, dtype=torch.long, device=dev)
+        self._forward(ids, torch.ones_like(ids), pos, 1, everyone, first_row_only=True)
         self.kv.repeat_first_row()
         self.states.repeat(B)
 
