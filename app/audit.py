@@ -38,7 +38,7 @@ from e3rl_core.events import (
     write_events,
 )
 from e3rl_core.generation.config import GenerationConfig, ThresholdConfig
-from e3rl_core.generation.decision import ScoredAttempt, decide
+from e3rl_core.generation.decision import ScoredAttempt, decide, margin, near_threshold
 from e3rl_core.generation.schedule import decision_order
 from e3rl_core.generation.scoring import SegmentFeatures, segment_score
 from e3rl_core.generation.thresholds import make_policy
@@ -47,7 +47,7 @@ from e3rl_core.overrides import with_values
 from .render import clip
 
 COLUMNS = ["trace", "source", "segment", "attempt", "base", "max", "delta", "score", "baseline", "penalty",
-           "history", "threshold", "decision", "reason", "erased_text", "replacement", "answer", "correct",
+           "history", "threshold", "margin", "near_threshold", "decision", "reason", "erased_text", "replacement", "answer", "correct",
            "correct_without_erasure", "flipped"]
 
 
@@ -101,7 +101,8 @@ def decisions_frame(traces: Sequence[Trace], source: str = "session") -> pd.Data
                 "trace": tr.trace_id, "source": source, "segment": s.segment, "attempt": s.attempt,
                 "base": s.features.get("base"), "max": s.features.get("max"), "delta": s.features.get("delta"),
                 "score": s.score, "baseline": s.baseline, "penalty": s.penalty, "history": s.history,
-                "threshold": s.threshold, "decision": s.decision, "reason": s.reason,
+                "threshold": s.threshold, "margin": margin(s.score, s.threshold),
+                "near_threshold": near_threshold(s.score, s.threshold), "decision": s.decision, "reason": s.reason,
                 "erased_text": texts.get((s.segment, s.attempt), "") if erased else "",
                 "replacement": texts.get((s.segment, s.attempt + 1), "") if erased else "",
                 "answer": done.answer if done else None, "correct": done.correct if done else None,
@@ -492,3 +493,64 @@ def group_of(traces: Sequence[Trace], trace_id: str) -> list[Trace]:
     key = (target.start.batch, target.start.group_id)
     return [t for t in traces if (t.start.batch, t.start.group_id) == key]
 
+
+
+PROMPT_EXCERPT_CHARS = 48
+
+
+def prompt_excerpt(prompt: str, limit: int = PROMPT_EXCERPT_CHARS) -> str:
+    """A prompt's question on one line: the task template's "Question:" line when there is one, else
+    the prompt's last non-empty line (a chat template puts the user's text last), cut to ``limit``."""
+    lines = [ln.strip() for ln in str(prompt).splitlines() if ln.strip()]
+    asked = [ln for ln in lines if ln.lower().startswith("question:")]
+    text = (asked[0][len("question:"):].strip() if asked else next(
+        (ln for ln in reversed(lines) if not ln.startswith("<") and ln.lower() != "answer:"), lines[-1] if lines else ""))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def trace_labels(traces: Sequence[Trace]) -> list[tuple[str, str]]:
+    """(label, shown id) of each trace, for a trace list: the prompt's question, the rollout within
+    its group, the seed, "erasure off" (and "counterfactual" when it is the twin of an erasure-on
+    rollout), where it comes from (a training step, a loaded file's source) and the id itself."""
+    twins = {t.trace_id for t in counterfactual_twins(traces).values()}
+    out = []
+    for t in traces:
+        if not t.events:
+            continue
+        s = t.start
+        parts = [f"“{prompt_excerpt(s.prompt)}”", f"rollout {s.group_index}", f"seed {s.seed}"]
+        if not s.config.get("erase", {}).get("enabled", True):
+            parts.append("counterfactual (erasure off)" if t.trace_id in twins else "erasure off")
+        if s.train_step is not None:
+            parts.append(f"training step {s.train_step}")
+        out.append((" · ".join(parts) + f" · {shown_id(t.trace_id)}", shown_id(t.trace_id)))
+    return out
+
+
+PAGE_ROWS = 100
+"""Rows a table shows at once: a long run's thousands of decisions stay out of the page's DOM
+(the export and the API endpoints give every row)."""
+
+
+def page_of(df: pd.DataFrame, page: int, rows: int = PAGE_ROWS) -> tuple[pd.DataFrame, int, int]:
+    """(rows of 1-based page ``page``, clamped to the pages there are; the page shown; the number of pages)."""
+    pages = max(1, -(-len(df) // rows))
+    page = min(max(1, int(page or 1)), pages)
+    return df.iloc[(page - 1) * rows: page * rows], page, pages
+
+
+def page_line(total: int, page: int, pages: int, rows: int = PAGE_ROWS) -> str:
+    """The line under a paged table: which rows are shown of how many."""
+    if total == 0:
+        return "no rows"
+    first, last = (page - 1) * rows + 1, min(page * rows, total)
+    return f"rows {first:,}–{last:,} of {total:,} (page {page} of {pages})"
+
+
+def what_if_view(df: pd.DataFrame) -> pd.DataFrame:
+    """The what-if table as shown: the decisions that change first (in their recorded order), then
+    the rest, with ``changed`` as the first column so a narrow page still shows it."""
+    if df.empty:
+        return df[["changed", *[c for c in df.columns if c != "changed"]]]
+    order = df.assign(_rank=~df["changed"].astype(bool)).sort_values("_rank", kind="stable").drop(columns="_rank")
+    return order[["changed", *[c for c in df.columns if c != "changed"]]]

@@ -68,7 +68,7 @@ class LiveFrames:
             if folded is not None:  # only the erased attempt's look changes: no need to redraw the block
                 a = next(a for a in attempts if (a.segment, a.attempt) == folded)
                 ops.append({"op": "fold", "seg": seg, "erased": render.erased_id(a),
-                            "html": render.erased_html(a, folded=True)})
+                            "html": render.erased_html(a, folded=True, signal=self.signal)})
                 before.key = (key[0], before.key[1])
             if before is not None and before.key[0] == key[0] and len(last.tokens) >= before.tokens:
                 if len(last.tokens) > before.tokens:
@@ -79,7 +79,8 @@ class LiveFrames:
                     before.tokens = len(last.tokens)
                 if before.key[1] != key[1]:  # decided (kept): only the mark's hover text changes
                     ops.append({"op": "mark", "seg": seg, "title": render.segment_title(view, seg, attempts),
-                                "summary": render.segment_summary(attempts)})
+                                "summary": render.segment_summary(attempts), "n": len(last.tokens),
+                                "x": len(attempts) - 1})
                     before.key = key
                 continue
             ops.append({"op": "block", "seg": seg, "html": render.segment_html(view, seg, attempts, self.signal)})
@@ -147,6 +148,8 @@ def live_js(root: str) -> str:
 LIVE_JS = """
 (text) => {
   if (!text) return;
+  // the server answered: the views are this run's, no longer the last run's
+  for (const el of document.querySelectorAll('.e3rl-stale')) el.classList.remove('e3rl-stale');
   for (const op of JSON.parse(text).ops) {
     if (op.op === 'reset') {
       const box = document.querySelector('#e3rl-live');
@@ -183,10 +186,110 @@ LIVE_JS = """
     } else if (op.op === 'mark') {
       block.querySelector(':scope > .e3rl-segmark').setAttribute('title', op.title);
       block.querySelector(':scope > .e3rl-segsum').textContent = op.summary;
-      if (op.summary) block.classList.add('e3rl-decided');
+      if (op.summary) {
+        block.classList.add('e3rl-decided');
+        block.dataset.n = op.n;
+        block.dataset.x = op.x;
+      }
     } else if (op.op === 'tail') {
       trace.querySelector(':scope > .e3rl-tail').outerHTML = op.html;
     }
   }
 }
 """
+
+
+def collapse_js(root: str) -> str:
+    """The collapse checkbox's script for the heatmap element ``root``: decided segments fold to
+    their one-line summary (CSS), and runs of short ones to one line for the run (``FOLD_JS``,
+    kept up to date as edits and redraws change the element)."""
+    return ("(on) => {" + FOLD_JS.replace("SHORT", str(render.SHORT_SEGMENT_TOKENS)) +
+            f"const root = document.querySelector('{root}'); if (!root) return;"
+            "root.classList.toggle('e3rl-collapse', on); window.e3rlWatchFold(root, on); }")
+
+
+# Runs of two or more decided segments of at most SHORT kept tokens each become one line for the
+# run ("12–48: 37 one-token segments, 0 erased"); clicking it shows them one per line again. Done in
+# the page, not by the render, because a run grows as segments stream in while every live edit
+# addresses one segment's block. Recomputed once per animation frame after the element changes.
+FOLD_JS = """
+window.e3rlFold = (root) => {
+  const trace = root.querySelector('.e3rl-trace');
+  if (!trace) return;
+  for (const el of trace.querySelectorAll(':scope > .e3rl-runsum')) el.remove();
+  for (const el of trace.querySelectorAll(':scope > .e3rl-folded')) el.classList.remove('e3rl-folded');
+  if (!root.classList.contains('e3rl-collapse')) return;
+  const open = root.e3rlOpen || (root.e3rlOpen = new Set());
+  let run = [];
+  const flush = () => {
+    if (run.length >= 2) {
+      const ns = run.map((s) => +s.dataset.n), lo = Math.min(...ns), hi = Math.max(...ns);
+      const erased = run.reduce((k, s) => k + (+s.dataset.x || 0), 0);
+      const size = lo === hi ? (lo === 1 ? 'one-token' : lo + '-token') : 'short (' + lo + '–' + hi + ' tokens)';
+      const line = document.createElement('span');
+      const first = run[0].dataset.seg;
+      line.className = 'e3rl-runsum';
+      line.textContent = first + '–' + run[run.length - 1].dataset.seg + ': ' + run.length + ' ' + size +
+        ' segments, ' + erased + ' erased';
+      line.title = 'click to show these segments one per line';
+      line.onclick = () => { open.add(first); window.e3rlFold(root); };
+      run[0].before(line);
+      for (const s of run) s.classList.add('e3rl-folded');
+    }
+    run = [];
+  };
+  let opened = false;  // within a run its user unfolded
+  for (const seg of trace.querySelectorAll(':scope > .e3rl-seg')) {
+    if (!(seg.classList.contains('e3rl-decided') && +seg.dataset.n <= SHORT)) {
+      flush();
+      opened = false;
+      continue;
+    }
+    if (run.length === 0 && !opened && open.has(seg.dataset.seg)) opened = true;
+    if (!opened) run.push(seg);
+  }
+  flush();
+};
+window.e3rlWatchFold = (root, on) => {
+  if (root.e3rlObserver) { root.e3rlObserver.disconnect(); root.e3rlObserver = null; }
+  window.e3rlFold(root);
+  if (!on) return;
+  let queued = false;
+  const watch = { childList: true, subtree: true };
+  const observer = new MutationObserver(() => {
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(() => {
+      queued = false;
+      observer.disconnect();
+      window.e3rlFold(root);
+      observer.observe(root, watch);
+    });
+  });
+  observer.observe(root, watch);
+  root.e3rlObserver = observer;
+};
+"""
+
+
+# The Generate click, in the page before the server answers: the heatmap scrolls into view, a
+# moving bar shows the run is under way (until IDLE_JS), and the last run's views dim until the
+# first frame replaces them. A request that fails leaves them dimmed, labelled as the previous run's.
+VIEWS = ("#e3rl-heatmap", "#e3rl-summary", "#e3rl-chart")
+BUSY_JS = """() => {
+  const heat = document.querySelector('#e3rl-heatmap');
+  if (!heat) return;
+  // the run's views from their top (the rollout picker and legend), unless they are in view already
+  const top = heat.getBoundingClientRect().top;
+  if (top < 0 || top > window.innerHeight * 0.5) {
+    const head = document.querySelector('#e3rl-legend') || heat;
+    // the page may end too soon to bring them to the top (its run's views still empty): room first
+    const need = head.getBoundingClientRect().top + window.scrollY + window.innerHeight;
+    if (document.body.scrollHeight < need) document.body.style.minHeight = need + 'px';
+    head.scrollIntoView({block: 'start'});
+  }
+  heat.classList.add('e3rl-busy');
+  for (const sel of %s) document.querySelector(sel)?.classList.add('e3rl-stale');
+}""" % json.dumps(list(VIEWS))
+IDLE_JS = """() => { document.querySelector('#e3rl-heatmap')?.classList.remove('e3rl-busy'); }"""
+FRESH_JS = """() => { for (const el of document.querySelectorAll('.e3rl-stale')) el.classList.remove('e3rl-stale'); }"""

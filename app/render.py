@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from e3rl_core.events import DoneEvent, EraseEvent, ErrorEvent, Event, SegmentEvent, StartEvent, TokenEvent
+from e3rl_core.generation.decision import NEAR_FRACTION, NEAR_MARGIN, margin, near_threshold
 
 SCALE_MAX = {"entropy": 2.0, "surprisal": 3.0}
 """Signal value (nats) drawn at full colour; larger values saturate."""
@@ -31,7 +32,7 @@ CSS = """
 #e3rl-heatmap .e3rl-scroll{max-height:20em}
 .e3rl-trace{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:14px;line-height:1.9;white-space:pre-wrap;
   word-break:break-word;padding:8px;border:1px solid #ddd;border-radius:6px;background:#fff;color:#111}
-.e3rl-tok{border-radius:3px;padding:1px 0;cursor:help}
+.e3rl-tok,.e3rl-gone{border-radius:3px;padding:1px 0;cursor:help}
 .e3rl-seg{display:block;border-left:2px solid #7a7aff;padding-left:2px;margin-left:2px}
 .e3rl-segmark{font-size:10px;color:#5555cc;vertical-align:super;margin-right:1px;cursor:help}
 .e3rl-erasing{text-decoration:line-through;text-decoration-color:#d00;opacity:.55;animation:e3rl-fade 1.2s ease-in forwards}
@@ -49,11 +50,34 @@ details.e3rl-erased[open]::details-content{display:inline}
 .e3rl-legend .ticks{display:flex;justify-content:space-between;font-size:11px;color:#555}
 .e3rl-stopped{color:#a60;font-size:12px;margin-left:4px}
 .e3rl-offstage{display:none !important}
+details.e3rl-erased[data-near] summary{border-style:dashed;background:#fff3d6;border-color:#d9a400}
+.e3rl-gone{text-decoration:line-through;text-decoration-color:#d00}
+.e3rl-why{font-family:system-ui,sans-serif;font-size:11px;color:#a33;background:#fff0f0;border-radius:6px;
+  padding:0 4px;margin:0 3px;white-space:nowrap}
+.e3rl-nearmark{color:#8a6500;font-weight:600}
 .e3rl-segsum{display:none;color:#5555cc;font-size:12px}
-.e3rl-collapse .e3rl-seg.e3rl-decided{display:block}
+.e3rl-collapse .e3rl-seg.e3rl-decided{display:block;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 .e3rl-collapse .e3rl-seg.e3rl-decided > :not(.e3rl-segmark):not(.e3rl-segsum){display:none}
 .e3rl-collapse .e3rl-seg.e3rl-decided > .e3rl-segsum{display:inline}
+.e3rl-collapse .e3rl-seg.e3rl-folded{display:none}
+.e3rl-runsum{display:none}
+.e3rl-collapse .e3rl-runsum{display:block;color:#5555cc;font-size:12px;cursor:pointer;white-space:nowrap;
+  overflow:hidden;text-overflow:ellipsis;border-left:2px dotted #7a7aff;padding-left:4px;margin-left:2px}
+#e3rl-heatmap.e3rl-busy{position:relative}
+#e3rl-heatmap.e3rl-busy::before{content:"";position:absolute;top:0;left:0;height:3px;width:30%;z-index:5;
+  background:#7a7aff;border-radius:2px;animation:e3rl-run 1.1s ease-in-out infinite alternate}
+@keyframes e3rl-run{from{left:0}to{left:70%}}
+.e3rl-stale{opacity:.45;transition:opacity .2s}
+#e3rl-heatmap.e3rl-stale:not(.e3rl-busy)::after{content:"⚠ the last request failed (see its message): this is the previous run";
+  display:block;color:#a33;font-size:12px}
+#e3rl-heatmap.e3rl-busy.e3rl-stale::after{content:"generating… (the model loads on its first use)";display:block;
+  color:#5555cc;font-size:12px}
+details.e3rl-prompt pre{white-space:pre-wrap;max-height:16em;overflow:auto;font-size:12px;background:#f6f6f6;padding:6px}
 """
+SHORT_SEGMENT_TOKENS = 4
+"""In the collapsed view, a run of two or more decided segments of at most this many kept tokens
+folds into one line ("37 one-token segments, 0 erased"): a segment's one-line summary is no shorter
+than its text, so a trace of many tiny segments would otherwise collapse to no shorter a view."""
 
 
 @dataclass
@@ -163,7 +187,9 @@ def legend_html(signal: str = "entropy") -> str:
     return (f'<div class="e3rl-legend"><span>{name}:</span>'
             f'<span class="scale"><span class="bar"></span><span class="ticks"><span>0</span><span>{top / 2:g}</span>'
             f"<span>≥ {top:g} nats</span></span></span>"
-            "<span>│ segment start · ✂ erased attempt (click to expand)</span></div>")
+            "<span>│ segment start · ✂ erased attempt (click: its tokens, U vs Θ and why) · "
+            "<span class='e3rl-nearmark'>≈</span> decided by a hair (|U − Θ| under "
+            f"{NEAR_FRACTION:.0%} of Θ or {NEAR_MARGIN:g} nats)</span></div>")
 
 
 def token_title(t: TokenEvent) -> str:
@@ -198,24 +224,57 @@ def group_title(group: Sequence[TokenEvent]) -> str:
     return "\n\n".join([head, *(f"piece {i + 1}: " + token_title(t) for i, t in enumerate(group))])
 
 
-def tokens_html(tokens: Sequence[TokenEvent], signal: str = "entropy") -> str:
-    """Tokens as coloured spans with their signals on hover (byte pieces of one character as one)."""
+def tokens_html(tokens: Sequence[TokenEvent], signal: str = "entropy", erased: bool = False) -> str:
+    """Tokens as coloured spans with their signals on hover (byte pieces of one character as one);
+    ``erased``: an erased attempt's, of class ``e3rl-gone`` (drawn alike, struck through), so that
+    ``.e3rl-tok`` still means the trace's own tokens."""
+    cls = "e3rl-gone" if erased else "e3rl-tok"
     out = []
     for group in pieces(tokens):
         # a multi-token character is coloured by its most uncertain piece
         value = max(float(t.entropy if signal == "entropy" else t.surprisal) for t in group)
         text = "".join(str(t.text) for t in group) or "\ufffd"  # pieces of a character still incomplete
-        out.append(f'<span class="e3rl-tok" style="background:{colour(value, signal)}" '
+        out.append(f'<span class="{cls}" style="background:{colour(value, signal)}" '
                    f'title="{html.escape(group_title(group), quote=True)}">'
                    f"{html.escape(clip(text, MAX_TOKEN_CHARS))}</span>")
     return "".join(out)
 
 
+REASONS = {
+    "above_threshold": "U over Θ",
+    "below_threshold": "U under Θ",
+    "warmup": "warm-up: no threshold yet",
+    "no_threshold": "no threshold (policy none)",
+    "disabled": "erasure off",
+    "budget": "over Θ, kept: this segment's Erase@K budget is spent",
+    "trace_cap": "over Θ, kept: the trace's erasure cap is reached",
+    "restored": "a restored earlier attempt",
+    "fallback": "an earlier attempt scored lower: restored",
+}
+"""A decision's reason in words (the rule is e3rl_core.generation.decision's)."""
+
+
+def _margin_text(d: SegmentEvent) -> str:
+    m = margin(d.score, d.threshold)
+    if m is None:
+        return ""
+    near = " ≈ by a hair" if near_threshold(d.score, d.threshold) else ""
+    return f", margin {m:+.3f}{near}"
+
+
 def _decision_text(d: SegmentEvent | None, stopped: bool = False) -> str:
+    """A decision on one line: U against Θ, the margin (marked when near), the decision and why."""
     if d is None:
         return "not decided (stopped)" if stopped else "generating"
     thr = "none yet" if d.threshold is None else f"{d.threshold:.3f}"
-    return f"U={d.score:.3f}, Θ={thr}: {d.decision} ({d.reason})"
+    why = REASONS.get(str(d.reason), str(d.reason))
+    return f"U={d.score:.3f}, Θ={thr}{_margin_text(d)}: {d.decision} ({why})"
+
+
+def is_near(a: Attempt) -> bool:
+    """The attempt's decision was taken by a hair (``near_threshold``)."""
+    d = a.decision
+    return d is not None and near_threshold(d.score, d.threshold)
 
 
 def segments(view: TraceView) -> dict[int, list[Attempt]]:
@@ -240,7 +299,10 @@ def segment_summary(attempts: Sequence[Attempt]) -> str:
         return ""
     thr = "none" if d.threshold is None else f"{d.threshold:.3f}"
     erased = sum(a.erased is not None for a in attempts)
-    return f" U={d.score:.3f} vs Θ={thr}: {d.decision} · {erased} erased · {len(last.tokens)} tokens "
+    forced = f" ({REASONS[d.reason]})" if d.decision == "forced_accept" and d.reason in REASONS else ""
+    near = " ≈" if is_near(last) else ""
+    return (f" U={d.score:.3f} vs Θ={thr}{near}: {d.decision}{forced} · {erased} erased · "
+            f"{len(last.tokens)} tokens ")
 
 
 def segment_html(view: TraceView, seg: int, attempts: Sequence[Attempt], signal: str = "entropy") -> str:
@@ -250,13 +312,15 @@ def segment_html(view: TraceView, seg: int, attempts: Sequence[Attempt], signal:
     mark = html.escape(segment_title(view, seg, attempts), quote=True)
     summary = segment_summary(attempts)
     decided = " e3rl-decided" if summary else ""
-    parts = [f'<span class="e3rl-seg{decided}" data-seg="{sid}"><span class="e3rl-segmark" title="{mark}">{sid}</span>'
-             f'<span class="e3rl-segsum">{html.escape(summary)}</span>']
+    # a decided segment's kept and erased counts: what the collapsed view folds runs of short ones by
+    counts = f' data-n="{len(attempts[-1].tokens)}" data-x="{len(attempts) - 1}"' if summary else ""
+    parts = [f'<span class="e3rl-seg{decided}" data-seg="{sid}"{counts}><span class="e3rl-segmark" '
+             f'title="{mark}">{sid}</span><span class="e3rl-segsum">{html.escape(summary)}</span>']
     for a in attempts:
         if a.erased is None:
             parts.append(tokens_html(a.tokens, signal))
         else:
-            parts.append(erased_html(a, folded=view.last_erased != (a.segment, a.attempt)))
+            parts.append(erased_html(a, folded=view.last_erased != (a.segment, a.attempt), signal=signal))
     parts.append("</span>")
     return "".join(parts)
 
@@ -266,15 +330,20 @@ def erased_id(a: Attempt) -> str:
     return f"{a.segment}.{a.attempt}"
 
 
-def erased_html(a: Attempt, folded: bool) -> str:
-    """An erased attempt: struck through while its retry streams in, then (``folded``) an
-    expandable ✂ marker holding its text."""
+def erased_html(a: Attempt, folded: bool, signal: str = "entropy") -> str:
+    """An erased attempt, drawn as kept tokens are (coloured by ``signal``, each token's numbers on
+    hover) and struck through: so while its retry streams in, then (``folded``) inside an
+    expandable ✂ marker that also says, inline, its U against Θ, the margin and why. A decision
+    taken by a hair (``near_threshold``) is marked ≈ on the marker."""
     aid = html.escape(erased_id(a), quote=True)
+    tokens = tokens_html(a.tokens, signal, erased=True)
     if not folded:
-        return f'<span class="e3rl-erasing" data-erased="{aid}">{html.escape(_shown_text(a))}</span>'
+        return f'<span class="e3rl-erasing" data-erased="{aid}">{tokens}</span>'
     why = html.escape(_decision_text(a.decision), quote=True)
-    return (f'<details class="e3rl-erased" data-erased="{aid}"><summary title="{why}">✂</summary>'
-            f"<s>{html.escape(_shown_text(a))}</s></details>")
+    near = is_near(a)
+    return (f'<details class="e3rl-erased" data-erased="{aid}"{" data-near" if near else ""}>'
+            f'<summary title="{why}">✂{"≈" if near else ""}</summary>{tokens}'
+            f'<span class="e3rl-why">{html.escape(_decision_text(a.decision))}</span></details>')
 
 
 def tail_html(view: TraceView) -> str:
@@ -303,11 +372,6 @@ def trace_html(view: TraceView, signal: str = "entropy", with_css: bool = True) 
     return "".join(parts)
 
 
-def _shown_text(a: Attempt) -> str:
-    """An attempt's text as drawn: each token cut as ``tokens_html`` cuts it."""
-    return "".join(clip(str(t.text), MAX_TOKEN_CHARS) for t in a.tokens)
-
-
 def summary_markdown(view: TraceView, seconds: float | None = None, first_token_s: float | None = None,
                      group_tokens: int | None = None, warning: str | None = None) -> str:
     """Answer with ✓/✗ (when the gold answer is known) and the counts; the rate is over the whole
@@ -333,7 +397,29 @@ def summary_markdown(view: TraceView, seconds: float | None = None, first_token_
     if first_token_s is not None:
         stats += f", first token after {first_token_s:.2f} s"
     lines.append(stats)
+    lines += limits_lines(view)
     return "  \n".join(lines)
+
+
+def limits_lines(view: TraceView) -> list[str]:
+    """What the summary says of the decisions a limit or a hair decided: the trace's erasure cap
+    reached (and from which segment on it kept segments over Θ), segments kept over Θ because their
+    Erase@K budget was spent, and decisions taken within the near-threshold margin."""
+    decided = [a for a in view.attempts if a.decision is not None]
+    capped = [a for a in decided if a.decision.reason == "trace_cap"]
+    budget = [a for a in decided if a.decision.reason == "budget"]
+    near = [a for a in decided if is_near(a)]
+    out = []
+    if capped:
+        out.append(f"⚠ the trace's erasure cap ({len(view.erasures())} erasures) was reached: {len(capped)} later segment(s) over Θ kept "
+                   f"unerased, from segment {capped[0].segment} on (forced_accept, trace_cap)")
+    if budget:
+        out.append(f"{len(budget)} segment(s) kept over Θ with their Erase@K budget spent (forced_accept, budget)")
+    if near:
+        erased = sum(a.erased is not None for a in near)
+        out.append(f"≈ {len(near)} decision(s) by a hair (|U − Θ| < {NEAR_FRACTION:.0%} of Θ or {NEAR_MARGIN:g}), "
+                   f"{erased} of them erasures")
+    return out
 
 
 def _escape_md(text: str) -> str:
@@ -359,7 +445,8 @@ def _panel_layout(titles: Sequence[str], rows: int, cols: int, height: int) -> d
         n = "" if i == 0 else str(i + 1)
         y1 = 1 - r * (h + gap_y)
         x0 = c * (w + gap_x)
-        axis = dict(gridcolor="#eee", zerolinecolor="#ddd", linecolor="#ccc")
+        # exponents as 1e-8, not SI suffixes (plotly's default reads a tiny loss as "−20n")
+        axis = dict(gridcolor="#eee", zerolinecolor="#ddd", linecolor="#ccc", exponentformat="e")
         layout[f"xaxis{n}"] = dict(axis, domain=[x0, x0 + w], anchor=f"y{n}")
         layout[f"yaxis{n}"] = dict(axis, domain=[y1 - h, y1], anchor=f"x{n}")
         layout["annotations"].append(dict(text=title, x=x0 + w / 2, y=y1, xref="paper", yref="paper",
@@ -431,13 +518,24 @@ def figure_spec(view: TraceView, signal: str = "entropy") -> dict:
     layout = _panel_layout(("segment score U_n vs threshold Θ_n", f"per-token {signal}"), 2, 1, 480)
     n_segments = max((a.segment for a in view.attempts if isinstance(a.segment, int)), default=0) + 1
     layout["xaxis"].update(title=dict(text="segment (an erased attempt's retry sits just right of it)"),
-                           tick0=0, dtick=max(1, -(-n_segments // 20)), tickformat="d")  # ≤ 20 whole-number ticks
+                           tick0=0, dtick=nice_step(n_segments / 20), tickformat="d",  # ≤ 20 round ticks
+                           range=[-0.5, n_segments - 0.5])
     layout["xaxis2"]["title"] = dict(text="generation step")
     layout["yaxis"]["title"] = dict(text="score")
     layout["yaxis2"]["title"] = dict(text="nats")
     layout["legend"] = dict(orientation="h", y=-0.2, yanchor="top")
     layout["margin"]["b"] = 90
     return dict(data=data, layout=layout)
+
+
+def nice_step(raw: float) -> int:
+    """The smallest whole 1, 2 or 5 x 10^k at least ``raw`` (at least 1): an axis's tick step."""
+    step = 1
+    while True:
+        for m in (1, 2, 5):
+            if step * m >= raw:
+                return step * m
+        step *= 10
 
 
 TRAINING_KEYS = (("reward_mean", "reward"), ("accuracy", "accuracy"), ("erase_rate", "erase rate"),
@@ -495,3 +593,22 @@ def group_markdown(views: Sequence[TraceView]) -> str:
         beta = "–" if last is None or last.baseline is None else f"{last.baseline:.3f}"
         rows.append(f"| {i} | {ans}{mark} | {len(v.erasures())} | {len(v.kept_tokens())} | {beta} |")
     return "\n".join(rows)
+
+
+MAX_PROMPT_CHARS = 1500
+"""Characters shown of each end of a long prompt (the template's head and the question's tail,
+where a chat template's thinking switch writes)."""
+
+
+def prompt_markdown(view: TraceView) -> str:
+    """The prompt as the model read it (after the chat template), folded under the summary: how a
+    researcher checks what the thinking switch or the task template did."""
+    if view.start is None:
+        return ""
+    text = str(view.start.prompt)
+    if len(text) > 2 * MAX_PROMPT_CHARS:
+        text = (f"{text[:MAX_PROMPT_CHARS]}\n… [{len(text) - 2 * MAX_PROMPT_CHARS:,} characters] …\n"
+                f"{text[-MAX_PROMPT_CHARS:]}")
+    n = len(view.start.prompt_ids or [])
+    return (f"\n\n<details class='e3rl-prompt'><summary>prompt as the model read it ({n} tokens, after the "
+            f"template)</summary><pre>{html.escape(text)}</pre></details>")

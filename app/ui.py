@@ -55,9 +55,12 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
                         session_events=gr.State([]), last_events=gr.State([]))
         gr.Markdown("# E3RL workbench\nWatch the model generate, erase uncertain segments and regenerate them; "
                     "audit every decision; train with GRPO, DAPO or E3RL.")
-        gen_tab, model = generate.build(shared)
-        audit_tab, effects_timer = audit.build(shared, traces_ttl_s)
-        train_tab, timer = train.build(shared, model)
+        # One tab strip at the top: every tab is a sibling of this Tabs (a component between two
+        # tabs would start a second strip further down the page).
+        with gr.Tabs(elem_id="e3rl-tabs"):
+            gen_tab, model = generate.build(shared)
+            audit_tab, effects_tab, effects_timer = audit.build(shared, traces_ttl_s)
+            train_tab, timer = train.build(shared, model)
         # The Train tab polls its run only while it is open; coming back to Generate lists the
         # checkpoints written meanwhile. Page plumbing, not actions: private (no API endpoint).
         def poll_on() -> gr.Timer:
@@ -71,11 +74,12 @@ def build(space: bool = False, runs_root: str | None = None, default_model: str 
 
         train_tab.select(poll_on, None, timer, api_visibility="private")
         gen_tab.select(back_to_generate, model, [timer, model], api_visibility="private")
-        audit_tab.select(poll_off, None, timer, api_visibility="private")
-        # The decision-effects job is polled while the Audit tab is open (its progress is on disk, so a
+        for other in (audit_tab, effects_tab):
+            other.select(poll_off, None, timer, api_visibility="private")
+        # The decision-effects job is polled while its tab is open (its progress is on disk, so a
         # reloaded page shows it again at the next tick).
-        audit_tab.select(poll_on, None, effects_timer, api_visibility="private")
-        for other in (gen_tab, train_tab):
+        effects_tab.select(poll_on, None, effects_timer, api_visibility="private")
+        for other in (gen_tab, audit_tab, train_tab):
             other.select(poll_off, None, effects_timer, api_visibility="private")
         demo.unload(audit.end_session)
 

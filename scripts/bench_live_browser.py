@@ -88,8 +88,9 @@ def request_config(path: Path, tokens: int) -> dict:
     return req.config(str(path)).to_dict()
 
 
-def open_page(browser, url: str, model: Path, tokens: int):
-    """A page with the bench's request typed in, ready to click Generate."""
+def open_page(browser, url: str, model: Path, tokens: int, segment_tokens: int = 512):
+    """A page with the bench's request typed in (segments of at most ``segment_tokens``), ready to
+    click Generate."""
     page = browser.new_page(viewport={"width": 1400, "height": 1400})
     page.goto(url, wait_until="load")
     page.get_by_role("button", name="Generate", exact=True).wait_for()
@@ -100,7 +101,7 @@ def open_page(browser, url: str, model: Path, tokens: int):
     page.locator("#e3rl-prompt textarea").fill(PROMPT)
     page.locator("#e3rl-gold").locator("textarea, input").first.fill("")
     page.get_by_text("sampling and E3RL").click()
-    for elem, value in {"#e3rl-max-new-tokens": tokens, "#e3rl-segment-tokens": 512, "#e3rl-group-size": 1}.items():
+    for elem, value in {"#e3rl-max-new-tokens": tokens, "#e3rl-segment-tokens": segment_tokens, "#e3rl-group-size": 1}.items():
         number = page.locator(f"{elem} input[type='number']")
         for _ in range(5):  # a slider takes a typed value asynchronously: type again until it shows it
             number.fill(str(value))

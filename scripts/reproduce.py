@@ -3,6 +3,7 @@
     python scripts/reproduce.py                       # 5 seeds x GRPO/DAPO/E3RL + 6 ablations/variants x 2 seeds, 2 at a time
     python scripts/reproduce.py --seeds 1 --no-ablations --token-budget 50000   # a quick look
     nohup python scripts/reproduce.py > runs/reproduce.log 2>&1 &                 # in the background
+    python scripts/reproduce.py --plan readings --seeds 3 --model M --root runs/readings --name readings
     python scripts/reproduce.py --report-only         # the outputs from the runs finished so far
 
 Every run trains from the starting checkpoint to the same rollout-token budget in --eval-points legs
@@ -27,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from e3rl_core.errors import E3RLError  # noqa: E402
 from e3rl_core.evaluation.curves import learning_figure, sample_efficiency  # noqa: E402
-from e3rl_core.evaluation.experiment import Settings, baseline, markdown_table, paired_text, plan, run_all, summarize  # noqa: E402
+from e3rl_core.evaluation.experiment import (Settings, baseline, markdown_table, paired_text, plan,  # noqa: E402
+                                             readings_plan, run_all, summarize)
 
 
 def _ratio(v: float) -> str:
@@ -135,6 +137,10 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=5, help="seeds of GRPO, DAPO and E3RL")
     p.add_argument("--ablation-seeds", type=int, default=2, help="seeds of each E3RL ablation")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--plan", choices=("reproduction", "readings"), default="reproduction",
+                   help="reproduction: GRPO/DAPO/E3RL + ablations; readings: E3RL's readings R0-R3 vs GRPO and DAPO")
+    p.add_argument("--more", action="append", help="readings: rows run with --more-seeds (default GRPO, E3RL R0)")
+    p.add_argument("--more-seeds", type=int, default=5, help="readings: seeds of the --more rows")
     p.add_argument("--only", action="append", help="run only these names (e.g. --only GRPO)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each single-threaded when > 1)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: 1 when --jobs > 1, else all)")
@@ -160,7 +166,11 @@ def main() -> int:
                       train_data=args.train_data, common=args.common)
     except E3RLError as err:
         p.error(str(err))
-    specs = [s for s in plan(args.seeds, not args.no_ablations, args.ablation_seeds) if not args.only or s.name in args.only]
+    if args.plan == "readings":  # the readings of how to train on healed rollouts (docs/method.md §6)
+        specs = readings_plan(args.seeds, more=args.more or ("GRPO", "E3RL R0"), more_seeds=args.more_seeds)
+    else:
+        specs = plan(args.seeds, not args.no_ablations, args.ablation_seeds)
+    specs = [s for s in specs if not args.only or s.name in args.only]
     root = Path(args.root)
     settings_file = root / "settings.json"
     if settings_file.is_file():  # finished runs are reused, so they must have been run like the new ones

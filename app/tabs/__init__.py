@@ -46,4 +46,6 @@ class Shared:
     def check_model(self, model: str | None, action: str) -> None:
         """In a Space, refuse a model that is not listed (a typed path could be anything on the host)."""
         if self.space and model not in self.model_choices():
-            raise E3RLError(f"in this Space only the listed models can be {action}")
+            raise E3RLError(f"in this Space only the listed models can be {action}: {str(model)[:200]!r} is not "
+                            f"one of them (a Space runs offline, on a CPU its visitors share); pick one from "
+                            f"the list, or run the workbench locally (`./run demo`) to use any model")

@@ -29,13 +29,19 @@ TRACES_TTL_S = 3 * 3600
 open (a closed page frees them at once: ``end_session``)."""
 
 
-def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> tuple[gr.Tab, gr.Timer]:
-    """The tab and its decision-effects timer (active while the tab is open; ``app.ui`` switches it).
-    Its public endpoints: ``/load_traces``, ``/decisions``, ``/replay``, ``/what_if``,
-    ``/export_audit`` and the decision effects' (``tabs.effects``); every other listener only keeps
-    the page in step and is private."""
+def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> tuple[gr.Tab, gr.Tab, gr.Timer]:
+    """The Audit tab, the Decision effects tab (``tabs.effects``, which reads the Audit table's
+    picked row) and the effects' timer (active while that tab is open; ``app.ui`` switches it).
+    Public endpoints: ``/load_traces``, ``/decisions``, ``/replay``, ``/what_if``,
+    ``/export_audit`` and the decision effects'; every other listener only keeps the page in step
+    and is private.
+
+    What is not on screen costs nothing: the table, the trace list, the replay and the what-if are
+    computed when the tab opens or the user acts, never as generations finish in another tab, and
+    the page holds one page of a table at a time (``audit.PAGE_ROWS`` rows; ``/decisions`` and
+    ``/what_if`` give every row)."""
     history = shared.session_events
-    with gr.Tab("Audit") as tab:
+    with gr.Tab("Audit", id="audit", elem_id="e3rl-audit-tab") as tab:
         # traces loaded from files, in this browser session (an audit.LoadedTraces, None until a load)
         loaded = gr.State(None, time_to_live=traces_ttl_s, delete_callback=audit.release)
         with gr.Row():
@@ -47,11 +53,11 @@ def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> tuple[gr.Tab, g
             only_erasures = gr.Checkbox(label="only erasures")
             only_flipped = gr.Checkbox(label="only erasures that flipped the answer (needs a counterfactual)")
             trace_filter = gr.Textbox("", label="trace id contains")
-            sort_by = gr.Dropdown(["", "score", "threshold", "segment", "attempt", "baseline"], value="",
-                                  label="sort by (descending)")
+            sort_by = gr.Dropdown(["", *SORTABLE], value="", label="sort by (descending)")
         # one line per decision (long text cells scroll sideways); numbers shown to 4 places, exported in full
         table = gr.Dataframe(pd.DataFrame(columns=audit.COLUMNS), interactive=False, wrap=False, max_height=480,
-                             elem_id="e3rl-audit", label="decisions")
+                             elem_id="e3rl-audit", label="decisions (click a row: replay its trace below)")
+        page, page_msg, pager = _pager("e3rl-audit-page")
         with gr.Row():
             with gr.Column(scale=1, min_width=200):
                 gz = gr.Checkbox(label="gzip the JSONL files (.jsonl.gz)")
@@ -60,11 +66,19 @@ def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> tuple[gr.Tab, g
         gr.Markdown("### Replay a trace step by step")
         with gr.Row():
             # custom values: a script may name any trace of the session (see /replay and /what_if)
-            replay_trace = gr.Dropdown([], label="trace", allow_custom_value=True)
+            replay_trace = gr.Dropdown([], value=None, label="trace (or click a row of the table)",
+                                       allow_custom_value=True, elem_id="e3rl-replay-trace")
             replay_step = gr.Slider(0, 1, value=1, step=1, label="events shown")
         replay_html = gr.HTML(elem_id="e3rl-replay", label="heatmap")
         what_if_controls, wi_table, wi_msg = _what_if_panel()
+        wi_page, wi_page_msg, wi_pager = _pager("e3rl-whatif-page")
+        # Endpoints for scripts, on buttons nobody sees: every row, where the page shows one page.
+        api_btn = gr.Button("decisions (API)", elem_classes=["e3rl-offstage"])
+        api_wi_btn = gr.Button("what-if (API)", elem_classes=["e3rl-offstage"])
+        api_table = gr.Dataframe(visible=False, label="decisions")
+        api_wi_table = gr.Dataframe(visible=False, label="recorded and re-judged decisions")
         filters = [history, loaded, only_erasures, trace_filter, sort_by, only_flipped]
+    with gr.Tab("Decision effects", id="effects", elem_id="e3rl-effects-tab") as effects_tab:
         effects_timer = effects_section.build(shared, table, filters, find_trace, all_traces, table_for)
 
     def decisions(history: list, loaded: audit.LoadedTraces | None, only_erasures: bool = False,
@@ -79,22 +93,34 @@ def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> tuple[gr.Tab, g
         df = table_for(history, loaded, only_erasures, trace_contains, sort_by, only_flipped)
         return audit.display_frame(effects_section.table_columns(shared, df, visitor(request)).round(4))
 
+    def show_page(history: list, loaded: audit.LoadedTraces | None, only_erasures: bool, trace_contains: str,
+                  sort_by: str, only_flipped: bool, page: int, request: gr.Request = None) -> tuple:
+        """The page's table: one page of ``decisions``, the line saying which, and the page shown."""
+        df = table_for(history, loaded, only_erasures, trace_contains, sort_by, only_flipped)
+        part, page, pages = audit.page_of(df, page)
+        shown = audit.display_frame(effects_section.table_columns(shared, part, visitor(request)).round(4))
+        return shown, audit.page_line(len(df), page, pages), gr.update(value=page, maximum=pages)
+
     choices = ([replay_trace, history, loaded], replay_trace)
     private: dict = dict(api_visibility="private")
-    refresh.click(decisions, filters, table, api_name="decisions").then(trace_choices, *choices, **private)
-    # Opening the tab shows the session's decisions as they are now (generated in the other tab),
-    # and the table follows the session's generations as they finish (the state changes only then).
-    tab.select(decisions, filters, table, **private).then(trace_choices, *choices, **private)
-    history.change(decisions, filters, table, **private).then(trace_choices, *choices, **private)
-    # The filters apply as they change: the trace filter on every keystroke (the latest one wins).
+    paged = dict(fn=show_page, inputs=[*filters, page], outputs=[table, page_msg, page], **private)
+    first_page = dict(fn=lambda *a, **k: show_page(*a[:-1], 1, **k), inputs=[*filters, page],
+                      outputs=[table, page_msg, page], **private)
+    api_btn.click(decisions, filters, api_table, api_name="decisions")
+    refresh.click(**paged).then(trace_choices, *choices, **private)
+    # Opening the tab shows the session's decisions as they are now (generated in the other tab).
+    tab.select(**paged).then(trace_choices, *choices, **private)
+    # The filters apply as they change, from the first page: the trace filter on every keystroke
+    # (the latest one wins).
     for trigger in (only_erasures.change, trace_filter.change, sort_by.change, only_flipped.change):
-        trigger(decisions, filters, table, show_progress="hidden", **private)
+        trigger(**first_page, show_progress="hidden", trigger_mode="always_last")
+    _wire_pager(pager, page, paged)
     # Unprocessed, so the handler sees the upload's original name (gradio still checks that the
     # file is one uploaded to this server); and gradio's filepath processing would leave an empty
     # temporary file behind per upload.
     upload.upload(load_traces, [upload, loaded, history, only_erasures, trace_filter, sort_by, only_flipped],
                   [loaded, load_msg, table, replay_trace, upload], api_name="load_traces", preprocess=False).then(
-        trace_choices, *choices, **private).then(decisions, filters, table, **private)
+        trace_choices, *choices, **private).then(**first_page)
     table.select(select_row, None, replay_trace, **private)
 
     def export_audit(history: list, loaded: audit.LoadedTraces | None, only_erasures: bool = False,
@@ -110,23 +136,63 @@ def build(shared: Shared, traces_ttl_s: float = TRACES_TTL_S) -> tuple[gr.Tab, g
         return [str(p) for p in audit.export(df, audit.export_dir(shared.audit_dir), compress=gzip_jsonl, traces=traces)]
 
     export_btn.click(export_audit, [*filters, gz], export_files, api_name="export_audit")
-    # The slider first spans the picked trace (a range set after its value would leave the thumb
-    # where the old range put it), then the whole trace is drawn.
-    replay_trace.change(replay_range, [replay_trace, history, loaded], replay_step, **private).then(
-        replay, [replay_trace, history, loaded], replay_html, api_name="replay")
-    # input, not change: the user moving the slider (range or number box) redraws up to that event;
-    # replay_range setting it for a newly picked trace does not, since replay draws that trace whole.
-    replay_step.input(step_to, [replay_trace, replay_step, history, loaded], replay_html,
-                      trigger_mode="always_last", **private)
+    _wire_replay(replay_trace, replay_step, replay_html, [history, loaded])
+    _wire_what_if(replay_trace, what_if_controls, [history, loaded], [wi_table, wi_msg, wi_page_msg, wi_page],
+                  wi_pager, (api_wi_btn, api_wi_table))
+    return tab, effects_tab, effects_timer
+
+
+def _wire_what_if(trace: gr.Dropdown, controls: list, sources: list, outputs: list, pager: tuple,
+                  api: tuple[gr.Button, gr.Dataframe]) -> None:
+    """The what-if: ``outputs`` = its table page, summary line, page line and page number."""
+    inputs = [trace, *controls, *sources]
+    paged = dict(fn=what_if_page, inputs=[*inputs, outputs[3]], outputs=outputs, api_visibility="private")
     # A picked trace starts the what-if at its recorded settings and shows its recorded decisions
     # at once; after that, the table follows the controls as the user moves them (input, not
     # change: setting the recorded values must not re-run it four times).
-    wi_inputs = [replay_trace, *what_if_controls, history, loaded]
-    replay_trace.change(recorded_settings, [replay_trace, history, loaded], what_if_controls, **private).then(
-        what_if, wi_inputs, [wi_table, wi_msg], api_name="what_if")
-    for ctl in what_if_controls:
-        ctl.input(what_if, wi_inputs, [wi_table, wi_msg], trigger_mode="always_last", **private)
-    return tab, effects_timer
+    trace.change(recorded_settings, [trace, *sources], controls, api_visibility="private").then(**paged)
+    for ctl in controls:
+        ctl.input(**paged, trigger_mode="always_last")
+    _wire_pager(pager, outputs[3], paged)
+    api[0].click(what_if, inputs, [api[1], outputs[1]], api_name="what_if")
+
+
+def _wire_replay(replay_trace: gr.Dropdown, replay_step: gr.Slider, replay_html: gr.HTML,
+                             sources: list) -> None:
+    """The replay: a picked trace drawn whole (``/replay``), then step by step with the slider."""
+    # The slider first spans the picked trace (a range set after its value would leave the thumb
+    # where the old range put it), then the whole trace is drawn.
+    replay_trace.change(replay_range, [replay_trace, *sources], replay_step, api_visibility="private").then(
+        replay, [replay_trace, *sources], replay_html, api_name="replay")
+    # input, not change: the user moving the slider (range or number box) redraws up to that event;
+    # replay_range setting it for a newly picked trace does not, since replay draws that trace whole.
+    replay_step.input(step_to, [replay_trace, replay_step, *sources], replay_html,
+                      trigger_mode="always_last", api_visibility="private")
+
+
+SORTABLE = ("score", "threshold", "margin", "segment", "attempt", "baseline")
+"""The columns the table sorts by (descending), on the server: the page shows one page of the
+sorted rows, where a header click would sort only the rows on screen."""
+
+
+def _pager(elem_id: str) -> tuple[gr.Number, gr.Markdown, tuple[gr.Button, gr.Button]]:
+    """A table's page controls: previous, the page number, next, and the line saying which rows."""
+    with gr.Row(elem_classes=["e3rl-pager"], equal_height=True):
+        prev = gr.Button("◀", size="sm", min_width=40, scale=0, elem_id=f"{elem_id}-prev")
+        page = gr.Number(1, precision=0, minimum=1, label="page", elem_id=elem_id, min_width=90, scale=0,
+                         show_label=False, container=False)
+        nxt = gr.Button("▶", size="sm", min_width=40, scale=0, elem_id=f"{elem_id}-next")
+        msg = gr.Markdown(elem_id=f"{elem_id}-line")
+    return page, msg, (prev, nxt)
+
+
+def _wire_pager(pager: tuple[gr.Button, gr.Button], page: gr.Number, listener: dict) -> None:
+    """Previous and next step the page number (clamped by the listener); typing one shows that page."""
+    prev, nxt = pager
+    for button, step in ((prev, -1), (nxt, 1)):
+        button.click(lambda p, s=step: max(1, int(p or 1) + s), page, page, api_visibility="private",
+                     queue=False).then(**listener)
+    page.submit(**listener)
 
 
 def _what_if_panel() -> tuple[list, gr.Dataframe, gr.Markdown]:
@@ -181,20 +247,25 @@ def plain_decisions(history: list, loaded: audit.LoadedTraces | None, only_erasu
 
 
 def trace_choices(current: str | None, history: list, files: audit.LoadedTraces | None):
-    """The replay's trace list: every trace of the session and its files; the one shown stays
-    picked while it exists (else the first)."""
-    ids = [audit.shown_id(t.trace_id) for t in all_traces(history, files)]
+    """The replay's trace list, labelled (prompt, rollout, seed, counterfactual: ``audit.trace_labels``):
+    every trace of the session and its files. The one shown stays picked while it exists, else the
+    newest run's first rollout (what a user opening the tab after a run wants to see)."""
+    traces = all_traces(history, files)
+    labels = audit.trace_labels(traces)
     shown = audit.shown_id(current) if current else None
-    value = shown if shown in ids else (ids[0] if ids else None)
-    return gr.update(choices=ids, value=value)
+    if shown not in {v for _, v in labels}:
+        firsts = [t for t in group_traces(history) if t.events and t.start.group_index == 0]
+        newest = firsts[-1] if firsts else (traces[0] if traces else None)
+        shown = audit.shown_id(newest.trace_id) if newest is not None else None
+    return gr.update(choices=labels, value=shown)
 
 
 def load_traces(trace_file: Any, loaded: audit.LoadedTraces | None, history: list, only_erasures: bool = False,
                 trace_contains: str = "", sort_by: str = "", only_flipped: bool = False,
                 request: gr.Request = None) -> tuple:
     """Load a trace file (.jsonl or .jsonl.gz, told by its content) into this session's traces:
-    returns a one-line message, the decisions table with the file's rows and the id of the file's
-    first trace. Then the upload is deleted: what was read is in memory, and uploads must not pile
+    returns a one-line message, the first page of the decisions table (``/decisions`` gives every
+    row) and the id of the file's first trace. Then the upload is deleted: what was read is in memory, and uploads must not pile
     up on the server."""
     path, name = _upload(trace_file)
     if not path:
@@ -214,7 +285,8 @@ def load_traces(trace_file: Any, loaded: audit.LoadedTraces | None, history: lis
     # The replay shows the file's first trace (a plain id: what a script passes on to /replay; the
     # list of traces follows in the next step); a file that added nothing leaves the pick as it is.
     picked = audit.shown_id(files.traces[before].trace_id) if len(files.traces) > before else gr.update()
-    return files, msg, plain_decisions(history, files, only_erasures, trace_contains, sort_by, only_flipped), picked, None
+    df = plain_decisions(history, files, only_erasures, trace_contains, sort_by, only_flipped)
+    return files, msg, audit.page_of(df, 1)[0], picked, None
 
 
 def _upload(upload: Any) -> tuple[str | None, str]:
@@ -272,7 +344,8 @@ def recorded_settings(trace_id: str | None, history: list, files: audit.LoadedTr
 def what_if(trace_id: str | None, policy: str, kappa: float, penalty_lambda: float, threshold_value: float,
             history: list, loaded: audit.LoadedTraces | None) -> tuple:
     """Re-judge the recorded decisions of trace_id's group under other threshold settings: (one row
-    per recorded attempt with its recorded and new decision, a line counting the changed ones)."""
+    per recorded attempt with its recorded and new decision, the changed ones first; a line
+    counting the changed ones)."""
     if not trace_id:
         return None, "pick a trace above"
     try:
@@ -281,4 +354,20 @@ def what_if(trace_id: str | None, policy: str, kappa: float, penalty_lambda: flo
             "threshold.value": threshold_value})
     except E3RLError as err:
         return None, f"⚠️ {err}"
-    return audit.display_frame(df.round(4)), audit.what_if_summary(df)
+    return audit.display_frame(audit.what_if_view(df).round(4)), audit.what_if_summary(df)
+
+
+CHANGED_STYLE = "background-color: #fff1c2; font-weight: 600"
+
+
+def what_if_page(trace_id: str | None, policy: str, kappa: float, penalty_lambda: float, threshold_value: float,
+                 history: list, loaded: audit.LoadedTraces | None, page: int = 1) -> tuple:
+    """The page's what-if: one page of ``what_if``'s rows (the changed ones first, highlighted),
+    its summary line, the line saying which rows, and the page shown."""
+    df, line = what_if(trace_id, policy, kappa, penalty_lambda, threshold_value, history, loaded)
+    if df is None:
+        return None, line, "", gr.update(value=1)
+    part, page, pages = audit.page_of(df, page)
+    styled = part.style.apply(lambda row: [CHANGED_STYLE if row["changed"] else ""] * len(row), axis=1).format(
+        precision=4)
+    return styled, line, audit.page_line(len(df), page, pages), gr.update(value=page, maximum=pages)

@@ -1,4 +1,4 @@
-"""The Audit tab's "Decision effects" section: was each decision right? It branches from decided
+"""The Decision effects tab: was each decision right? It branches from decided
 segments (K continuations keeping the segment, K redrawing it) in a background job, and shows the
 progress, the aggregates, the calibration plot and a decision's continuations side by side as the
 rows arrive; the decisions table gains the effect columns. Public endpoints: ``/start_effects``,
@@ -13,20 +13,24 @@ from e3rl_core.errors import E3RLError
 from e3rl_core.evaluation.effect_stats import calibration_figure
 from e3rl_core.evaluation.effects import EffectsConfig
 
+from ..audit import trace_labels
 from ..effects import aggregates_markdown, detail_html, job_state, progress_markdown
 from ..session import resolve
 from . import Shared
 from .train import visitor
 
 SCOPES = ("selected row", "filtered rows", "all decisions")
+"""The decision clicked in the Audit tab's table, the rows its filters keep, every decision."""
+NOTHING_PICKED = "selected row: none yet (click a decision in the Audit tab's table)"
 
 
 def build(shared: Shared, table: gr.Dataframe, filters: list, find: Any, traces_of: Any, rows_of: Any) -> gr.Timer:
-    """Lay out the section (inside the open Audit tab) and wire it. ``find(shown_id, history, loaded)``
+    """Lay out the tab's contents (inside the open tab) and wire it; ``table`` is the Audit tab's
+    decisions table, whose clicked row is the "selected row". ``find(shown_id, history, loaded)``
     gives a trace, ``traces_of(history, loaded)`` every trace, ``rows_of(*filters)`` the filtered table."""
     manager = shared.effects
     bound = manager.max_rows
-    gr.Markdown("### Decision effects: was each decision right?\n"
+    gr.Markdown("### Was each decision right?\n"
                 "For each picked decision: K continuations from the segment as it was written (*keep*) and K "
                 "with the segment drawn afresh (*redraw*), erasure off, at the trace's sampling settings. "
                 "Effect = P(correct | redraw) − P(correct | keep) with a 95% interval; a verdict (*helps* / "
@@ -39,6 +43,7 @@ def build(shared: Shared, table: gr.Dataframe, filters: list, find: Any, traces_
         with gr.Column(min_width=160):
             start_btn = gr.Button("Measure effects", variant="primary")
             stop_btn = gr.Button("Stop")
+    picked_line = gr.Markdown(NOTHING_PICKED, elem_id="e3rl-effects-picked", label="selected row")
     progress = gr.Markdown(elem_id="e3rl-effects-progress", label="progress")
     summary = gr.Markdown(elem_id="e3rl-effects-summary", label="aggregates")
     plot = gr.Plot(label="calibration: score margin U − Θ against measured effect", elem_id="e3rl-effects-plot")
@@ -60,7 +65,7 @@ def build(shared: Shared, table: gr.Dataframe, filters: list, find: Any, traces_
             if scope == SCOPES[0]:
                 keys = [picked] if picked else []
                 if not keys:
-                    raise E3RLError("no row selected: click a decision in the table above, or pick "
+                    raise E3RLError("no row selected: click a decision in the Audit tab's table, or pick "
                                     "'filtered rows'")
             elif scope == SCOPES[1]:
                 df = rows_of(history or [], loaded, only_erasures, trace_contains, sort_by, only_flipped)
@@ -89,18 +94,20 @@ def build(shared: Shared, table: gr.Dataframe, filters: list, find: Any, traces_
     def pick(evt: gr.SelectData, history: list, loaded: Any, request: gr.Request = None) -> tuple:
         row = evt.row_value if getattr(evt, "row_value", None) is not None else None
         if not row:
-            return None, ""
+            return None, "", NOTHING_PICKED
         tr = find(row[0], history, loaded)
         if tr is None:
-            return None, ""
+            return None, "", NOTHING_PICKED
         key = f"{tr.trace_id}/{int(row[2])}/{int(row[3])}"
-        return key, detail_html(measured(shared, visitor(request)).get(key))
+        line = (f"selected row: segment {int(row[2])}, attempt {int(row[3])} of "
+                f"{next((lbl for lbl, v in trace_labels([tr])), tr.trace_id)}")
+        return key, detail_html(measured(shared, visitor(request)).get(key)), line
 
     start_btn.click(start_effects, [scope, samples, picked, *filters], progress, api_name="start_effects").then(
         lambda: gr.Timer(active=True), None, timer, api_visibility="private")
     stop_btn.click(stop_effects, None, progress, api_name="stop_effects")
     timer.tick(effects_status, None, [progress, summary, plot], api_name="effects_status", show_progress="hidden")
-    table.select(pick, [history, loaded], [picked, detail], api_visibility="private")
+    table.select(pick, [history, loaded], [picked, detail, picked_line], api_visibility="private")
     return timer
 
 

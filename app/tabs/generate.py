@@ -44,7 +44,7 @@ def examples() -> list[list[Any]]:
 
 def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
     """The tab, and its model picker (the Train tab trains the model picked here)."""
-    with gr.Tab("Generate") as tab:
+    with gr.Tab("Generate", id="generate") as tab:
         with gr.Row():
             with gr.Column(scale=2):
                 controls = _prompt_controls(shared)
@@ -59,9 +59,13 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
                     stop_btn = gr.Button("Stop", elem_id="e3rl-stop")
                     cf_btn = gr.Button("Counterfactual (erasure off)")
         row, legend, edits, cf_outputs, shown = _views()
+        # /generate for scripts: the same run with the whole heatmap in every frame (no page to edit).
+        # Its listener sits on a button nobody sees; the page's own button is the one above.
+        api_btn = gr.Button("generate (API)", elem_classes=["e3rl-offstage"])
+        # (inside the tab: a component between two tabs would throw the strip's tabs out of step)
+        run_info = gr.State({})  # the shown run's timing, warning and whether it was stopped (for redraws)
     inputs = [controls[name] for name in GEN_FIELDS]
     last, history = shared.last_events, shared.session_events
-    run_info = gr.State({})  # the shown run's timing, warning and whether it was stopped (for redraws)
     stops = Stops()
 
     def generate_endpoint(colour_by: str, rollout: int, history: list, model: str, prompt: str, gold: str,
@@ -132,31 +136,49 @@ def build(shared: Shared) -> tuple[gr.Tab, gr.Dropdown]:
         stops.stop(request.session_hash)
 
     joined = dict(fn=join_history, inputs=[history, last, run_info], outputs=history, api_visibility="private")
-    go_btn.click(generate_in_page, [color_by, row, history, *inputs], [*shown, last, run_info, edits],
-                 concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine",
-                 show_progress="hidden",  # the spinner would repaint all run long
-                 api_visibility="private").then(**joined)
-    # /generate for scripts: the same run with the whole heatmap in every frame (no page to edit).
-    # Its listener sits on a button nobody sees; the page's own button is the one above.
-    api_btn = gr.Button("generate (API)", elem_classes=["e3rl-offstage"])
+    # At once in the page, before the server answers: the heatmap scrolls into view, a bar says the
+    # run is under way, and the last run's views dim until the first frame replaces them (an error
+    # leaves them dimmed and says so: they are the previous run's). Registered first: gradio runs a
+    # button's listeners in the order they were added.
+    go_btn.click(None, js=live.BUSY_JS, api_visibility="private")
+    run_click = go_btn.click(generate_in_page, [color_by, row, history, *inputs], [*shown, last, run_info, edits],
+                             concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine",
+                             show_progress="hidden",  # the spinner would repaint all run long
+                             api_visibility="private")
+    run_click.then(**joined).then(None, js=live.IDLE_JS, api_visibility="private")
+    run_click.success(None, js=live.FRESH_JS, api_visibility="private")  # (frames already did, unless none came)
+    run_click.failure(None, js=live.IDLE_JS, api_visibility="private")  # gradio runs no .then after an error
+
     # (gradio_client runs no .then steps: the API's frames carry the session's events themselves)
     api_btn.click(generate_endpoint, [color_by, row, history, *inputs], [*shown, last, history, run_info],
                   concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine", api_name="generate")
-    edits.change(None, edits, None, js=live.live_js("#e3rl-heatmap"), api_visibility="private")
-    # A long trace reads segment by segment: decided segments fold to their one-line summary (CSS
-    # on the heatmap element; nothing is sent, and edits keep applying underneath).
-    collapse.change(None, collapse, None, api_visibility="private",
-                    js="(on) => { document.querySelector('#e3rl-heatmap').classList.toggle('e3rl-collapse', on); }")
+    _wire_page_scripts(edits, collapse)
     # Stop ends the session's runs at their next token, and each then sends its last frame (see
     # Stops); cancelling the handler instead would leave the page mid-run.
     stop_btn.click(stop_running, None, None, queue=False, api_visibility="private")
-    redraw = dict(fn=draw, inputs=[last, row, color_by, run_info], outputs=shown, api_visibility="private")
-    color_by.change(**redraw)
-    color_by.change(render.legend_html, color_by, legend, api_visibility="private")
-    row.change(**redraw)
+    _wire_redraws(color_by, row, legend, cf_outputs[0], dict(fn=draw, inputs=[last, row, color_by, run_info],
+                                                            outputs=shown, api_visibility="private"))
     cf_btn.click(counterfactual_endpoint, [color_by, last, history, *inputs], [*cf_outputs, history],
                  concurrency_limit=ENGINE_CONCURRENCY, concurrency_id="engine", api_name="counterfactual")
     return tab, controls["model"]
+
+
+def _wire_redraws(color_by: gr.Radio, row: gr.Radio, legend: gr.HTML, cf_row: gr.Row, redraw: dict) -> None:
+    """Another colour or rollout redraws the finished run (``redraw``: the ``draw`` listener)."""
+    color_by.change(**redraw)
+    color_by.change(render.legend_html, color_by, legend, api_visibility="private")
+    row.change(**redraw)
+    # The counterfactual compares rollout 0: another rollout on screen hides it rather than leave it
+    # standing beside a trace it is not the counterfactual of.
+    row.change(lambda r: gr.update(visible=False) if r else gr.update(), row, cf_row, api_visibility="private")
+
+
+def _wire_page_scripts(edits: gr.Textbox, collapse: gr.Checkbox) -> None:
+    """Listeners that run in the page only: the live edits applied to the heatmap, and collapse."""
+    edits.change(None, edits, None, js=live.live_js("#e3rl-heatmap"), api_visibility="private")
+    # A long trace reads segment by segment: decided segments fold to their one-line summary (CSS
+    # on the heatmap element; nothing is sent, and edits keep applying underneath).
+    collapse.change(None, collapse, None, api_visibility="private", js=live.collapse_js("#e3rl-heatmap"))
 
 
 def _views() -> tuple:
@@ -187,7 +209,9 @@ def _request_values(params: dict[str, Any]) -> tuple:
 def _prompt_controls(shared: Shared) -> dict[str, Any]:
     first = examples()[0]
     model = gr.Dropdown(shared.model_choices(), value=shared.default_model, label="model",
-                        allow_custom_value=not shared.space, elem_id="e3rl-model")
+                        # A Space takes a typed name too, and refuses it with the reason (rather than the box
+        # silently going back to a listed model).
+        allow_custom_value=True, elem_id="e3rl-model")
     if not shared.space:
         gr.Markdown("Any local model directory, or a hub id when online, can be typed into the model box.")
     prompt = gr.Textbox(label="prompt (a one-line question is wrapped in the task template)", lines=3, value=first[0],
@@ -232,10 +256,10 @@ def _counterfactual_panel() -> list[Any]:
     """Hidden until a counterfactual is asked for: the run with erasure beside the run without."""
     with gr.Row(visible=False, elem_id="e3rl-counterfactual") as cf_row:
         with gr.Column():
-            gr.Markdown("**with erasure**")
+            gr.Markdown("**rollout 0 with erasure**")
             cf_on, cf_on_md = gr.HTML(label="heatmap with erasure"), gr.Markdown(label="summary with erasure")
         with gr.Column():
-            gr.Markdown("**erasure off (same prompt and seed)**")
+            gr.Markdown("**rollout 0, erasure off (same prompt and seed)**")
             cf_off, cf_off_md = gr.HTML(label="heatmap, erasure off"), gr.Markdown(label="summary, erasure off")
     return [cf_row, cf_on, cf_on_md, cf_off, cf_off_md]
 
@@ -264,8 +288,8 @@ def draw(events: list, which: int, colour: str, info: dict | None = None) -> tup
     which = min(int(which or 0), len(views) - 1)
     v = views[which]
     grp = render.group_markdown(views) if len(views) > 1 else ""
-    md = render.summary_markdown(v, info.get("seconds"), info.get("first_token_s"), info.get("group_tokens"),
-                                 info.get("warning")) + info.get("tail", "")
+    md = (render.summary_markdown(v, info.get("seconds"), info.get("first_token_s"), info.get("group_tokens"),
+                                  info.get("warning")) + info.get("tail", "") + render.prompt_markdown(v))
     return (live.page_html(v, colour), md, grp, render.trace_figure(v, colour),
             gr.update(choices=list(range(len(views))), value=which))
 
@@ -332,7 +356,10 @@ def _stream(frames: Iterator[Frame], colour: str, which: int, history: list,
         else:
             heatmap, ops = gr.skip(), live.encode(page.frame(v), seq)
         events = list(frame.events)
-        out = [heatmap, md + info.get("tail", ""), render.group_markdown(views) if len(views) > 1 else "", fig,
+        # the prompt as the model read it (after the chat template), once the run has ended: re-sent
+        # every frame, a block the user opened would close at each one
+        prompt = render.prompt_markdown(v) if frame.finished else ""
+        out = [heatmap, md + info.get("tail", "") + prompt, render.group_markdown(views) if len(views) > 1 else "", fig,
                rows, events]
         out += [info, ops] if edits else [cap_history(history + (events if frame.finished else [])), info]
         yield tuple(out)

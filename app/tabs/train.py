@@ -15,6 +15,9 @@ from ..training import EVAL_PROBLEMS, RunRequest, curves_spec, latest_trace_even
 from . import Shared
 
 MAX_EVAL_PROBLEMS = 1000
+EVAL_SECONDS_PER_100 = 45
+"""What scoring 100 held-out problems (Avg@4) takes with the shipped model on a 2-core CPU: a
+5-step run spends about as long on each evaluation as on its training, which the form says."""
 MAX_STEPS = 500
 """The steps slider's end. A deployment that trains fewer (a Space: 30) lowers a larger request
 and says so, rather than the slider silently stopping short."""
@@ -24,10 +27,11 @@ def build(shared: Shared, model: gr.Dropdown) -> tuple[gr.Tab, gr.Timer]:
     """The tab, and its timer (active only while the tab is open; ``app.ui`` switches it)."""
     d = {f.name: f.default for f in fields(RunRequest)}
     bound = shared.trainer.max_steps
-    with gr.Tab("Train") as tab:
+    with gr.Tab("Train", id="train") as tab:
         with gr.Row():
             algo = gr.Dropdown(["e3rl", "grpo", "dapo"], value=d["algo"], label="algorithm")
-            steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="steps",
+            # the slider ends at the deployment's bound (a Space: 30), so it offers only what runs
+            steps = gr.Slider(1, bound or MAX_STEPS, value=min(d["steps"], bound or MAX_STEPS), step=1, label="steps",
                               info=f"this deployment trains at most {bound} steps per run" if bound else None)
             group = gr.Slider(2, 16, value=d["group_size"], step=1, label="group size")
             prompts = gr.Slider(1, 32, value=d["prompts_per_step"], step=1, label="prompts per step")
@@ -35,7 +39,9 @@ def build(shared: Shared, model: gr.Dropdown) -> tuple[gr.Tab, gr.Timer]:
             seed = gr.Number(value=d["seed"], precision=0, label="seed")
             held = gr.Number(value=EVAL_PROBLEMS, precision=0, minimum=0, maximum=MAX_EVAL_PROBLEMS,
                              label="held-out problems",
-                             info=f"scored before and after training (Avg@{d['eval_samples']}); 0: none")
+                             info=f"scored before the first step and after the last (Avg@{d['eval_samples']}): "
+                                  f"about {EVAL_SECONDS_PER_100:.0f} s per 100 problems each time on a 2-core CPU; "
+                                  "0: none")
         with gr.Row():
             start_btn = gr.Button("Start training", variant="primary")
             stop_btn = gr.Button("Stop", elem_id="e3rl-train-stop")

@@ -91,7 +91,7 @@ def run_train_bench(model: str, data: str, algo: str, *, steps: int = 3, overrid
             rewards = [reward(t.done.text, t.start.gold, opened=trainer._opened) for t in kept]
             batch = build_batch(kept, rewards, trainer.generator.pad_id,
                                 mask_truncated=cfg.mask_truncated_completions,
-                                erased_rows=cfg.erased_advantage_delta > 0)
+                                erased_rows=cfg.trains_erased)
             progress(f"step {step + 1}/{steps}: optimizer phase ({len(batch)} rows x {batch.input_ids.shape[1]})")
             for fn, times in ((lambda: _plain_step(trainer, batch), plain_t), (lambda: trainer._optimize(batch), opt_t)):
                 _sync(dev)

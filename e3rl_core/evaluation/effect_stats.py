@@ -13,10 +13,9 @@ from functools import lru_cache
 from statistics import NormalDist
 from typing import Any, Iterable, Sequence
 
-NEAR_MARGIN = 1e-3
-"""Erasures whose score beat the threshold by less than this (nats) are counted apart: a group that
-writes the same line has σ ≈ 0, so its threshold is the mean and near-identical rows are erased by
-float noise."""
+from ..generation.decision import NEAR_MARGIN  # erasures by less than this are counted apart
+
+
 VERDICTS = ("helps", "hurts", "none")
 """Of erasing (redrawing) the segment: it raises P(correct), lowers it, or no measurable difference."""
 

@@ -108,6 +108,28 @@ ABLATIONS: list[tuple[str, list[str]]] = [
 ]
 
 
+READINGS: list[tuple[str, str, list[str]]] = [
+    # (row, algo, overrides): the readings of how to train on healed rollouts (docs/method.md §6)
+    ("GRPO", "grpo", []),
+    ("E3RL R0", "e3rl", []),
+    ("E3RL R0, GRPO loss", "e3rl", ["loss_type=grpo"]),
+    ("E3RL R1", "e3rl", ["erased_advantage_delta=1.0"]),
+    ("E3RL R2", "e3rl", ["contrast_advantage=0.5"]),
+    ("E3RL R3", "e3rl", ["erasure_when=no_signal"]),
+    ("E3RL R0, sigma floor", "e3rl", ["generation.threshold.sigma_floor=0.02"]),
+    ("DAPO", "dapo", []),
+]
+"""The readings study: GRPO and DAPO against E3RL read each way, one config field apart."""
+
+
+def readings_plan(seeds: int = 3, more: Sequence[str] = ("GRPO", "E3RL R0"), more_seeds: int = 5) -> list[RunSpec]:
+    """Every row of ``READINGS`` x ``seeds``, the rows named in ``more`` x ``more_seeds``; seed by
+    seed across the rows, so a study cut short (it resumes) has its rows at equal seed counts."""
+    top = max(seeds, more_seeds if more else seeds)
+    return [RunSpec(name, algo, s, list(overrides)) for s in range(top) for name, algo, overrides in READINGS
+            if s < (more_seeds if name in more else seeds)]
+
+
 def eval_command(model: str, st: Settings, mode: str, rows: Path | None = None) -> list[str]:
     """Every model is scored the same way: the test set, K samples, seed 0, erasure off or on
     (``rows``: also write every sample's row there)."""

@@ -112,6 +112,11 @@ class ThresholdConfig:
     """Registry name: ``e3rl``, ``fixed``, ``zscore``, ``quantile`` or ``none``."""
     kappa: float = 1.0
     """[R] e3rl: beta_n = mu_n + kappa * sigma_n over the group's first-attempt scores."""
+    sigma_floor: float = 0.0
+    """[R] e3rl: beta_n = mu_n + kappa * max(sigma_n, sigma_floor). A group that writes the same line
+    has sigma ~ 0, so its threshold is its mean and near-identical rows are erased by float noise
+    (the decision-effects audit of the shipped model: 79 such erasures, none helped); a floor (in
+    score units, nats) keeps a margin there. 0 = the plain group statistic."""
     min_group: int = 4
     """[R] e3rl: with fewer live rollouts than this, use the moving average instead of the group."""
     fallback: str = "baseline_ema"
@@ -143,6 +148,8 @@ class ThresholdConfig:
             raise ConfigError("threshold.history_clip must satisfy 0 < low <= 1 <= high")
         if not 0 <= self.ema_momentum < 1:
             raise ConfigError("threshold.ema_momentum must be in [0, 1)")
+        if self.sigma_floor < 0:
+            raise ConfigError(f"threshold.sigma_floor must be >= 0, got {self.sigma_floor}")
         if self.fallback not in ("baseline_ema", "score_stats"):
             raise ConfigError("threshold.fallback must be 'baseline_ema' or 'score_stats'")
         if self.min_group < 2:

@@ -34,6 +34,28 @@ TIE = 1e-6
 """Scores closer than this are equal (float noise between recomputations of the same attempt)."""
 
 
+NEAR_MARGIN = 1e-3
+"""Nats: a decision whose score and threshold differ by less than this was taken by float noise
+(a group that writes the same line has σ ≈ 0, so its threshold is its mean)."""
+NEAR_FRACTION = 0.05
+"""A decision whose score is within this fraction of its threshold was taken by a hair: a
+redrawn segment's score moves by more than that from sample to sample."""
+
+
+def margin(score: float, threshold: float | None) -> float | None:
+    """How far the score is over (+) or under (-) its threshold; None without a threshold."""
+    return None if threshold is None else score - threshold
+
+
+def near_threshold(score: float, threshold: float | None) -> bool:
+    """A decision taken by a negligible margin: |U - Θ| under ``NEAR_FRACTION`` of Θ or under
+    ``NEAR_MARGIN`` nats, whichever is larger. The views mark such decisions; the decision-effects
+    audit counts the erasures under ``NEAR_MARGIN`` apart."""
+    if threshold is None:
+        return False
+    return abs(score - threshold) < max(NEAR_FRACTION * abs(threshold), NEAR_MARGIN)
+
+
 class Scored(Protocol):
     """An attempt as the rule sees it: its score and its number within the segment."""
 

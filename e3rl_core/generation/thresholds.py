@@ -5,7 +5,7 @@ verl's KL controllers): the generator reports first-attempt scores and kept sign
 the threshold of a segment. Every part is returned, so each decision can be audited.
 
 Policies (select by ``ThresholdConfig.policy``):
-- ``e3rl``     group baseline mu_n + kappa*sigma_n over the group's first-attempt scores at segment
+- ``e3rl``     group baseline mu_n + kappa*max(sigma_n, sigma_floor) over the group's first-attempt scores at segment
                n; with fewer than ``min_group`` live rollouts, a moving average of past baselines
                (warm-up of ``warmup_segments`` segments first). Penalty exp(lambda*e), history
                term phi_n (1 for a lone rollout unless ``history_reference`` is set).
@@ -122,7 +122,7 @@ class E3RLThreshold:
         """Fold one segment's first-attempt scores into the fallback's moving averages."""
         m = self.cfg.ema_momentum
         mu, sigma = mean_std(scores)
-        beta = mu + self.cfg.kappa * sigma
+        beta = mu + self.cfg.kappa * max(sigma, self.cfg.sigma_floor)
         self.ema_baseline = beta if self.segments_seen == 0 else m * self.ema_baseline + (1 - m) * beta
         # score_stats: a group contributes its mean and spread, lone scores one by one.
         items = [(mu, sigma * sigma)] if len(scores) >= self.cfg.min_group else [(s, 0.0) for s in scores]
@@ -152,7 +152,7 @@ class E3RLThreshold:
         scores = [s for _, s in sorted(self.scores.by_segment.get(segment, {}).items())]
         if len(scores) >= self.cfg.min_group:
             mu, sigma = mean_std(scores)
-            beta: float | None = mu + self.cfg.kappa * sigma
+            beta: float | None = mu + self.cfg.kappa * max(sigma, self.cfg.sigma_floor)
         else:
             beta = self._fallback()
         if scores:

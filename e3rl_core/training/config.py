@@ -26,6 +26,8 @@ SCHEDULERS = ("constant", "linear", "cosine")
 ATTENTION_IMPLS = ("linear", "eager")
 PARALLEL = ("ddp", "fsdp")
 MIXED_PRECISION = ("none", "bf16")
+ERASURE_WHEN = ("always", "no_signal")
+"""``TrainConfig.erasure_when``: when a rollout is generated with erasure (reading R3: ``no_signal``)."""
 
 
 @dataclass
@@ -103,9 +105,21 @@ class TrainConfig:
     no_causal_allocation: bool = False
     """Ablation: every segment gets the rollout's advantage (allocation ``uniform``)."""
     erased_advantage_delta: float = 0.0
-    """[R] delta > 0 also trains on each erased attempt (in the context it was generated in) with
+    """[R] Reading R1: delta > 0 also trains on each erased attempt (in the context it was generated in) with
     advantage -delta * |A_i|, pushing the policy away from what was erased; 0 = the paper's
     post-erasure objective only (method section 6)."""
+    contrast_advantage: float = 0.0
+    """[R] Reading R2, a segment-local contrast: c > 0 pairs each erased attempt with the attempt that
+    replaced it (same prefix, same segment): the erased tokens get advantage -c (in the context they
+    were generated in) and the kept segment's tokens +c on top of their own, so the loss learns which
+    continuation of that prefix was better even where the group's outcomes tie (an all-correct group,
+    A = 0). In units of the normalised advantage; 0 = off."""
+    erasure_when: str = "always"
+    """[R] Reading R3, erasure as exploration: ``always`` (every rollout generated with erasure, the
+    paper's way) or ``no_signal``: each group is sampled plainly first, and only a group with no
+    correct rollout is generated again with erasure (the same seeds), so healed successes add a
+    gradient exactly where GRPO has none and every other group stays on-policy. Both generations'
+    tokens count towards the rollout-token budget."""
     eval_data: str | None = None
     """Held-out dataset SPEC (like ``--data``): the policy is scored on it before the first step and
     after the last (Avg@K, plain sampling, erasure off, seed 0) into OUT/eval.json. One process only;
@@ -160,6 +174,12 @@ class TrainConfig:
             (self.scale_rewards in ("group", "batch", "none"), "scale_rewards must be group, batch or none"),
             (self.rollout_token_budget is None or self.rollout_token_budget > 0, "rollout_token_budget must be > 0"),
             (self.erased_advantage_delta >= 0, "erased_advantage_delta must be >= 0"),
+            (self.contrast_advantage >= 0, "contrast_advantage must be >= 0"),
+            (self.erasure_when in ERASURE_WHEN,
+             f"erasure_when must be one of {', '.join(ERASURE_WHEN)}, got {self.erasure_when!r}"),
+            (self.erasure_when == "always" or self.generation.erase.enabled,
+             "erasure_when=no_signal regenerates groups with erasure, which is off; use --algo e3rl or "
+             "--set generation.erase.enabled=true"),
             (self.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds must be >= 1"),
             (self.warmup_steps >= 0 and self.log_rollouts >= 0, "warmup_steps and log_rollouts must be >= 0"),
             (self.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}"),
@@ -216,6 +236,11 @@ class TrainConfig:
             gen.threshold.policy = "zscore"
             gen.threshold.z = gen.threshold.kappa
         return GenerationConfig.from_dict(gen.to_dict())  # re-validate
+
+    @property
+    def trains_erased(self) -> bool:
+        """Erased attempts are rows of the batch (readings R1 and R2)."""
+        return self.erased_advantage_delta > 0 or self.contrast_advantage > 0
 
     @property
     def effective_allocation(self) -> str:

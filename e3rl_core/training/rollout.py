@@ -24,7 +24,9 @@ class RolloutBatch:
     completion tokens; segment_ids (R, T) long, segment of each completion token, -1 elsewhere;
     n_segments (R,) long; rewards (R,) float, NaN where the reward abstained; group_ids (R,) long
     (local group index); truncated (R,) bool; parent (R,) long: -1 for a rollout, else the row of
-    the rollout whose erased attempt this row holds (``erased_rows``)."""
+    the rollout whose erased attempt this row holds (``erased_rows``); healed (R, N) float: 1 on a
+    rollout's kept segments that replaced an erased attempt (``erased_rows``; reading R2), N = the
+    most segments of a row."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -35,10 +37,14 @@ class RolloutBatch:
     group_ids: torch.Tensor
     truncated: torch.Tensor
     parent: torch.Tensor | None = None
+    healed: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.parent is None:
             self.parent = torch.full((self.input_ids.shape[0],), -1, dtype=torch.long)
+        if self.healed is None:
+            n = int(self.n_segments.max()) if self.n_segments.numel() else 0
+            self.healed = torch.zeros((self.input_ids.shape[0], max(n, 1)))
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -73,6 +79,25 @@ def erased_attempts(trace: Trace) -> list[tuple[list[int], list[int]]]:
             if by_attempt.get((e.segment, e.attempt)) and (e.segment, e.attempt) not in restored]
 
 
+def healed_columns(healed: torch.Tensor, n: int) -> torch.Tensor:
+    """``RolloutBatch.healed`` as (R, n): cut or zero-padded to the n segment columns of an allocation."""
+    if healed.shape[1] >= n:
+        return healed[:, :n]
+    return torch.nn.functional.pad(healed, (0, n - healed.shape[1]))
+
+
+def healed_segments(trace: Trace) -> list[int]:
+    """The kept segments (numbered as ``kept_segments`` numbers them) that replaced an erased
+    attempt: the other half of each pair ``erased_attempts`` gives."""
+    restored = {(s.segment, s.restored_from) for s in trace.segments
+                if s.restored_from is not None and s.decision != "erase"}
+    raw = {e.segment for e in trace.erasures if (e.segment, e.attempt) not in restored}
+    order: dict[int, int] = {}
+    for t in trace.kept_tokens():
+        order.setdefault(t.segment, len(order))
+    return sorted(order[s] for s in raw if s in order)
+
+
 def build_batch(
     traces: Sequence[Trace], rewards: Sequence[float | None], pad_id: int, *, mask_truncated: bool = False,
     erased_rows: bool = False,
@@ -80,8 +105,9 @@ def build_batch(
     """Tensors for the loss from finished traces (group-major order, as the generator yields).
 
     ``erased_rows`` appends one row per erased attempt (prompt + kept prefix + erased tokens, only the
-    erased tokens in the mask), for the optional negative advantage on erased attempts."""
-    seqs, comps, segs, groups, trunc = [], [], [], [], []
+    erased tokens in the mask), for the optional negative advantage on erased attempts (readings R1
+    and R2), and marks each rollout's segments that replaced one (``healed``, R2)."""
+    seqs, comps, segs, groups, trunc, healed = [], [], [], [], [], []
     extra: list[tuple[list[int], int, int, int]] = []  # (ids, loss start, parent row, group)
     group_index: dict[tuple[str, int], int] = {}
     if not traces:
@@ -101,6 +127,7 @@ def build_batch(
         # e.g. in each round of dynamic sampling).
         groups.append(group_index.setdefault((start.batch, start.group_id), len(group_index)))
         trunc.append(done.finish_reason == "length")
+        healed.append(healed_segments(tr) if erased_rows else [])
         if erased_rows:
             for prefix, tokens in erased_attempts(tr):
                 ids = list(start.prompt_ids) + prefix + tokens
@@ -114,6 +141,7 @@ def build_batch(
         groups.append(group)
         trunc.append(False)
         parents.append(parent)
+        healed.append([])
     R, T = len(seqs), max(len(s) for s in seqs)
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
     attention = torch.zeros((R, T), dtype=torch.long)
@@ -124,12 +152,16 @@ def build_batch(
         if sg:
             seg_ids[i, p : len(s)] = torch.tensor(sg)
     truncated = torch.tensor(trunc, dtype=torch.bool)
+    n_segments = torch.tensor([max(sg) + 1 if sg else 0 for sg in segs], dtype=torch.long)
+    healed_mask = torch.zeros((R, max(int(n_segments.max()), 1)))
+    for i, hs in enumerate(healed):
+        healed_mask[i, hs] = 1.0
     mask = (seg_ids >= 0).float()
     if mask_truncated:
         mask = mask * (~truncated).float()[:, None]
     return RolloutBatch(
         input_ids=input_ids, attention_mask=attention, completion_mask=mask, segment_ids=seg_ids,
-        n_segments=torch.tensor([max(sg) + 1 if sg else 0 for sg in segs], dtype=torch.long),
+        n_segments=n_segments, healed=healed_mask,
         rewards=torch.tensor([math.nan if r is None else float(r) for r in rewards], dtype=torch.float32),
         group_ids=torch.tensor(groups, dtype=torch.long), truncated=truncated,
         parent=torch.tensor(parents, dtype=torch.long),

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import ConfigError, E3RLError, NonFiniteLogitsError, TraceFormatError
 from ..events import Trace, dumps, event_from_dict, group_traces, strict_dumps
+from ..generation.config import GenerationConfig
 from ..generation.generator import ErasableGenerator
 from ..models import RECOMMENDED_CONFIG, load_model
 from ..outdirs import resolve_out
@@ -46,7 +47,7 @@ from .advantages import ADVANTAGES, ALLOCATORS, attention_weights
 from .answer_attention import answer_attention, attention_modules
 from .config import TrainConfig
 from .losses import LOSSES, LossNorm, clipped_surrogate, token_logps
-from .rollout import RolloutBatch, build_batch, finish_metrics, group_has_signal, rollout_metrics
+from .rollout import RolloutBatch, build_batch, finish_metrics, group_has_signal, healed_columns, rollout_metrics
 
 
 class TrainingDivergedError(E3RLError):
@@ -101,6 +102,8 @@ class Trainer:
         if config.parallel == "fsdp":
             self._shard()
         self._reward_memo: dict[tuple[str, str | None], float | None] = {}
+        self._plain: ErasableGenerator | None = None  # reading R3's first pass (``_plain_generator``)
+        self._groups_healed = 0  # groups generated again with erasure this step (reading R3)
         # A template that opens the think block in the prompt (DeepSeek-R1 distills) starts every
         # completion inside the reasoning: its answer comes only after the closing tag.
         self._opened = prompt_opens_think(render_prompt(self.examples[0].question, self.tokenizer))
@@ -392,7 +395,8 @@ class Trainer:
             prompts = [render_prompt(ex.question, self.tokenizer) for _, ex in batch]
             with distributed.together("generating rollouts"):  # e.g. non-finite logits on one rank
                 try:
-                    events = list(self.generator.stream(
+                    first = self.generator if c.erasure_when == "always" else self._plain_generator()
+                    events = list(first.stream(
                         prompts, group_size=G, seed=seeds, golds=[ex.answer for _, ex in batch],
                         trace_prefix=f"s{self.step + 1}r{rank}d{rounds}", train_step=self.step + 1,
                     ))
@@ -401,6 +405,9 @@ class Trainer:
             traces = group_traces(events)
             generated += traces
             groups = [traces[g * G : (g + 1) * G] for g in range(len(batch))]
+            if c.erasure_when == "no_signal":  # R3: heal only the groups with no correct rollout
+                healed = self._heal(groups, batch, prompts, seeds, rounds)
+                generated += healed
             rounds += 1
             if not c.dynamic_sampling:
                 kept += groups
@@ -414,6 +421,40 @@ class Trainer:
             quota = [max(0, min(n, c.prompts_per_step - sum(counts[:r]))) for r, n in enumerate(counts)]
             kept, counts = kept[: quota[rank]], quota
         return generated, [t for g in kept for t in g], sum(counts)
+
+    def _plain_generator(self) -> ErasableGenerator:
+        """The rollout generator with erasure off (reading R3 samples every group plainly first)."""
+        if self._plain is None:
+            gen = GenerationConfig.from_dict(self.gen_config.to_dict())
+            gen.erase.enabled = False
+            self._plain = ErasableGenerator(
+                self.rollout_model, self.tokenizer, gen, model_name=self.generator.model_name, checker=self._correct,
+                answer_fn=partial(extract_answer, opened=self._opened))
+        return self._plain
+
+    def _heal(self, groups: list[list[Trace]], batch: list[tuple[int, Example]], prompts: list[Any],
+              seeds: list[int], rounds: int) -> list[Trace]:
+        """Reading R3: generate again, with erasure and the same seeds, each group of ``groups`` that
+        has no correct rollout, and put the healed group in its place. Returns the new traces."""
+        G = self.cfg.num_generations
+        redo = [g for g, grp in enumerate(groups)
+                if not any((self._reward(t.done.text, t.start.gold) or 0) > 0 for t in grp)]
+        self._groups_healed += len(redo)
+        if not redo:
+            return []
+        with distributed.together("generating rollouts"):
+            try:
+                events = list(self.generator.stream(
+                    [prompts[g] for g in redo], group_size=G, seed=[seeds[g * G + k] for g in redo for k in range(G)],
+                    golds=[batch[g][1].answer for g in redo],
+                    trace_prefix=f"s{self.step + 1}r{self.dist.rank}d{rounds}h", train_step=self.step + 1,
+                ))
+            except NonFiniteLogitsError as err:
+                raise TrainingDivergedError(f"step {self.step + 1}: {err}", self.step + 1) from None
+        traces = group_traces(events)
+        for j, g in enumerate(redo):
+            groups[g] = traces[j * G : (j + 1) * G]
+        return traces
 
     # ------------------------------------------------------------------ loss
     def _forward(self, model: Any, b: RolloutBatch, attentions: bool = False) -> Any:
@@ -490,13 +531,17 @@ class Trainer:
     def _token_advantages(self, adv: torch.Tensor, mb: RolloutBatch, sl: slice, weights: torch.Tensor) -> torch.Tensor:
         """Token advantages (r, T) of the rows ``sl`` (``mb`` = those rows): each rollout's advantage
         spread over its segments by ``weights`` (r, N); an erased attempt's row gets -delta * |A| of
-        the rollout it was erased from (``adv`` holds every row, as ``parent`` indexes them)."""
+        the rollout it was erased from (``adv`` holds every row, as ``parent`` indexes them; reading
+        R1) and -c, its replacement segment +c (``contrast_advantage``; reading R2)."""
         seg_adv = ALLOCATORS.get(self.allocation)(adv[sl], weights, mb.n_segments, self.cfg.allocation_lambda)  # (r, N)
+        c = self.cfg.contrast_advantage
+        if c > 0:  # R2: a segment that replaced an erased attempt is the better half of its pair
+            seg_adv = seg_adv + c * healed_columns(mb.healed, seg_adv.shape[1]).to(seg_adv)
         tok = seg_adv.gather(1, mb.segment_ids.clamp(min=0)) * (mb.segment_ids >= 0)  # (r, T)
         erased = (mb.parent >= 0).nonzero().squeeze(1)
         if erased.numel():
-            penalty = -self.cfg.erased_advantage_delta * adv[mb.parent[erased]].abs()
-            tok[erased] = penalty[:, None] * (mb.segment_ids[erased] >= 0)
+            penalty = -self.cfg.erased_advantage_delta * adv[mb.parent[erased]].abs() - c
+            tok[erased] = penalty[:, None].to(tok) * (mb.segment_ids[erased] >= 0)
         return tok
 
     def _advantages(self, b: RolloutBatch, weights: torch.Tensor) -> torch.Tensor:
@@ -589,16 +634,19 @@ class Trainer:
             self.rollout_copy.refresh(self.model)
             sync["weight_sync_time"] = time.perf_counter() - t0
         t1 = time.perf_counter()
+        self._groups_healed = 0
         generated, kept, groups_kept = self._rollouts()
         t_gen = time.perf_counter() - t1
         rewards = [self._reward(t.done.text, t.start.gold) for t in kept]
         batch = build_batch(kept, rewards, self.generator.pad_id, mask_truncated=self.cfg.mask_truncated_completions,
-                            erased_rows=self.cfg.erased_advantage_delta > 0)
+                            erased_rows=self.cfg.trains_erased)
         sums = distributed.sum_floats(rollout_metrics(generated, [self._reward(t.done.text, t.start.gold) for t in generated]))
         roll = finish_metrics(sums)
         self.tokens_total += int(roll["tokens_generated"])  # before the update: the schedule reads it
         opt = self._optimize(batch)
         self.step += 1
+        if self.cfg.erasure_when == "no_signal":
+            roll["groups_healed"] = float(distributed.sum_floats({"n": float(self._groups_healed)})["n"])
         row = {"step": self.step, **roll, "groups_kept": groups_kept, **opt,
                "rollout_tokens_total": self.tokens_total, "generation_time": t_gen, **sync,
                "step_time": time.perf_counter() - t0}

@@ -265,3 +265,48 @@ def test_the_generate_tab_runs_a_hybrid_and_refuses_what_the_engine_refuses(fami
     with pytest.raises(Exception) as app_error:
         list(generate(shared(), "entropy", 0, [], values(model=family_dirs["recurrent_gemma"], group_size=1)))
     assert str(cli_error.value) in str(app_error.value)  # the one line the command line prints
+
+
+@browser
+def test_a_new_user_finds_every_tab_on_top_sees_the_run_and_its_reasons(app_url):
+    """At 1400 x 900: the tab strip is at the top of the page; a click on Generate brings the run's
+    views into the window with a busy bar at once; an opened ✂ shows its tokens in colour with U,
+    Θ, margin and reason; the templated prompt is under the summary; a failed request leaves the
+    previous run dimmed and labelled; the Audit tab's trace list names the question."""
+    with chromium() as b:
+        page = b.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(app_url, wait_until="domcontentloaded")
+        tabs = page.locator("button[role='tab']")
+        tabs.first.wait_for()
+        assert [t.strip() for t in tabs.all_inner_texts()] == ["Generate", "Audit", "Decision effects", "Train"]
+        assert max(t.bounding_box()["y"] for t in tabs.all()) < 200  # one strip, at the top
+        page.get_by_role("button", name="Generate", exact=True).click()
+        page.wait_for_function("document.querySelector('#e3rl-heatmap').classList.contains('e3rl-busy') || "
+                               "/finished:/.test(document.querySelector('#e3rl-summary').innerText)", timeout=10_000)
+        page.wait_for_selector("#e3rl-summary :text('finished:')", timeout=120_000)
+        box = page.locator("#e3rl-heatmap").bounding_box()
+        assert 0 <= box["y"] < 900 / 2, box  # scrolled into view
+        assert page.evaluate("document.querySelectorAll('.e3rl-busy, .e3rl-stale').length") == 0
+        page.locator("#e3rl-heatmap details.e3rl-erased summary").first.click()
+        why = page.locator("#e3rl-heatmap details.e3rl-erased[open] .e3rl-why").first.inner_text()
+        assert re.search(r"U=\d\.\d{3}, Θ=\d\.\d{3}, margin [+-]\d\.\d{3}.*: erase \(", why), why
+        gone = page.locator("#e3rl-heatmap details.e3rl-erased[open] .e3rl-gone").first
+        assert gone.is_visible() and "rgb(" in gone.get_attribute("style") and "entropy" in gone.get_attribute("title")
+        page.get_by_text("prompt as the model read it").click()
+        assert "Question:" in page.locator("details.e3rl-prompt pre").inner_text()
+
+        page.locator("#e3rl-model input").fill("no/such/model-dir")
+        page.locator("#e3rl-model input").press("Enter")
+        page.get_by_role("button", name="Generate", exact=True).click()
+        page.wait_for_function("document.querySelector('#e3rl-heatmap').classList.contains('e3rl-stale') && "
+                               "!document.querySelector('#e3rl-heatmap').classList.contains('e3rl-busy')",
+                               timeout=60_000)
+        label = page.evaluate("getComputedStyle(document.querySelector('#e3rl-heatmap'), '::after').content")
+        assert "previous run" in label and float(page.evaluate(
+            "getComputedStyle(document.querySelector('#e3rl-heatmap')).opacity")) < 0.6
+
+        page.locator("button[role='tab']", has_text="Audit").click()
+        page.wait_for_selector("#e3rl-replay .e3rl-tok", timeout=60_000)
+        picked = page.locator("#e3rl-replay-trace input").input_value()
+        assert picked.startswith("“a = 11 + 5.") and "rollout 0 · seed 8" in picked, picked
+        assert re.search(r"rows 1–\d+ of \d+ \(page 1 of 1\)", page.inner_text("#e3rl-audit-page-line"))

@@ -632,7 +632,9 @@ def test_chart_explains_every_mark_and_counts_segments_in_whole_numbers(frames):
     for i in range(300):
         long.apply(_tok(i, "x", segment=i // 2))
     dtick = render.figure_spec(long)["layout"]["xaxis"]["dtick"]
-    assert isinstance(dtick, int) and 150 / dtick <= 20 < 150 / (dtick - 1)  # whole numbers, at most 20 ticks
+    # round steps (1, 2 or 5 x 10^k), the smallest that gives at most 20 ticks; no tick left of segment 0
+    assert dtick == 10 and render.nice_step(7.5) == 10 and render.nice_step(157) == 200 and render.nice_step(0.3) == 1
+    assert render.figure_spec(long)["layout"]["xaxis"]["range"][0] == -0.5
     assert all(t["title"]["text"] for t in (axis, spec["layout"]["xaxis2"], spec["layout"]["yaxis"]))
 
 

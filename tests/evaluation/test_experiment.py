@@ -202,3 +202,17 @@ def test_slips_table_pairs_with_grpo_and_measures_the_change_from_the_start():
     half = mean_ci([19.0, 21.0])[1]
     assert f"| E3RL | 2 | 20.00 ± {half:.2f} | +2.00 ± {half:.2f} | +2.50 ± {mean_ci([2.0, 3.0])[1]:.2f} (2 pairs) |" in table
     assert "| GRPO | 2 | 17.50 ± " in table and "| starting model | - | 18.00 | - | - | 0.550 |" in table
+
+
+def test_the_readings_plan_names_each_reading_one_field_apart():
+    from e3rl_core.evaluation.experiment import READINGS, readings_plan
+    from e3rl_core.overrides import apply_overrides
+    from e3rl_core.training.config import TrainConfig
+
+    specs = readings_plan(seeds=3, more=("GRPO", "E3RL R0"), more_seeds=5)
+    count = {name: sum(s.name == name for s in specs) for name, _, _ in READINGS}
+    assert count["GRPO"] == count["E3RL R0"] == 5 and all(n == 3 for k, n in count.items() if k not in ("GRPO", "E3RL R0"))
+    assert [s.seed for s in specs[:len(READINGS)]] == [0] * len(READINGS)  # seed by seed across the rows
+    for name, algo, overrides in READINGS:  # each row is a valid config, one field from its algorithm's preset
+        cfg = apply_overrides(TrainConfig.for_algo(algo), overrides)
+        assert len(overrides) <= 1 and cfg.algo == algo, name
