@@ -302,8 +302,10 @@ def test_a_new_user_finds_every_tab_on_top_sees_the_run_and_its_reasons(app_url)
                                "!document.querySelector('#e3rl-heatmap').classList.contains('e3rl-busy')",
                                timeout=60_000)
         label = page.evaluate("getComputedStyle(document.querySelector('#e3rl-heatmap'), '::after').content")
-        assert "previous run" in label and float(page.evaluate(
-            "getComputedStyle(document.querySelector('#e3rl-heatmap')).opacity")) < 0.6
+        assert "previous run" in label
+        # dimmed (its opacity eases down over 0.2 s)
+        page.wait_for_function("+getComputedStyle(document.querySelector('#e3rl-heatmap')).opacity < 0.6",
+                               timeout=5_000)
 
         page.locator("button[role='tab']", has_text="Audit").click()
         page.wait_for_selector("#e3rl-replay .e3rl-tok", timeout=60_000)
