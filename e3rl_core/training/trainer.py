@@ -393,16 +393,8 @@ class Trainer:
             batch = self._next_prompts(c.prompts_per_step)[rank * share : (rank + 1) * share]
             seeds = [c.seed * 1_000_000_007 + pos * G + k for pos, _ in batch for k in range(G)]
             prompts = [render_prompt(ex.question, self.tokenizer) for _, ex in batch]
-            with distributed.together("generating rollouts"):  # e.g. non-finite logits on one rank
-                try:
-                    first = self.generator if c.erasure_when == "always" else self._plain_generator()
-                    events = list(first.stream(
-                        prompts, group_size=G, seed=seeds, golds=[ex.answer for _, ex in batch],
-                        trace_prefix=f"s{self.step + 1}r{rank}d{rounds}", train_step=self.step + 1,
-                    ))
-                except NonFiniteLogitsError as err:
-                    raise TrainingDivergedError(f"step {self.step + 1}: {err}", self.step + 1) from None
-            traces = group_traces(events)
+            first = self.generator if c.erasure_when == "always" else self._plain_generator()
+            traces = self._generate(first, prompts, seeds, [ex.answer for _, ex in batch], f"d{rounds}")
             generated += traces
             groups = [traces[g * G : (g + 1) * G] for g in range(len(batch))]
             if c.erasure_when == "no_signal":  # R3: heal only the groups with no correct rollout
@@ -421,6 +413,20 @@ class Trainer:
             quota = [max(0, min(n, c.prompts_per_step - sum(counts[:r]))) for r, n in enumerate(counts)]
             kept, counts = kept[: quota[rank]], quota
         return generated, [t for g in kept for t in g], sum(counts)
+
+    def _generate(self, generator: ErasableGenerator, prompts: list[Any], seeds: list[int], golds: list[Any],
+                  tag: str) -> list[Trace]:
+        """One group of ``num_generations`` rollouts per prompt, on every process together (a
+        process whose logits turn non-finite stops them all); trace ids carry step, rank and ``tag``."""
+        with distributed.together("generating rollouts"):  # e.g. non-finite logits on one rank
+            try:
+                events = list(generator.stream(
+                    prompts, group_size=self.cfg.num_generations, seed=seeds, golds=golds,
+                    trace_prefix=f"s{self.step + 1}r{self.dist.rank}{tag}", train_step=self.step + 1,
+                ))
+            except NonFiniteLogitsError as err:
+                raise TrainingDivergedError(f"step {self.step + 1}: {err}", self.step + 1) from None
+        return group_traces(events)
 
     def _plain_generator(self) -> ErasableGenerator:
         """The rollout generator with erasure off (reading R3 samples every group plainly first)."""
@@ -442,16 +448,9 @@ class Trainer:
         self._groups_healed += len(redo)
         if not redo:
             return []
-        with distributed.together("generating rollouts"):
-            try:
-                events = list(self.generator.stream(
-                    [prompts[g] for g in redo], group_size=G, seed=[seeds[g * G + k] for g in redo for k in range(G)],
-                    golds=[batch[g][1].answer for g in redo],
-                    trace_prefix=f"s{self.step + 1}r{self.dist.rank}d{rounds}h", train_step=self.step + 1,
-                ))
-            except NonFiniteLogitsError as err:
-                raise TrainingDivergedError(f"step {self.step + 1}: {err}", self.step + 1) from None
-        traces = group_traces(events)
+        traces = self._generate(self.generator, [prompts[g] for g in redo],
+                                [seeds[g * G + k] for g in redo for k in range(G)],
+                                [batch[g][1].answer for g in redo], f"d{rounds}h")
         for j, g in enumerate(redo):
             groups[g] = traces[j * G : (j + 1) * G]
         return traces
