@@ -102,10 +102,13 @@ def dynamics_table(results: list[dict], root: Path) -> str:
         return ""
     fmt = lambda v, nd: "-" if v is None else f"{v[0]:.{nd}f} → {v[1]:.{nd}f}"  # noqa: E731
     lines = ["| run | seeds | training reward | token entropy (kept rollout tokens) | mean abs advantage per trained token | "
-             "erased share of rollout tokens |", "|---|---|---|---|---|---|"]
+             "erased share of rollout tokens | trained groups with no signal |", "|---|---|---|---|---|---|---|"]
     for name, d in dyn.items():
+        zv = fmt(d["zero_variance_groups"], 3)
+        if d["zero_variance_groups"] is not None and d["zero_variance_groups_seeds"] < d["seeds"]:
+            zv += f" ({d['zero_variance_groups_seeds']} seeds)"  # runs logged before the metric existed
         lines.append(f"| {name} | {d['seeds']} | {fmt(d['reward_mean'], 3)} | {fmt(d['entropy_mean'], 4)} | "
-                     f"{fmt(d['advantage_abs_mean'], 3)} | {fmt(d['erase_rate'], 3)} |")
+                     f"{fmt(d['advantage_abs_mean'], 3)} | {fmt(d['erase_rate'], 3)} | {zv} |")
     return ("Training dynamics (each cell: mean over the first quarter of a run's steps → over the last "
             "quarter, averaged over seeds):\n\n" + "\n".join(lines) + "\n")
 

@@ -109,9 +109,10 @@ def paired_differences(results: Sequence[dict[str, Any]], ref: str = "GRPO",
     return out
 
 
-DYNAMICS_KEYS = ("reward_mean", "entropy_mean", "advantage_abs_mean", "erase_rate")
+DYNAMICS_KEYS = ("reward_mean", "entropy_mean", "advantage_abs_mean", "erase_rate", "zero_variance_groups")
 """Training-log metrics ``training_dynamics`` follows: reward, token entropy of the rollouts, mean
-|advantage| over trained tokens, share of rollout tokens erased."""
+|advantage| over trained tokens, share of rollout tokens erased, share of trained groups with no
+signal (all rewards equal; logged since the readings study, absent from older logs)."""
 
 
 def quarter_means(log_rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float] | None:
@@ -135,6 +136,7 @@ def training_dynamics(logs: dict[str, Sequence[Sequence[dict[str, Any]]]],
         for key in keys:
             pairs = [p for p in (quarter_means(rows, key) for rows in runs) if p is not None]
             row[key] = (sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs)) if pairs else None
+            row[key + "_seeds"] = len(pairs)  # seeds whose log has the key (older logs lack newer keys)
         out[name] = row
     return out
 

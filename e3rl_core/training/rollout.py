@@ -212,6 +212,17 @@ def finish_metrics(sums: dict[str, float]) -> dict[str, float]:
     }
 
 
+def zero_variance_counts(traces: Sequence[Trace], rewards: Sequence[float | None]) -> dict[str, float]:
+    """Groups among ``traces`` (one prompt of one generate call) and how many of them have no signal:
+    all valid rewards equal, so every advantage is 0 (sums, for ``distributed.sum_floats``)."""
+    groups: dict[tuple[str, int], list[float | None]] = {}
+    for tr, r in zip(traces, rewards):
+        start = tr.start
+        assert isinstance(start, StartEvent)
+        groups.setdefault((start.batch, start.group_id), []).append(r)
+    return {"groups": float(len(groups)), "zero_variance": float(sum(not group_has_signal(g) for g in groups.values()))}
+
+
 def group_has_signal(rewards: Sequence[float | None]) -> bool:
     """DAPO's dynamic-sampling filter: a group whose valid rewards are not all equal."""
     valid = [r for r in rewards if r is not None]

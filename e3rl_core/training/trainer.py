@@ -47,7 +47,8 @@ from .advantages import ADVANTAGES, ALLOCATORS, attention_weights
 from .answer_attention import answer_attention, attention_modules
 from .config import TrainConfig
 from .losses import LOSSES, LossNorm, clipped_surrogate, token_logps
-from .rollout import RolloutBatch, build_batch, finish_metrics, group_has_signal, healed_columns, rollout_metrics
+from .rollout import (RolloutBatch, build_batch, finish_metrics, group_has_signal, healed_columns, rollout_metrics,
+                      zero_variance_counts)
 
 
 class TrainingDivergedError(E3RLError):
@@ -641,6 +642,8 @@ class Trainer:
                             erased_rows=self.cfg.trains_erased)
         sums = distributed.sum_floats(rollout_metrics(generated, [self._reward(t.done.text, t.start.gold) for t in generated]))
         roll = finish_metrics(sums)
+        zv = distributed.sum_floats(zero_variance_counts(kept, rewards))  # groups the loss gets no gradient from
+        roll["zero_variance_groups"] = zv["zero_variance"] / max(zv["groups"], 1.0)
         self.tokens_total += int(roll["tokens_generated"])  # before the update: the schedule reads it
         opt = self._optimize(batch)
         self.step += 1

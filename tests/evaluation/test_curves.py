@@ -92,3 +92,7 @@ def test_training_dynamics_by_hand():
     dyn = training_dynamics({"GRPO": [run, other]})["GRPO"]
     assert dyn["seeds"] == 2 and dyn["reward_mean"] == pytest.approx((0.2, 0.8))
     assert dyn["entropy_mean"] == pytest.approx((0.5, 0.5)) and dyn["advantage_abs_mean"] is None
+    # a key only newer logs have is averaged over the seeds that have it, and says how many
+    newer = [{**r, "zero_variance_groups": 0.5} for r in run]
+    dyn = training_dynamics({"GRPO": [run, newer]})["GRPO"]
+    assert dyn["zero_variance_groups"] == pytest.approx((0.5, 0.5)) and dyn["zero_variance_groups_seeds"] == 1

@@ -119,3 +119,12 @@ def test_erasure_only_where_a_group_has_no_signal(tmp_path):
     assert len(seen) == 4 and any(seen)  # every group seen, at least one healed
     with pytest.raises(ConfigError, match="erasure_when=no_signal"):
         apply_overrides(TrainConfig.for_algo("grpo"), ["erasure_when=no_signal"])
+
+
+def test_zero_variance_counts_groups_whose_rewards_are_all_equal(erased_traces):
+    from e3rl_core.training.rollout import zero_variance_counts
+
+    # the fixture is one group of 3 (one prompt, one generate call)
+    assert zero_variance_counts(erased_traces, [1.0, 0.0, 0.0]) == {"groups": 1.0, "zero_variance": 0.0}
+    assert zero_variance_counts(erased_traces, [1.0, 1.0, None]) == {"groups": 1.0, "zero_variance": 1.0}
+    assert zero_variance_counts([], []) == {"groups": 0.0, "zero_variance": 0.0}

@@ -75,8 +75,10 @@ def test_train_writes_logs_checkpoints_and_rollouts(tmp_path):
     rows = [json.loads(l) for l in (out / ckpt.LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("reward_mean", "reward_std", "accuracy", "entropy_mean", "erase_rate", "tokens_generated",
-                "tokens_kept", "tokens_erased", "clip_ratio", "loss", "kl", "grad_norm", "step_time"):
+                "tokens_kept", "tokens_erased", "clip_ratio", "loss", "kl", "grad_norm", "step_time",
+                "zero_variance_groups"):
         assert all(key in r for r in rows), key
+    assert all(0.0 <= r["zero_variance_groups"] <= 1.0 for r in rows)
     assert all(r["tokens_generated"] == r["tokens_kept"] + r["tokens_erased"] for r in rows)
     events = read_events(out / ckpt.ROLLOUTS_FILE)
     assert {e.kind for e in events} >= {"start", "token", "segment", "done"}
