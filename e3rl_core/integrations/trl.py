@@ -23,6 +23,8 @@ rows or passes TRL's batch does not have and stay ``e3rl train`` options. What d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ from ..generation.config import GenerationConfig
 from ..generation.generator import ErasableGenerator
 from ..tasks.rewards import reward as _reward
 from ..training.advantages import ALLOCATORS
-from ..training.answer_attention import answer_attention
+from ..training.answer_attention import UnsupportedAttentionError, answer_attention, layer_specs
 from ..training.checkpoint import ROLLOUTS_FILE
 from ..training.rollout import kept_segments
 
@@ -70,6 +72,29 @@ def check_trl_version(version: str | None = None) -> str:
 
 check_trl_version()
 from trl import GRPOTrainer  # noqa: E402  (after the version check, which names what to install)
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (its LoRA layers sit inside it, so a forward of
+    it is the adapted model's); the model itself otherwise."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _is_sharded(accelerator: Any) -> str | None:
+    """What shards this run's parameters across processes (FSDP, DeepSpeed ZeRO-3), or None."""
+    kind = str(getattr(accelerator.state, "distributed_type", "")).upper()
+    if "FSDP" in kind:
+        return "FSDP"
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if "DEEPSPEED" in kind and getattr(plugin, "zero_stage", 0) == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def _multimodal(processing_class: Any) -> bool:
+    return getattr(processing_class, "image_processor", None) is not None
 
 
 def _tokenizer_of(trainer: Any) -> Any:
@@ -172,12 +197,22 @@ class E3RLRollout:
         if unsupported:
             raise ConfigError(f"the E3RL rollout samples with temperature, top_p and top_k only; unset {unsupported}")
         warped = args.temperature != 1.0 or (args.top_p or 1.0) < 1.0 or (args.top_k or 0) > 0
-        if warped and getattr(args, "off_policy_mask_threshold", None) is not None:
+        gen = self.settings.generation
+        if (warped or gen.sampling.retry_temperature_step > 0 or gen.erase.ban_sampling) and \
+                getattr(args, "off_policy_mask_threshold", None) is not None:
             raise ConfigError("off_policy_mask_threshold reads the rollout's log-probs, which are the model's "
-                              "untempered ones: use it with temperature=1.0, top_p=1.0 and top_k=0")
+                              "untempered ones: use it with temperature=1.0, top_p=1.0, top_k=0, and without "
+                              "sampling.retry_temperature_step or erase.ban_sampling")
         if getattr(trainer, "tools", None) or getattr(trainer, "environment_factories", None):
             raise ConfigError("the E3RL rollout generates single-turn completions; tools and environments are not "
                               "supported with it")
+        if _multimodal(trainer.processing_class):
+            raise ConfigError("the E3RL rollout generates from text prompts; a multimodal processor is not supported")
+        sharded = _is_sharded(trainer.accelerator)
+        if sharded:
+            raise ConfigError(f"{sharded} shards the parameters, and the E3RL rollout generates with the whole "
+                              f"model on each process: use data parallel (DDP) in TRL, or `e3rl train --set "
+                              f"parallel=fsdp`, which gathers a rollout copy once per step")
         self._checked = id(trainer)
 
     def generation_config(self, trainer: Any) -> GenerationConfig:
@@ -229,16 +264,17 @@ class E3RLRollout:
         tok = _tokenizer_of(trainer)
         texts = [self.render(p, tok, getattr(trainer, "chat_template_kwargs", None)) for p in firsts]
         step = int(trainer.state.global_step) + 1
-        rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+        rank = trainer.accelerator.process_index
         base = trainer.args.seed if self.settings.seed is None else self.settings.seed
         # The streams follow the trainer's step (not a count of calls), so a run resumed from a TRL
-        # checkpoint draws what the uninterrupted run would have drawn.
+        # checkpoint draws what the uninterrupted run would have drawn; hashed, so that no two calls
+        # (train or eval, any process) share one.
         mode = "t" if trainer.model.training else "e"
         nth = self._calls.get((step, mode), 0)
         self._calls[(step, mode)] = nth + 1
-        call = ((step * 2 + (mode == "e")) * 64 + nth) * world + rank
-        first = base * 1_000_000_007 + call * len(prompts)
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        key = f"e3rl-trl/{base}/{step}/{mode}/{nth}/{rank}".encode()
+        first = int.from_bytes(hashlib.sha256(key).digest()[:6], "big") * 1_000_003
+        model = base_model(trainer.accelerator.unwrap_model(trainer.model))
         gen = self._generator_for(model, tok, self.generation_config(trainer))
         was_training = model.training
         model.eval()  # sample without dropout; the loss's forward is TRL's and runs in its own mode
@@ -353,45 +389,77 @@ class E3RLGRPOTrainer(GRPOTrainer):
     ``rollout_func`` defaults to ``E3RLRollout.from_pretrained(model)`` for a model path, else
     ``E3RLRollout()``. ``allocation``: ``causal_attention`` (E3RL) or ``uniform`` (every token gets
     its rollout's advantage: TRL's own loss on erasable rollouts); ``allocation_lambda`` and
-    ``attention_layers`` as ``e3rl train``'s fields of those names."""
+    ``attention_layers`` as ``e3rl train``'s fields of those names; ``attention_batch_size``: rows per
+    no-grad forward that measures the attention weights (only rows with a non-zero advantage)."""
 
     def __init__(self, model: Any, *args: Any, allocation: str = "causal_attention", allocation_lambda: float = 0.5,
-                 attention_layers: int = 4, rollout_func: Any = None, **kwargs: Any) -> None:
+                 attention_layers: int = 4, attention_batch_size: int = 8, rollout_func: Any = None,
+                 **kwargs: Any) -> None:
         ALLOCATORS.get(allocation)  # an unknown name fails here, listing the valid ones
         if not 0.0 <= allocation_lambda <= 1.0:
             raise ConfigError(f"allocation_lambda must be in [0, 1], got {allocation_lambda}")
+        if attention_batch_size < 1:
+            raise ConfigError(f"attention_batch_size must be >= 1, got {attention_batch_size}")
         if rollout_func is None:
-            rollout_func = E3RLRollout.from_pretrained(model) if isinstance(model, str) else E3RLRollout()
+            path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+            rollout_func = E3RLRollout.from_pretrained(path) if path and Path(path).is_dir() else E3RLRollout()
         self.e3rl_allocation, self.e3rl_lambda, self.e3rl_layers = allocation, allocation_lambda, attention_layers
+        self.e3rl_attention_batch = attention_batch_size
         super().__init__(model, *args, rollout_func=rollout_func, **kwargs)
+        a, G = self.args, self.num_generations
+        if (a.per_device_train_batch_size * a.steps_per_generation) % G:
+            raise ConfigError(
+                f"per_device_train_batch_size x steps_per_generation = {a.per_device_train_batch_size} x "
+                f"{a.steps_per_generation} is not a multiple of num_generations={G}: TRL would split a group across "
+                f"processes, and the group threshold compares a group's rollouts as they are generated")
+        if self.eval_dataset is not None and a.per_device_eval_batch_size % self.num_generations_eval:
+            raise ConfigError(f"per_device_eval_batch_size={a.per_device_eval_batch_size} is not a multiple of "
+                              f"num_generations_eval={self.num_generations_eval}")
+        if _multimodal(self.processing_class):
+            raise ConfigError("E3RLGRPOTrainer trains on text prompts; a multimodal processor is not supported")
         if allocation == "causal_attention":  # the hooks know a fixed set of families: refuse others now
-            from ..training.answer_attention import layer_specs
+            try:
+                layer_specs(base_model(self.accelerator.unwrap_model(self.model)), attention_layers)
+            except UnsupportedAttentionError as err:
+                raise ConfigError(f"{err.args[0].split('; rerun')[0]}; pass allocation=\"uniform\"") from None
 
-            layer_specs(self.accelerator.unwrap_model(self.model), attention_layers)
-
-    def _segment_weights(self, out: dict[str, Any], seg: torch.Tensor) -> torch.Tensor:
+    def _segment_weights(self, out: dict[str, Any], seg: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
         """(B, N) attention mass the answer segment puts on each segment (ones for ``uniform``), from
-        a no-grad forward with ``answer_attention``'s hooks over prompt + completion."""
+        no-grad forwards with ``answer_attention``'s hooks over prompt + completion: in eval mode
+        (the hooks recompute attention without dropout), without gradient checkpointing, only the
+        last position's logits, and only for rows whose advantage is not 0 (any weights give those
+        rows 0)."""
         B = seg.shape[0]
         N = max(int(seg.max()) + 1, 1) if seg.numel() else 1
-        if self.e3rl_allocation != "causal_attention":
-            return torch.ones(B, N)
-        model = self.accelerator.unwrap_model(self.model)
+        weights = torch.ones(B, N)
+        rows = (advantages.detach().cpu() != 0).nonzero().squeeze(1).tolist()
+        if self.e3rl_allocation != "causal_attention" or not rows:
+            return weights
+        wrapped = self.accelerator.unwrap_model(self.model)
+        model = base_model(wrapped)
         P = out["prompt_ids"].shape[1]
         ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
         mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
         full = torch.cat([torch.full((B, P), -1, dtype=torch.long), seg], 1)
         n_seg = (seg.max(1).values + 1).clamp(min=0)
-        chunk = max(int(self.args.per_device_train_batch_size), 1)
-        parts = []
-        with torch.no_grad():
-            for i in range(0, B, chunk):
-                sl = slice(i, i + chunk)
-                with answer_attention(model, self.e3rl_layers, full[sl], n_seg[sl], mask[sl].cpu()) as att:
-                    model(input_ids=ids[sl], attention_mask=mask[sl], use_cache=False)
-                w = att.weights().cpu()
-                parts.append(torch.nn.functional.pad(w, (0, N - w.shape[1])) if w.shape[1] < N else w[:, :N])
-        return torch.cat(parts)
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), disable_gradient_checkpointing(wrapped, self.args.gradient_checkpointing_kwargs), \
+                    self.accelerator.autocast():
+                for i in range(0, len(rows), self.e3rl_attention_batch):
+                    sl = torch.tensor(rows[i : i + self.e3rl_attention_batch])
+                    with answer_attention(model, self.e3rl_layers, full[sl], n_seg[sl], mask[sl].cpu()) as att:
+                        model(input_ids=ids[sl.to(ids.device)], attention_mask=mask[sl.to(mask.device)], use_cache=False,
+                              **extra)
+                    w = att.weights().float().cpu()
+                    weights[sl] = torch.nn.functional.pad(w, (0, N - w.shape[1])) if w.shape[1] < N else w[:, :N]
+        except UnsupportedAttentionError as err:
+            raise ConfigError(f"{err.args[0].split('; rerun')[0]}; pass allocation=\"uniform\"") from None
+        finally:
+            model.train(was_training)
+        return weights
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         out = super()._generate_and_score_completions(inputs)
@@ -400,7 +468,7 @@ class E3RLGRPOTrainer(GRPOTrainer):
                               "or pass an E3RLRollout")
         seg = segment_matrix([x["e3rl_segment_ids"] for x in inputs], out["completion_ids"].shape[1])
         adv = out["advantages"]
-        weights = self._segment_weights(out, seg)
+        weights = self._segment_weights(out, seg, adv)
         out["advantages"] = token_advantages(adv, seg, weights, self.e3rl_allocation, self.e3rl_lambda).to(adv.device)
         return out
 

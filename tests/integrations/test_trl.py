@@ -301,3 +301,48 @@ def test_a_resumed_run_draws_what_the_uninterrupted_one_would(model_dir, tmp_pat
     a1 = first(prompts, trainer)["completion_ids"]
     resumed = bridge.E3RLRollout(settings)  # a new process after a resume at step 1
     assert resumed(prompts, trainer)["completion_ids"] == a1 != a0
+
+
+def test_attention_weights_are_measured_without_dropout_in_a_training_step(fixed_traces, tmp_path):
+    """TRL scores rollouts in train mode; the causal weights' forward must not see dropout (the
+    hooks recompute attention without it, and would refuse the mismatch)."""
+    from e3rl_core.models import random_model
+
+    model, tok = random_model("tiny-llama", init_std=0.3, seed=1)
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    ds = Dataset.from_list([{"prompt": p} for p in PROMPTS])
+    trainer = bridge.E3RLGRPOTrainer(model, reward_funcs=trl_reward, args=grpo_args(tmp_path), train_dataset=ds,
+                                     processing_class=tok, rollout_func=FixedRollout(fixed_traces, tok.pad_token_id))
+    seen = []
+    measure = trainer._segment_weights
+
+    def spy(out, seg, adv):
+        w = measure(out, seg, adv)
+        seen.append((w, trainer.model.training))
+        return w
+
+    trainer._segment_weights = spy
+    trainer.train()
+    (w, training), = seen
+    assert training  # back in train mode after the measurement
+    assert (w != 1).any()  # real attention weights were measured
+
+
+def test_lora_adapters_train_through_the_bridge(model_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    tok = load_model(str(model_dir), device="cpu")[1]
+    ds = Dataset.from_list([{"prompt": p} for p in PROMPTS])
+    rollout = bridge.E3RLRollout(bridge.RolloutSettings(make_config(*ERASING), log_rollouts=0))
+    trainer = bridge.E3RLGRPOTrainer(str(model_dir), reward_funcs=trl_reward, args=grpo_args(tmp_path),
+                                     train_dataset=ds, processing_class=tok, rollout_func=rollout,
+                                     peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                 init_lora_weights=False))
+    before = weights(trainer.model)
+    trainer.train()
+    after = weights(trainer.model)
+    lora = [k for k in before if "lora_" in k]
+    assert lora and any(not torch.equal(before[k], after[k]) for k in lora)
+    assert all(torch.equal(before[k], after[k]) for k in before if "lora_" not in k)  # the base stays frozen
+    assert trainer.state.log_history[0]["e3rl/erasures_per_rollout"] > 0
+
