@@ -346,3 +346,31 @@ def test_lora_adapters_train_through_the_bridge(model_dir, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if "lora_" not in k)  # the base stays frozen
     assert trainer.state.log_history[0]["e3rl/erasures_per_rollout"] > 0
 
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_data_parallel_two_processes_generate_their_own_groups(model_dir, tmp_path):
+    """torchrun, 2 CPU processes (gloo): each generates its own groups and writes its own trace
+    file; the processes end with the same weights."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), str(Path(__file__).parent / "trl_ddp_worker.py"),
+                           str(model_dir), str(out)], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = sorted((json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+                   if line.startswith("E3RL-DDP ")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in rows] == [0, 1] and all(r["world"] == 2 and r["steps"] == 2 for r in rows)
+    assert rows[0]["checksum"] == rows[1]["checksum"]  # gradients were averaged: one model
+    assert all(e > 0 for e in rows[0]["erasures"])
+    from app.audit import load_trace_file
+
+    a, b = load_trace_file(out / "rollouts.jsonl"), load_trace_file(out / "rollouts.rank1.jsonl")
+    assert len(a) == len(b) == 2 * 8  # per process and step: 2 groups of 4
+    assert all("r0" in t.trace_id for t in a) and all("r1" in t.trace_id for t in b)
