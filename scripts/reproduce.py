@@ -106,7 +106,8 @@ def dynamics_table(results: list[dict], root: Path) -> str:
     for name, d in dyn.items():
         zv = fmt(d["zero_variance_groups"], 3)
         if d["zero_variance_groups"] is not None and d["zero_variance_groups_seeds"] < d["seeds"]:
-            zv += f" ({d['zero_variance_groups_seeds']} seeds)"  # runs logged before the metric existed
+            n = d["zero_variance_groups_seeds"]
+            zv += f" ({n} seed{'s' if n != 1 else ''})"  # runs logged before the metric existed
         lines.append(f"| {name} | {d['seeds']} | {fmt(d['reward_mean'], 3)} | {fmt(d['entropy_mean'], 4)} | "
                      f"{fmt(d['advantage_abs_mean'], 3)} | {fmt(d['erase_rate'], 3)} | {zv} |")
     return ("Training dynamics (each cell: mean over the first quarter of a run's steps → over the last "
