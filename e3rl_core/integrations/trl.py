@@ -41,7 +41,7 @@ from ..tasks.rewards import reward as _reward
 from ..training.advantages import ALLOCATORS
 from ..training.answer_attention import UnsupportedAttentionError, answer_attention, layer_specs
 from ..training.checkpoint import ROLLOUTS_FILE
-from ..training.rollout import kept_segments
+from ..training.rollout import finish_metrics, kept_segments, rollout_metrics
 
 TESTED_TRL = ("1.16",)
 """The TRL minor versions this bridge was tested with (``pip install 'e3rl-workbench[trl]'``)."""
@@ -298,13 +298,11 @@ class E3RLRollout:
         log = getattr(trainer, "_log_metric", None)
         if log is None:
             return
-        segments = sum(len(tr.segments) for tr in traces)
-        generated = sum(tr.done.tokens_generated for tr in traces)
-        kept = sum(len(tr.done.token_ids) for tr in traces)
+        m = finish_metrics(rollout_metrics(traces, [None] * len(traces)))  # e3rl train's rollout metrics
         log("e3rl/erasures_per_rollout", sum(tr.done.erasures for tr in traces) / len(traces))
-        log("e3rl/erase_rate", sum(s.decision == "erase" for tr in traces for s in tr.segments) / max(segments, 1))
-        log("e3rl/tokens_generated", float(generated))
-        log("e3rl/tokens_erased_fraction", (generated - kept) / max(generated, 1))
+        log("e3rl/erase_rate", m["erase_rate"])
+        log("e3rl/tokens_generated", m["tokens_generated"])
+        log("e3rl/tokens_erased_fraction", m["tokens_erased"] / max(m["tokens_generated"], 1.0))
         log("e3rl/rollout_seconds", seconds)
 
     def _write(self, trainer: Any, traces: list[Trace]) -> None:
