@@ -86,6 +86,21 @@ def slips_table(results: list[dict], base: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def steps_table(results: list[dict], base: dict) -> str:
+    """The comparison at equal optimizer steps: each run name's final Avg@K against GRPO's curve (same
+    seed) read at that run's step count, for runs that took fewer steps than GRPO for the same tokens."""
+    from e3rl_core.evaluation.curves import at_equal_steps
+
+    vs = at_equal_steps(results, base, "GRPO")
+    if not vs:
+        return ""
+    lines = ["At equal optimizer steps (GRPO's held-out curve, linear between its evaluations, read at each "
+             "run's final step count, same seed):", "",
+             "| run | steps (mean) | vs GRPO at the same step, seed-paired |", "|---|---|---|"]
+    lines += [f"| {name} | {v['steps']:.0f} | {paired_text(v)} |" for name, v in vs.items()]
+    return "\n".join(lines) + "\n"
+
+
 def dynamics_table(results: list[dict], root: Path) -> str:
     """How each run name trained: its training log's first- and last-quarter means (over seeds) of
     reward, kept rollout tokens' entropy, mean |advantage| per trained token and erased share, read from
@@ -111,7 +126,28 @@ def dynamics_table(results: list[dict], root: Path) -> str:
         lines.append(f"| {name} | {d['seeds']} | {fmt(d['reward_mean'], 3)} | {fmt(d['entropy_mean'], 4)} | "
                      f"{fmt(d['advantage_abs_mean'], 3)} | {fmt(d['erase_rate'], 3)} | {zv} |")
     return ("Training dynamics (each cell: mean over the first quarter of a run's steps → over the last "
-            "quarter, averaged over seeds):\n\n" + "\n".join(lines) + "\n")
+            "quarter, averaged over seeds):\n\n" + "\n".join(lines) + "\n" + signal_line(results, root))
+
+
+def signal_line(results: list[dict], root: Path) -> str:
+    """Across every run that logged it: does a run's share of trained groups with no signal (mean over
+    its steps) go with its final held-out score? Runs of different rows differ in more than that, so
+    this is a correlation, not a cause."""
+    from e3rl_core.evaluation.curves import pearson
+
+    xs, ys = [], []
+    for r in results:
+        log = root / r["run_id"] / "run" / "log.jsonl"
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+        vals = [row["zero_variance_groups"] for row in rows if isinstance(row.get("zero_variance_groups"), (int, float))]
+        if vals:
+            xs.append(sum(vals) / len(vals))
+            ys.append(r["avg_at_k_off"])
+    c = pearson(xs, ys)
+    if c is None:
+        return ""
+    return (f"\nAcross the {c['n']} runs that logged it, a run's mean share of trained groups with no signal and its "
+            f"final Avg@K (plain): Pearson r = {c['r']:+.2f} (95% interval {c['low']:+.2f} to {c['high']:+.2f}).\n")
 
 
 def run_commands(log: Path, root: Path) -> list[str]:
@@ -212,7 +248,7 @@ def main() -> int:
     others = [e for e in (sample_efficiency(results, base, name=r["name"]) for r in rows if r["name"] != "GRPO") if e]
     eff = next((e for e in others if e["name"] == "E3RL"), None)  # the headline; bootstrapped once
     text = (markdown_table(rows, base, st.eval_samples) + "\n" + efficiency_text(eff) + "\n"
-            + efficiency_table(others) + "\n" + slips_table(results, base)
+            + efficiency_table(others) + "\n" + steps_table(results, base) + "\n" + slips_table(results, base)
             + "\n" + dynamics_table(results, root))
     (out / f"{args.name}.json").write_text(json.dumps(
         {"settings": asdict(st), "command": " ".join(sys.argv), "base": base, "rows": rows,

@@ -8,12 +8,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import E3RLError
 from ..overrides import apply_overrides

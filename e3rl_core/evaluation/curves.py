@@ -109,6 +109,45 @@ def paired_differences(results: Sequence[dict[str, Any]], ref: str = "GRPO",
     return out
 
 
+def step_points(result: dict[str, Any], base: dict[str, Any] | None) -> list[tuple[float, float]]:
+    """(optimizer steps, Avg@K with erasure off) of one run: the starting model at step 0, then every
+    evaluation that recorded its step."""
+    pts = [(0.0, float(base["avg_at_k_off"]))] if base else []
+    evals = result.get("evals") or [{"step": result["steps"], "avg_at_k": result["avg_at_k_off"]}]
+    return pts + [(float(p["step"]), float(p["avg_at_k"])) for p in evals if p.get("step") is not None]
+
+
+def interpolate(points: Sequence[tuple[float, float]], x: float) -> float | None:
+    """A piecewise-linear curve's value at ``x``; None outside the points (no extrapolation)."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == x else None
+
+
+def at_equal_steps(results: Sequence[dict[str, Any]], base: dict[str, Any] | None,
+                   ref: str = "GRPO") -> dict[str, dict[str, Any]]:
+    """The comparison at equal optimizer steps instead of equal rollout tokens: per name, over shared
+    seeds, (run's final Avg@K - ``ref``'s curve of the same seed read at the run's step count),
+    linear between ``ref``'s evaluations. A run with more steps than its ``ref`` reached is left out."""
+    groups = by_name(results)
+    refs = {r["spec"]["seed"]: step_points(r, base) for r in groups.get(ref, [])}
+    out = {}
+    for name, runs in groups.items():
+        if name == ref:
+            continue
+        diffs, steps = [], []
+        for r in runs:
+            at = interpolate(refs[r["spec"]["seed"]], float(r["steps"])) if r["spec"]["seed"] in refs else None
+            if at is not None:
+                diffs.append(r["avg_at_k_off"] - at)
+                steps.append(r["steps"])
+        if diffs:
+            m, h = mean_ci(diffs)
+            out[name] = {"mean": m, "ci": h, "pairs": len(diffs), "steps": sum(steps) / len(steps)}
+    return out
+
+
 DYNAMICS_KEYS = ("reward_mean", "entropy_mean", "advantage_abs_mean", "erase_rate", "zero_variance_groups")
 """Training-log metrics ``training_dynamics`` follows: reward, token entropy of the rollouts, mean
 |advantage| over trained tokens, share of rollout tokens erased, share of trained groups with no
@@ -139,6 +178,21 @@ def training_dynamics(logs: dict[str, Sequence[Sequence[dict[str, Any]]]],
             row[key + "_seeds"] = len(pairs)  # seeds whose log has the key (older logs lack newer keys)
         out[name] = row
     return out
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float] | None:
+    """Pearson's r with its 95% interval (Fisher z, normal); None under 4 points or a constant."""
+    n = len(xs)
+    if n < 4:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    r = max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+    z, half = math.atanh(min(r, 0.999999)) if r >= 0 else math.atanh(max(r, -0.999999)), 1.96 / math.sqrt(n - 3)
+    return {"r": r, "low": math.tanh(z - half), "high": math.tanh(z + half), "n": n}
 
 
 def _smoothed_reward(result: dict[str, Any], grid: Sequence[float], window: int) -> list[float | None]:

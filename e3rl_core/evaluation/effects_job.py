@@ -97,6 +97,28 @@ def same_model(a: str, b: str) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
+def run_quarters(run: str | os.PathLike[str], start: str) -> dict[str, tuple[tuple[int, int], str, bool]]:
+    """The first and the last quarter of a training run's steps, each as (steps, model that branches
+    them, whether that model differs from the one the traces name) for a ``JobSpec``: the first with
+    the starting model (the policy that wrote step 1); the last with the newest kept checkpoint from
+    before that quarter or, where the run kept none that early (a run keeps its last two by default),
+    the oldest one inside it."""
+    run = Path(run)
+    record = read_json(run / "run.json")
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] < 1:
+        raise EffectsError(f"{run} holds no finished training run (run.json with its step count); "
+                           f"pass the folder e3rl train wrote")
+    steps = record["step"]
+    quarter = -(-steps // 4)
+    last_first = steps - quarter + 1
+    ckpts = sorted((int(p.name.split("-")[1]), p) for p in run.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+    if not ckpts:
+        raise EffectsError(f"{run} kept no checkpoint to branch its last quarter with; train it with --save-steps")
+    before = [p for s, p in ckpts if s < last_first]
+    late = before[-1] if before else next(p for s, p in ckpts if s >= last_first - 1)
+    return {"first-quarter": ((1, quarter), start, False), "last-quarter": ((last_first, steps), str(late), True)}
+
+
 def load_decisions(spec: JobSpec, tokenizer: Any) -> tuple[list[Decision], dict[str, str]]:
     """The decisions the job measures (gold answers filled, refused without one) and the reference
     solution of every prompt that has one (the synthetic task's, for slips)."""

@@ -13,7 +13,7 @@ from e3rl_core.cli import main
 from e3rl_core.evaluation import effect_stats as st
 from e3rl_core.evaluation.effects import (
     EffectsConfig, EffectsError, decision_seed, decisions_of, measure, run_branches, with_golds)
-from e3rl_core.evaluation.effects_job import JOB_FILE, ROWS_FILE, JobSpec, read_rows, run_job
+from e3rl_core.evaluation.effects_job import JOB_FILE, ROWS_FILE, JobSpec, read_rows, run_job, run_quarters
 from e3rl_core.evaluation.slips import holds_slip
 from e3rl_core.events import write_events
 from e3rl_core.generation.generator import ErasableGenerator
@@ -264,3 +264,22 @@ def test_keys_pick_decisions(shipped, traces, tmp_path):
     run_job(spec, tmp_path / "k", model, tok)
     assert [r["key"] for r in read_rows(tmp_path / "k")] == keys
     assert all(r["decision"] == "erase" for r in read_rows(tmp_path / "k"))
+
+
+def test_run_quarters_branch_the_last_quarter_with_the_nearest_kept_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"status": "finished", "step": 52}))
+    with pytest.raises(EffectsError, match="kept no checkpoint"):
+        run_quarters(run, "start-model")
+    for step in (50, 52):  # what a study keeps: its last two
+        (run / f"checkpoint-{step:06d}").mkdir()
+    q = run_quarters(run, "start-model")
+    assert q["first-quarter"] == ((1, 13), "start-model", False)
+    assert q["last-quarter"] == ((40, 52), str(run / "checkpoint-000050"), True)  # the oldest inside the quarter
+    for step in (13, 26, 39):
+        (run / f"checkpoint-{step:06d}").mkdir()
+    assert run_quarters(run, "start-model")["last-quarter"][1] == str(run / "checkpoint-000039")  # newest before it
+    (run / "run.json").write_text("{trunc")
+    with pytest.raises(EffectsError, match="no finished training run"):
+        run_quarters(run, "start-model")

@@ -13,7 +13,8 @@ import pytest
 
 from e3rl_core.errors import E3RLError
 from e3rl_core.evaluation.curves import learning_figure
-from e3rl_core.evaluation.experiment import RunSpec, Settings, markdown_table, mean_ci, plan, run_one, summarize
+from e3rl_core.evaluation.experiment import (
+    RunSpec, Settings, markdown_table, mean_ci, paired_text, plan, run_one, summarize)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -192,6 +193,28 @@ def test_efficiency_table_lists_every_run_against_grpo():
     assert _script().efficiency_table([]) == ""
 
 
+def test_equal_steps_reads_grpos_curve_at_each_runs_step_count():
+    from e3rl_core.evaluation.curves import at_equal_steps, interpolate
+
+    assert interpolate([(0, 0.4), (10, 0.5), (20, 0.7)], 15) == pytest.approx(0.6)
+    assert interpolate([(0, 0.4), (10, 0.5)], 11) is None  # never extrapolated
+    base = {"avg_at_k_off": 0.4, "avg_at_k_on": 0.5}
+
+    def run(name: str, seed: int, steps: int, final: float, grpo_mid: float) -> dict:
+        return {**_fake(name, seed, final), "steps": steps,
+                "evals": [{"step": steps // 2, "rollout_tokens": 500, "avg_at_k": grpo_mid},
+                          {"step": steps, "rollout_tokens": 1000, "avg_at_k": final}]}
+
+    results = [run("GRPO", 0, 20, 0.6, 0.5), run("GRPO", 1, 20, 0.7, 0.5),
+               run("E3RL", 0, 15, 0.55, 0.45), run("E3RL", 1, 15, 0.58, 0.45), run("Long", 0, 30, 0.9, 0.5)]
+    vs = at_equal_steps(results, base)
+    # GRPO seed 0 at step 15: 0.5 + (0.6 - 0.5) / 2 = 0.55; seed 1: 0.5 + (0.7 - 0.5) / 2 = 0.6
+    assert vs["E3RL"]["mean"] == pytest.approx(((0.55 - 0.55) + (0.58 - 0.6)) / 2) and vs["E3RL"]["pairs"] == 2
+    assert "Long" not in vs  # more steps than GRPO took: no reading of its curve there
+    table = _script().steps_table(results, base)
+    assert f"| E3RL | 15 | {paired_text(vs['E3RL'])} |" in table
+
+
 def test_slips_table_pairs_with_grpo_and_measures_the_change_from_the_start():
     def run(name: str, seed: int, rate: float) -> dict:
         return {**_fake(name, seed, 0.5), "slips_off": {"slips_per_100_steps": rate, "samples_with_slip": 0.5}}
@@ -216,3 +239,15 @@ def test_the_readings_plan_names_each_reading_one_field_apart():
     for name, algo, overrides in READINGS:  # each row is a valid config, one field from its algorithm's preset
         cfg = apply_overrides(TrainConfig.for_algo(algo), overrides)
         assert len(overrides) <= 1 and cfg.algo == algo, name
+
+
+def test_pearson_matches_the_standard_library_and_brackets_r():
+    import statistics
+
+    from e3rl_core.evaluation.curves import pearson
+
+    xs, ys = [0.1, 0.4, 0.2, 0.5, 0.3, 0.45], [0.50, 0.44, 0.49, 0.45, 0.47, 0.43]
+    c = pearson(xs, ys)
+    assert c["r"] == pytest.approx(statistics.correlation(xs, ys)) and c["n"] == 6
+    assert -1 <= c["low"] < c["r"] < c["high"] <= 1
+    assert pearson(xs[:3], ys[:3]) is None and pearson([1, 1, 1, 1], [1, 2, 3, 4]) is None
