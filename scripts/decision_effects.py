@@ -132,7 +132,7 @@ def readings(root: Path, samples: int, name: str, only: list[str] | None, measur
             entry["runs"].append({"run": spec.run_id, "model": model_path, "steps": list(span),
                                   "decisions": record["done"], "seconds": record["seconds"]})
             entry["rows"] += read_rows(folder / "effects" / quarter)
-    write_readings({k: v for k, v in pooled.items() if v["runs"]}, start, samples, name)
+    write_readings(pooled, start, samples, name)
 
 
 def _pct(c: int, n: int) -> str:
@@ -141,22 +141,23 @@ def _pct(c: int, n: int) -> str:
 
 def readings_table(pooled: dict[tuple[str, str], dict]) -> tuple[str, dict]:
     """One line per reading and quarter, the aggregates of the rows pooled over its seeds."""
-    head = ("| reading | quarter | seeds | decisions | erasures | helped | hurt | chance each way | "
+    head = ("| reading | quarter | seeds | decisions | erasures | mean effect of an erasure | helped | hurt | chance each way | "
             "erased by margin < 0.001 | on the first slip (precision) | after a slip (helped) | "
             "missed erasures / accepted | AUROC U | AUROC U − Θ |")
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     out = {}
     for (row, quarter), entry in pooled.items():
         agg = aggregates(entry["rows"]) if entry["rows"] else None
-        out[f"{row} / {quarter}"] = {"runs": entry["runs"], "aggregates": agg}
+        out[f"{row} / {quarter}"] = {"runs": entry["runs"], "not_measured_yet": entry["unfinished"], "aggregates": agg}
         if agg is None:
-            lines.append(f"| {row} | {quarter} | {len(entry['runs'])} | 0 | - | - | - | - | - | - | - | - | - | - |")
+            lines.append(f"| {row} | {quarter} | {len(entry['runs'])} | 0 |" + " - |" * 11)
             continue
         e, a, s = agg["erased"], agg["accepted"], agg.get("slips") or {}
         auc = [("-" if x is None else f"{x:.3f}") for x in (agg["auroc_score"], agg["auroc_margin"])]
         prec = "-" if s.get("precision") is None else f"{s['erasures_on_first_slip']} ({s['precision']:.2f})"
         after = f"{s.get('erasures_after_a_slip', 0)} ({s.get('erasures_after_a_slip_that_helped', 0)})"
-        lines.append(f"| {row} | {quarter} | {len(entry['runs'])} | {agg['decisions']} | {e['n']} | "
+        effect = "-" if e["mean_effect"] is None else f"{e['mean_effect']:+.3f}"
+        lines.append(f"| {row} | {quarter} | {len(entry['runs'])} | {agg['decisions']} | {e['n']} | {effect} | "
                      f"{_pct(e['helps'], e['n'])} | {_pct(e['hurts'], e['n'])} | {e['chance_helps']:.1f} | "
                      f"{_pct(agg['erased_near_threshold']['n'], e['n'])} | {prec} | {after} | "
                      f"{a['helps']} / {a['n']} | {auc[0]} | {auc[1]} |")
@@ -173,7 +174,9 @@ def write_readings(pooled: dict[tuple[str, str], dict], start: str, samples: int
         f"starting model ({start}); the last with the run's checkpoint named in the JSON (a study keeps its last "
         f"two, so that checkpoint lies inside the quarter). Rows are pooled over the seeds. 'helped' / 'hurt': the "
         f"redraw was right more / less often than the kept segment, with a 95% interval excluding 0; 'chance each "
-        f"way' is what the test would flag with no effect at all.", "", table, ""])
+        f"way' is what the test would flag with no effect at all; the mean effect is P(right | redraw) - "
+        f"P(right | keep) averaged over the erasures.", "", table, ""]
+        + [f"Not measured yet: {key}: {', '.join(v['not_measured_yet'])}." for key, v in data.items() if v["not_measured_yet"]])
     out = REPO / "docs" / "results"
     (out / f"{name}-effects.md").write_text(text)
     (out / f"{name}-effects.json").write_text(json.dumps({"start": start, "samples": samples, "rows": data},

@@ -132,11 +132,14 @@ def dynamics_table(results: list[dict], root: Path) -> str:
 def signal_line(results: list[dict], root: Path) -> str:
     """Across every run that logged it: does a run's share of trained groups with no signal (mean over
     its steps) go with its final held-out score? Runs of different rows differ in more than that, so
-    this is a correlation, not a cause."""
+    this is a correlation, not a cause. DAPO drops such groups before training (its share is 0 by
+    construction, paid for in rollout tokens), so its runs are left out."""
     from e3rl_core.evaluation.curves import pearson
 
     xs, ys = [], []
     for r in results:
+        if r["spec"]["algo"] == "dapo":
+            continue
         log = root / r["run_id"] / "run" / "log.jsonl"
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
         vals = [row["zero_variance_groups"] for row in rows if isinstance(row.get("zero_variance_groups"), (int, float))]
@@ -146,7 +149,7 @@ def signal_line(results: list[dict], root: Path) -> str:
     c = pearson(xs, ys)
     if c is None:
         return ""
-    return (f"\nAcross the {c['n']} runs that logged it, a run's mean share of trained groups with no signal and its "
+    return (f"\nAcross the {c['n']} runs that logged it (DAPO's left out: it drops such groups), a run's mean share of trained groups with no signal and its "
             f"final Avg@K (plain): Pearson r = {c['r']:+.2f} (95% interval {c['low']:+.2f} to {c['high']:+.2f}).\n")
 
 
