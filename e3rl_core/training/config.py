@@ -133,7 +133,8 @@ class TrainConfig:
     save_total_limit: int | None = 2
     """Keep only the newest checkpoints (None keeps all)."""
     log_rollouts: int = 2
-    """Rollouts per step whose full event traces go to rollouts.jsonl."""
+    """Rollouts per step whose full event traces go to rollouts.jsonl (with ``erasure_when=no_signal``,
+    also as many of the step's healed rollouts: the plain first pass erases nothing)."""
     parallel: str = "ddp"
     """How processes share the model: ``ddp`` (each holds a full replica; gradients summed once per
     step) or ``fsdp`` (torch FSDP2: each decoder layer and the root are sharded, so each of N

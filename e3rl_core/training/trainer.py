@@ -105,6 +105,7 @@ class Trainer:
         self._reward_memo: dict[tuple[str, str | None], float | None] = {}
         self._plain: ErasableGenerator | None = None  # reading R3's first pass (``_plain_generator``)
         self._groups_healed = 0  # groups generated again with erasure this step (reading R3)
+        self._healed: list[Trace] = []  # their traces, so the step's log shows some of them
         # A template that opens the think block in the prompt (DeepSeek-R1 distills) starts every
         # completion inside the reasoning: its answer comes only after the closing tag.
         self._opened = prompt_opens_think(render_prompt(self.examples[0].question, self.tokenizer))
@@ -452,6 +453,7 @@ class Trainer:
         traces = self._generate(self.generator, [prompts[g] for g in redo],
                                 [seeds[g * G + k] for g in redo for k in range(G)],
                                 [batch[g][1].answer for g in redo], f"d{rounds}h")
+        self._healed += traces
         for j, g in enumerate(redo):
             groups[g] = traces[j * G : (j + 1) * G]
         return traces
@@ -634,7 +636,7 @@ class Trainer:
             self.rollout_copy.refresh(self.model)
             sync["weight_sync_time"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        self._groups_healed = 0
+        self._groups_healed, self._healed = 0, []
         generated, kept, groups_kept = self._rollouts()
         t_gen = time.perf_counter() - t1
         rewards = [self._reward(t.done.text, t.start.gold) for t in kept]
@@ -659,10 +661,17 @@ class Trainer:
                 if self.cfg.log_rollouts:
                     with ckpt.writing(ckpt.ROLLOUTS_FILE, self.out), \
                             open(self.out / ckpt.ROLLOUTS_FILE, "a", encoding="utf-8") as f:
-                        for tr in generated[: self.cfg.log_rollouts]:
+                        for tr in self._logged(generated):
                             f.write("".join(dumps(e) + "\n" for e in tr.events))
         self._reward_memo.clear()
         return row
+
+    def _logged(self, generated: list[Trace]) -> list[Trace]:
+        """The step's rollouts that go to rollouts.jsonl: the first ``log_rollouts`` generated and,
+        under reading R3, as many of the healed ones (the plain first pass erases nothing, so without
+        them the decision audit of an R3 run would see none of its erasures)."""
+        first = generated[: self.cfg.log_rollouts]
+        return first + [t for t in self._healed[: self.cfg.log_rollouts] if all(t is not f for f in first)]
 
     def train(self) -> TrainResult:
         """Run to ``max_steps`` (or the rollout-token budget), checkpointing; resumes if asked."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from e3rl_core.errors import ConfigError
+from e3rl_core.events import group_traces, iter_events
 from e3rl_core.generation.config import ThresholdConfig
 from e3rl_core.generation.generator import ErasableGenerator
 from e3rl_core.generation.thresholds import make_policy
@@ -94,7 +95,7 @@ def test_erasure_only_where_a_group_has_no_signal(tmp_path):
     """R3: the first pass samples plainly; a group with no correct rollout is generated again with
     erasure (its traces replace it, both count as generated); a group with a correct one is not."""
     hard = "synthetic:train?n=64&seed=3&difficulty=5"  # most groups have no correct rollout
-    trainer = Trainer(small("erasure_when=no_signal"), model=DEMO, data=hard, out=tmp_path / "r3")
+    trainer = Trainer(small("erasure_when=no_signal", "log_rollouts=1"), model=DEMO, data=hard, out=tmp_path / "r3")
     seen: list[bool] = []
     real = Trainer._heal
 
@@ -117,6 +118,13 @@ def test_erasure_only_where_a_group_has_no_signal(tmp_path):
         row = trainer.train_step()
         assert row["groups_healed"] == sum(seen[-2:])
     assert len(seen) == 4 and any(seen)  # every group seen, at least one healed
+    # the log holds the first rollout of each step and, where a group was healed, its first healed one
+    logged = group_traces(iter_events(tmp_path / "r3" / "rollouts.jsonl"))
+    for step in (1, 2):
+        traces = [t for t in logged if t.start.train_step == step]
+        assert not traces[0].start.config["erase"]["enabled"]
+        healed = any(seen[2 * (step - 1): 2 * step])
+        assert len(traces) == 1 + healed and all(t.start.config["erase"]["enabled"] for t in traces[1:])
     with pytest.raises(ConfigError, match="erasure_when=no_signal"):
         apply_overrides(TrainConfig.for_algo("grpo"), ["erasure_when=no_signal"])
 
