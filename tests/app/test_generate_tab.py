@@ -286,7 +286,8 @@ def test_a_new_user_finds_every_tab_on_top_sees_the_run_and_its_reasons(app_url)
         page.wait_for_selector("#e3rl-summary :text('finished:')", timeout=120_000)
         box = page.locator("#e3rl-heatmap").bounding_box()
         assert 0 <= box["y"] < 900 / 2, box  # scrolled into view
-        assert page.evaluate("document.querySelectorAll('.e3rl-busy, .e3rl-stale').length") == 0
+        # the busy mark clears in a step after the last frame (IDLE_JS); on a loaded machine it lags the summary
+        page.wait_for_function("document.querySelectorAll('.e3rl-busy, .e3rl-stale').length === 0", timeout=15_000)
         page.locator("#e3rl-heatmap details.e3rl-erased summary").first.click()
         why = page.locator("#e3rl-heatmap details.e3rl-erased[open] .e3rl-why").first.inner_text()
         assert re.search(r"U=\d\.\d{3}, Θ=\d\.\d{3}, margin [+-]\d\.\d{3}.*: erase \(", why), why
