@@ -1,10 +1,11 @@
 """One process of tests/integrations/test_trl.py's data-parallel run (launched by torchrun): two
-TRL steps with E3RLGRPOTrainer and E3RLRollout; prints what the test checks, as one line: E3RL-DDP {json}."""
+TRL steps with E3RLGRPOTrainer and E3RLRollout; writes what the test checks to OUT/result.rank{k}.json."""
 from __future__ import annotations
 
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -30,11 +31,12 @@ def main(model: str, out: str) -> None:
                                      rollout_func=bridge.E3RLRollout(bridge.RolloutSettings(gen, log_rollouts=-1)))
     trainer.train()
     weights = trainer.accelerator.unwrap_model(trainer.model).state_dict()
-    print("E3RL-DDP " + json.dumps({"rank": trainer.accelerator.process_index, "world": trainer.accelerator.num_processes,
-                      "steps": trainer.state.global_step,
-                      "erasures": [h["e3rl/erasures_per_rollout"] for h in trainer.state.log_history if "loss" in h],
-                      "checksum": float(sum(v.double().sum() for v in weights.values()))}), flush=True)
-
+    rank = trainer.accelerator.process_index
+    # one file per process: two processes printing to one pipe can interleave their lines
+    (Path(out) / f"result.rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "world": trainer.accelerator.num_processes, "steps": trainer.state.global_step,
+        "erasures": [h["e3rl/erasures_per_rollout"] for h in trainer.state.log_history if "loss" in h],
+        "checksum": float(sum(v.double().sum() for v in weights.values()))}))
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
