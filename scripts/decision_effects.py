@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from app.session import GenRequest  # noqa: E402  (the Generate tab's defaults)
+from e3rl_core.errors import E3RLError  # noqa: E402
 from e3rl_core.evaluation.effect_stats import aggregates, summary_text  # noqa: E402
 from e3rl_core.evaluation.effects import EffectsConfig, EffectsError  # noqa: E402
 from e3rl_core.evaluation.experiment import READINGS, RunSpec  # noqa: E402
@@ -77,28 +78,22 @@ def shipped(samples: int) -> None:
 
 
 def measure_quarters(run: Path, start: str, out: Path, samples: int) -> dict[str, dict]:
-    """Both quarters' jobs of one run (resumable); each quarter's record, or an empty one where the
-    quarter's logged rollouts hold no decided segment (E3RL R3 erases only in groups without signal)."""
+    """Both quarters' jobs of one run (resumable); each quarter's final record."""
     records = {}
     for name, (span, model_path, other) in run_quarters(run, start).items():
         model, tok = load_model(model_path)
         spec = JobSpec(traces=[str(run / "rollouts.jsonl")], model=model_path, steps=span, other_model=other,
                        config=EffectsConfig(samples=samples))
         print(f"{run.parent.name} {name}: steps {span[0]}..{span[1]}, branched with {model_path}", flush=True)
-        try:
-            records[name] = run_job(spec, out / name, model, tok, progress=progress)
-        except EffectsError as err:
-            print(f"  {err}", flush=True)
-            records[name] = {"status": "finished", "done": 0, "total": 0, "model": model_path, "steps": list(span)}
-        records[name].update(model=model_path, steps=list(span))
+        records[name] = run_job(spec, out / name, model, tok, progress=progress)
     return records
 
 
 def training(run: Path, samples: int) -> None:
     """The first and the last quarter of one training run's rollouts (docs/results/effects/training)."""
     start = json.loads((run / "config.json").read_text())["model"] if (run / "config.json").is_file() else MODEL
-    for name, rec in measure_quarters(run, start, RESULTS / "training", samples).items():
-        print(summary_text(rec["aggregates"]) if rec.get("aggregates") else f"{name}: no decisions")
+    for rec in measure_quarters(run, start, RESULTS / "training", samples).values():
+        print(summary_text(rec["aggregates"]))
 
 
 def study_runs(root: Path) -> list[tuple[RunSpec, Path]]:
@@ -116,7 +111,11 @@ def readings(root: Path, samples: int, name: str, only: list[str] | None, measur
     """Both quarters of every finished E3RL run of a readings study (``only``: of these readings;
     two processes can split the readings between them), then the rows of every finished job pooled
     over seeds per reading: does training under a reading make the erasure rule better or worse?"""
-    start = json.loads((root / "settings.json").read_text())["model"]
+    settings = read_json(root / "settings.json")
+    if not isinstance(settings, dict) or not isinstance(settings.get("model"), str):
+        raise EffectsError(f"{root} holds no readings study (settings.json naming its starting model); pass the "
+                           f"folder that scripts/reproduce.py --plan readings trained in (its --root)")
+    start = settings["model"]
     runs = study_runs(root)
     for spec, folder in runs:
         if measure and (not only or spec.name in only):
@@ -126,7 +125,8 @@ def readings(root: Path, samples: int, name: str, only: list[str] | None, measur
         for quarter, (span, model_path, _) in run_quarters(folder / "run", start).items():
             entry = pooled.setdefault((spec.name, quarter), {"runs": [], "rows": [], "unfinished": []})
             record = read_json(folder / "effects" / quarter / JOB_FILE) or {}
-            if record.get("status") != "finished" or record.get("settings", {}).get("config", {}).get("samples") != samples:
+            measured = record.get("settings", {}).get("config", {}).get("samples")
+            if record.get("status") != "finished" or measured != samples:
                 entry["unfinished"].append(spec.run_id)
                 continue
             entry["runs"].append({"run": spec.run_id, "model": model_path, "steps": list(span),
@@ -141,14 +141,15 @@ def _pct(c: int, n: int) -> str:
 
 def readings_table(pooled: dict[tuple[str, str], dict]) -> tuple[str, dict]:
     """One line per reading and quarter, the aggregates of the rows pooled over its seeds."""
-    head = ("| reading | quarter | seeds | decisions | erasures | mean effect of an erasure | helped | hurt | chance each way | "
-            "erased by margin < 0.001 | on the first slip (precision) | after a slip (helped) | "
+    head = ("| reading | quarter | seeds | decisions | erasures | mean effect of an erasure | helped | hurt | "
+            "chance each way | erased by margin < 0.001 | on the first slip (precision) | after a slip (helped) | "
             "missed erasures / accepted | AUROC U | AUROC U − Θ |")
     lines = [head, "|" + "---|" * 15]
     out = {}
     for (row, quarter), entry in pooled.items():
         agg = aggregates(entry["rows"]) if entry["rows"] else None
-        out[f"{row} / {quarter}"] = {"runs": entry["runs"], "not_measured_yet": entry["unfinished"], "aggregates": agg}
+        out[f"{row} / {quarter}"] = {"runs": entry["runs"], "not_measured_yet": entry["unfinished"],
+                                     "aggregates": agg}
         if agg is None:
             lines.append(f"| {row} | {quarter} | {len(entry['runs'])} | 0 |" + " - |" * 11)
             continue
@@ -177,7 +178,8 @@ def write_readings(pooled: dict[tuple[str, str], dict], start: str, samples: int
         f"redraw was right more / less often than the kept segment, with a 95% interval excluding 0; 'chance each "
         f"way' is what the test would flag with no effect at all; the mean effect is P(right | redraw) - "
         f"P(right | keep) averaged over the erasures.", "", table, ""]
-        + [f"Not measured yet: {key}: {', '.join(v['not_measured_yet'])}." for key, v in data.items() if v["not_measured_yet"]])
+        + [f"Not measured yet: {key}: {', '.join(v['not_measured_yet'])}." for key, v in data.items()
+           if v["not_measured_yet"]])
     out = REPO / "docs" / "results"
     (out / f"{name}-effects.md").write_text(text)
     (out / f"{name}-effects.json").write_text(json.dumps({"start": start, "samples": samples, "rows": data},
@@ -226,7 +228,10 @@ def main() -> None:
     elif args.part == "readings":
         if not args.run:
             p.error("readings needs the study's root (e.g. runs/regime-level3)")
-        readings(Path(args.run), args.samples, args.name, args.only, measure=not args.report_only)
+        try:
+            readings(Path(args.run), args.samples, args.name, args.only, measure=not args.report_only)
+        except E3RLError as err:  # a folder that is not a study, a run without run.json or checkpoints
+            p.error(str(err))
         return
     report()
 

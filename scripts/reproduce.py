@@ -107,11 +107,13 @@ def dynamics_table(results: list[dict], root: Path) -> str:
     ROOT/<run>/run/log.jsonl."""
     from e3rl_core.evaluation.curves import by_name, training_dynamics
 
-    logs = {}
-    for name, runs in by_name(results).items():
-        files = [root / r["run_id"] / "run" / "log.jsonl" for r in runs]
-        logs[name] = [[json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-                      for f in files if f.is_file()]
+    per_run = {}  # run_id -> its log rows, read once for the table and the correlation below
+    for r in results:
+        f = root / r["run_id"] / "run" / "log.jsonl"
+        if f.is_file():
+            per_run[r["run_id"]] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    logs = {name: [per_run[r["run_id"]] for r in runs if r["run_id"] in per_run]
+            for name, runs in by_name(results).items()}
     dyn = training_dynamics({n: v for n, v in logs.items() if v})
     if not dyn:
         return ""
@@ -126,31 +128,30 @@ def dynamics_table(results: list[dict], root: Path) -> str:
         lines.append(f"| {name} | {d['seeds']} | {fmt(d['reward_mean'], 3)} | {fmt(d['entropy_mean'], 4)} | "
                      f"{fmt(d['advantage_abs_mean'], 3)} | {fmt(d['erase_rate'], 3)} | {zv} |")
     return ("Training dynamics (each cell: mean over the first quarter of a run's steps → over the last "
-            "quarter, averaged over seeds):\n\n" + "\n".join(lines) + "\n" + signal_line(results, root))
+            "quarter, averaged over seeds):\n\n" + "\n".join(lines) + "\n" + signal_line(results, per_run))
 
 
-def signal_line(results: list[dict], root: Path) -> str:
+def signal_line(results: list[dict], logs: dict[str, list[dict]]) -> str:
     """Across every run that logged it: does a run's share of trained groups with no signal (mean over
     its steps) go with its final held-out score? Runs of different rows differ in more than that, so
     this is a correlation, not a cause. DAPO drops such groups before training (its share is 0 by
-    construction, paid for in rollout tokens), so its runs are left out."""
+    construction, paid for in rollout tokens), so its runs are left out. ``logs``: run_id -> log rows."""
     from e3rl_core.evaluation.curves import pearson
 
     xs, ys = [], []
     for r in results:
         if r["spec"]["algo"] == "dapo":
             continue
-        log = root / r["run_id"] / "run" / "log.jsonl"
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-        vals = [row["zero_variance_groups"] for row in rows if isinstance(row.get("zero_variance_groups"), (int, float))]
+        vals = [row["zero_variance_groups"] for row in logs.get(r["run_id"], [])
+                if isinstance(row.get("zero_variance_groups"), (int, float))]
         if vals:
             xs.append(sum(vals) / len(vals))
             ys.append(r["avg_at_k_off"])
     c = pearson(xs, ys)
     if c is None:
         return ""
-    return (f"\nAcross the {c['n']} runs that logged it (DAPO's left out: it drops such groups), a run's mean share of trained groups with no signal and its "
-            f"final Avg@K (plain): Pearson r = {c['r']:+.2f} (95% interval {c['low']:+.2f} to {c['high']:+.2f}).\n")
+    return (f"\nAcross the {c['n']} runs that logged it (DAPO's left out: it drops such groups), a run's mean "
+            f"share of trained groups with no signal and its final Avg@K (plain): Pearson r = {c['r']:+.2f} (95% interval {c['low']:+.2f} to {c['high']:+.2f}).\n")
 
 
 def run_commands(log: Path, root: Path) -> list[str]:

@@ -21,12 +21,15 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return mean, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
-def curve_points(result: dict[str, Any], base: dict[str, Any] | None) -> list[tuple[float, float]]:
-    """(rollout tokens, Avg@K with erasure off) of one run: the starting model at 0 tokens, then
-    every evaluation (a run from before the curves has only its final one)."""
+def curve_points(result: dict[str, Any], base: dict[str, Any] | None,
+                 x: str = "rollout_tokens") -> list[tuple[float, float]]:
+    """(x, Avg@K with erasure off) of one run, x the rollout tokens (default) or the optimizer ``step``:
+    the starting model at 0, then every evaluation that recorded x (a run from before the curves has
+    only its final one)."""
     pts = [(0.0, float(base["avg_at_k_off"]))] if base else []
-    evals = result.get("evals") or [{"rollout_tokens": result["rollout_tokens"], "avg_at_k": result["avg_at_k_off"]}]
-    return pts + [(float(p["rollout_tokens"]), float(p["avg_at_k"])) for p in evals]
+    evals = result.get("evals") or [{"rollout_tokens": result.get("rollout_tokens"), "step": result.get("steps"),
+                                     "avg_at_k": result["avg_at_k_off"]}]
+    return pts + [(float(p[x]), float(p["avg_at_k"])) for p in evals if p.get(x) is not None]
 
 
 def by_name(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -109,14 +112,6 @@ def paired_differences(results: Sequence[dict[str, Any]], ref: str = "GRPO",
     return out
 
 
-def step_points(result: dict[str, Any], base: dict[str, Any] | None) -> list[tuple[float, float]]:
-    """(optimizer steps, Avg@K with erasure off) of one run: the starting model at step 0, then every
-    evaluation that recorded its step."""
-    pts = [(0.0, float(base["avg_at_k_off"]))] if base else []
-    evals = result.get("evals") or [{"step": result["steps"], "avg_at_k": result["avg_at_k_off"]}]
-    return pts + [(float(p["step"]), float(p["avg_at_k"])) for p in evals if p.get("step") is not None]
-
-
 def interpolate(points: Sequence[tuple[float, float]], x: float) -> float | None:
     """A piecewise-linear curve's value at ``x``; None outside the points (no extrapolation)."""
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
@@ -131,7 +126,7 @@ def at_equal_steps(results: Sequence[dict[str, Any]], base: dict[str, Any] | Non
     seeds, (run's final Avg@K - ``ref``'s curve of the same seed read at the run's step count),
     linear between ``ref``'s evaluations. A run with more steps than its ``ref`` reached is left out."""
     groups = by_name(results)
-    refs = {r["spec"]["seed"]: step_points(r, base) for r in groups.get(ref, [])}
+    refs = {r["spec"]["seed"]: curve_points(r, base, x="step") for r in groups.get(ref, [])}
     out = {}
     for name, runs in groups.items():
         if name == ref:
@@ -191,7 +186,7 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float] | None
     if sxx == 0 or syy == 0:
         return None
     r = max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
-    z, half = math.atanh(min(r, 0.999999)) if r >= 0 else math.atanh(max(r, -0.999999)), 1.96 / math.sqrt(n - 3)
+    z, half = math.atanh(max(-0.999999, min(0.999999, r))), 1.96 / math.sqrt(n - 3)  # atanh(±1) is infinite
     return {"r": r, "low": math.tanh(z - half), "high": math.tanh(z + half), "n": n}
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 from ..events import check_trace, group_traces, iter_events, strict_dumps
 from ..outdirs import OutDirError, check_out_dir, read_json, resolve_out
+from ..training.checkpoint import checkpoints
 from ..tasks import arith
 from .effect_stats import aggregates, calibration_figure
 from .effects import Decision, EffectsConfig, EffectsError, check_model, decisions_of, measure, with_golds
@@ -111,7 +112,7 @@ def run_quarters(run: str | os.PathLike[str], start: str) -> dict[str, tuple[tup
     steps = record["step"]
     quarter = -(-steps // 4)
     last_first = steps - quarter + 1
-    ckpts = sorted((int(p.name.split("-")[1]), p) for p in run.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+    ckpts = checkpoints(run)  # complete ones only, oldest first
     if not ckpts:
         raise EffectsError(f"{run} kept no checkpoint to branch its last quarter with; train it with --save-steps")
     before = [p for s, p in ckpts if s < last_first]

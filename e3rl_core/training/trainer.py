@@ -104,8 +104,7 @@ class Trainer:
             self._shard()
         self._reward_memo: dict[tuple[str, str | None], float | None] = {}
         self._plain: ErasableGenerator | None = None  # reading R3's first pass (``_plain_generator``)
-        self._groups_healed = 0  # groups generated again with erasure this step (reading R3)
-        self._healed: list[Trace] = []  # their traces, so the step's log shows some of them
+        self._healed: list[Trace] = []  # this step's groups generated again with erasure (reading R3)
         # A template that opens the think block in the prompt (DeepSeek-R1 distills) starts every
         # completion inside the reasoning: its answer comes only after the closing tag.
         self._opened = prompt_opens_think(render_prompt(self.examples[0].question, self.tokenizer))
@@ -447,7 +446,6 @@ class Trainer:
         G = self.cfg.num_generations
         redo = [g for g, grp in enumerate(groups)
                 if not any((self._reward(t.done.text, t.start.gold) or 0) > 0 for t in grp)]
-        self._groups_healed += len(redo)
         if not redo:
             return []
         traces = self._generate(self.generator, [prompts[g] for g in redo],
@@ -636,7 +634,7 @@ class Trainer:
             self.rollout_copy.refresh(self.model)
             sync["weight_sync_time"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        self._groups_healed, self._healed = 0, []
+        self._healed = []
         generated, kept, groups_kept = self._rollouts()
         t_gen = time.perf_counter() - t1
         rewards = [self._reward(t.done.text, t.start.gold) for t in kept]
@@ -650,7 +648,8 @@ class Trainer:
         opt = self._optimize(batch)
         self.step += 1
         if self.cfg.erasure_when == "no_signal":
-            roll["groups_healed"] = float(distributed.sum_floats({"n": float(self._groups_healed)})["n"])
+            healed = len(self._healed) / self.cfg.num_generations
+            roll["groups_healed"] = float(distributed.sum_floats({"n": healed})["n"])
         row = {"step": self.step, **roll, "groups_kept": groups_kept, **opt,
                "rollout_tokens_total": self.tokens_total, "generation_time": t_gen, **sync,
                "step_time": time.perf_counter() - t0}

@@ -20,6 +20,7 @@ from e3rl_core.generation.generator import ErasableGenerator
 from e3rl_core.models import load_model
 from e3rl_core.outdirs import OutDirError
 from e3rl_core.tasks import arith
+from e3rl_core.training.checkpoint import STATE_FILE
 from e3rl_core.tasks.datasets import load_examples, render_prompt
 from e3rl_core.tasks.rewards import for_prompt
 
@@ -272,13 +273,19 @@ def test_run_quarters_branch_the_last_quarter_with_the_nearest_kept_checkpoint(t
     (run / "run.json").write_text(json.dumps({"status": "finished", "step": 52}))
     with pytest.raises(EffectsError, match="kept no checkpoint"):
         run_quarters(run, "start-model")
-    for step in (50, 52):  # what a study keeps: its last two
+
+    def checkpoint(step: int) -> None:  # a complete one holds the trainer's state
         (run / f"checkpoint-{step:06d}").mkdir()
+        (run / f"checkpoint-{step:06d}" / STATE_FILE).write_bytes(b"")
+
+    (run / "checkpoint-000045").mkdir()  # cut short while written (no state): never branched with
+    for step in (50, 52):  # what a study keeps: its last two
+        checkpoint(step)
     q = run_quarters(run, "start-model")
     assert q["first-quarter"] == ((1, 13), "start-model", False)
     assert q["last-quarter"] == ((40, 52), str(run / "checkpoint-000050"), True)  # the oldest inside the quarter
     for step in (13, 26, 39):
-        (run / f"checkpoint-{step:06d}").mkdir()
+        checkpoint(step)
     assert run_quarters(run, "start-model")["last-quarter"][1] == str(run / "checkpoint-000039")  # newest before it
     (run / "run.json").write_text("{trunc")
     with pytest.raises(EffectsError, match="no finished training run"):
